@@ -1,0 +1,129 @@
+"""The LSTM in plain NumPy: the readable oracle and the speed baseline.
+
+One layer, one direction, the whole sequence. Gate order (i, f, g, o) and
+parameter shapes as in ``torch.nn.LSTM``. For t = 0 .. T-1::
+
+    z_t = W_ih x_t + b_ih + W_hh h_{t-1} + b_hh        (4H,) split as i, f, g, o
+    i_t = sigmoid(z_i)   f_t = sigmoid(z_f)   g_t = tanh(z_g)   o_t = sigmoid(z_o)
+    c_t = f_t * c_{t-1} + i_t * g_t
+    h_t = o_t * tanh(c_t)
+
+with h_{-1} = h0 and c_{-1} = c0. Backpropagation through time, t = T-1 .. 0,
+with dh and dc the errors carried back from step t+1 (dh_n, dc_n at t = T-1)::
+
+    dh_t  = dy_t + dh                      (the output and the recurrence, each once)
+    do_t  = dh_t * tanh(c_t)
+    dc_t  = dc + dh_t * o_t * (1 - tanh(c_t)^2)
+    di_t  = dc_t * g_t      df_t = dc_t * c_{t-1}      dg_t = dc_t * i_t
+    dz    = [di*i(1-i), df*f(1-f), dg*(1-g^2), do*o(1-o)]     (the gates' derivatives)
+    dW_ih += dz x_t^T       dW_hh += dz h_{t-1}^T       db_ih += dz      db_hh += dz
+    dx_t  = W_ih^T dz       dh = W_hh^T dz              dc = dc_t * f_t
+
+and finally dh0 = dh, dc0 = dc. Batched: rows are sequences, so ``x_t`` is
+(B, I) and the products above become ``z = x W_ih^T + h W_hh^T``.
+
+Everything here allocates freely and is written to be read beside these
+equations, not to be fast.
+"""
+import numpy as np
+
+__all__ = ["forward", "backward", "sigmoid"]
+
+
+def sigmoid(z):
+    """Logistic function, written through tanh so it never overflows."""
+    return 0.5 * (1.0 + np.tanh(0.5 * z))
+
+
+def forward(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh):
+    """Run the LSTM over a whole sequence.
+
+    Parameters
+    ----------
+    x : ndarray (T, B, I)
+    h0, c0 : ndarray (B, H)
+    weight_ih : ndarray (4H, I)
+    weight_hh : ndarray (4H, H)
+    bias_ih, bias_hh : ndarray (4H,)
+
+    Returns
+    -------
+    y : ndarray (T, B, H)
+        h_t for every step.
+    (h_n, c_n) : ndarrays (B, H)
+        The state after the last step.
+    cache : dict
+        What ``backward`` needs.
+    """
+    T, B, _ = x.shape
+    H = h0.shape[1]
+    gates = np.empty((T, B, 4 * H), dtype=x.dtype)   # activations i, f, g, o
+    c = np.empty((T, B, H), dtype=x.dtype)
+    y = np.empty((T, B, H), dtype=x.dtype)
+    h_prev, c_prev = h0, c0
+    for t in range(T):
+        z = x[t] @ weight_ih.T + bias_ih + h_prev @ weight_hh.T + bias_hh
+        i = sigmoid(z[:, 0 * H:1 * H])
+        f = sigmoid(z[:, 1 * H:2 * H])
+        g = np.tanh(z[:, 2 * H:3 * H])
+        o = sigmoid(z[:, 3 * H:4 * H])
+        c[t] = f * c_prev + i * g
+        y[t] = o * np.tanh(c[t])
+        gates[t] = np.concatenate([i, f, g, o], axis=1)
+        h_prev, c_prev = y[t], c[t]
+    cache = dict(x=x, h0=h0, c0=c0, weight_ih=weight_ih, weight_hh=weight_hh,
+                 gates=gates, c=c, y=y)
+    return y, (y[-1], c[-1]), cache
+
+
+def backward(dy, dh_n, dc_n, cache):
+    """Backpropagate through time.
+
+    Parameters
+    ----------
+    dy : ndarray (T, B, H)
+        Gradient of the loss with respect to every output h_t.
+    dh_n, dc_n : ndarray (B, H)
+        Gradient with respect to the final state.
+    cache : dict
+        From ``forward``.
+
+    Returns
+    -------
+    dx : ndarray (T, B, I)
+    (dh0, dc0) : ndarrays (B, H)
+    grads : dict
+        ``weight_ih``, ``weight_hh``, ``bias_ih``, ``bias_hh`` gradients.
+    """
+    x, gates, c, y = cache["x"], cache["gates"], cache["c"], cache["y"]
+    weight_ih, weight_hh = cache["weight_ih"], cache["weight_hh"]
+    T, B, _ = x.shape
+    H = c.shape[2]
+    dx = np.empty_like(x)
+    dW_ih = np.zeros_like(weight_ih)
+    dW_hh = np.zeros_like(weight_hh)
+    db = np.zeros(4 * H, dtype=x.dtype)
+    dh, dc = dh_n.copy(), dc_n.copy()
+    for t in reversed(range(T)):
+        i, f, g, o = np.split(gates[t], 4, axis=1)
+        c_prev = c[t - 1] if t > 0 else cache["c0"]
+        h_prev = y[t - 1] if t > 0 else cache["h0"]
+        tanh_c = np.tanh(c[t])
+        dh_t = dy[t] + dh
+        do = dh_t * tanh_c
+        dc_t = dc + dh_t * o * (1.0 - tanh_c ** 2)
+        di = dc_t * g
+        df = dc_t * c_prev
+        dg = dc_t * i
+        dz = np.concatenate([di * i * (1.0 - i),
+                             df * f * (1.0 - f),
+                             dg * (1.0 - g ** 2),
+                             do * o * (1.0 - o)], axis=1)
+        dW_ih += dz.T @ x[t]
+        dW_hh += dz.T @ h_prev
+        db += dz.sum(axis=0)
+        dx[t] = dz @ weight_ih
+        dh = dz @ weight_hh
+        dc = dc_t * f
+    grads = dict(weight_ih=dW_ih, weight_hh=dW_hh, bias_ih=db, bias_hh=db.copy())
+    return dx, (dh, dc), grads
