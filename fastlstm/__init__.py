@@ -1,0 +1,11 @@
+"""fastlstm: LSTM training on the CPU with Numba kernels in preallocated buffers.
+
+``fastlstm.LSTM`` is the public layer (torch.nn.LSTM's parameters and gate
+order); ``fastlstm.reference`` is the same maths in plain NumPy, the oracle and
+the speed baseline.
+"""
+from . import reference
+from .lstm import LSTM
+
+__all__ = ["LSTM", "reference", "__version__"]
+__version__ = "0.1.0"
