@@ -1,0 +1,215 @@
+"""Bad input: a clear error naming the argument, and nothing changed."""
+import numpy as np
+import pytest
+
+import fastlstm
+
+T, B, I, H = 4, 3, 2, 5
+
+
+@pytest.fixture
+def model():
+    m = fastlstm.LSTM(I, H, dtype=np.float64, seed=0)
+    rng = np.random.default_rng(0)
+    m.forward(rng.standard_normal((T, B, I)))
+    m.backward(rng.standard_normal((T, B, H)))
+    return m
+
+
+def snapshot(m, *arrays):
+    return (m.flat_params.copy(), m.flat_grads.copy(), m._last, [a.copy() for a in arrays])
+
+
+def assert_unchanged(m, snap, *arrays):
+    params, grads, last, copies = snap
+    assert np.array_equal(m.flat_params, params)
+    assert np.array_equal(m.flat_grads, grads)
+    assert m._last == last
+    for a, c in zip(arrays, copies):
+        assert np.array_equal(a, c, equal_nan=True)
+
+
+def a(*shape, dtype=np.float64):
+    return np.ones(shape, dtype)
+
+
+FORWARD_CASES = {
+    "x-2d": (dict(x=a(T, I)), ValueError, r"x must have shape \(T, B, 2\), got \(4, 2\)"),
+    "x-4d": (dict(x=a(T, B, I, 1)), ValueError, r"x must have shape \(T, B, 2\), got \(4, 3, 2, 1\)"),
+    "x-features": (dict(x=a(T, B, I + 1)), ValueError, r"x must have shape \(T, B, 2\), got \(4, 3, 3\)"),
+    "x-T0": (dict(x=a(0, B, I)), ValueError, r"x must have T >= 1 and B >= 1, got shape \(0, 3, 2\)"),
+    "x-B0": (dict(x=a(T, 0, I)), ValueError, r"x must have T >= 1 and B >= 1, got shape \(4, 0, 2\)"),
+    "x-list": (dict(x=[[[1.0, 2.0]]]), TypeError, r"x must be a numpy.ndarray, got list"),
+    "x-int": (dict(x=a(T, B, I, dtype=np.int64)), TypeError, r"x must have a floating dtype.*got dtype int64"),
+    "x-bool": (dict(x=a(T, B, I, dtype=bool)), TypeError, r"x must have a floating dtype.*got dtype bool"),
+    "x-complex": (dict(x=a(T, B, I, dtype=complex)), TypeError, r"got dtype complex128"),
+    "state-not-pair": (dict(x=a(T, B, I), state=a(1, B, H)), TypeError, r"state must be a tuple \(h, c\)"),
+    "state-3": (dict(x=a(T, B, I), state=(a(1, B, H),) * 3), TypeError, r"state must be a tuple.*length 3"),
+    "h0-2d": (dict(x=a(T, B, I), state=(a(B, H), a(1, B, H))), ValueError,
+              r"state\[0\] \(h\) must have shape \(1, 3, 5\), got \(3, 5\)"),
+    "c0-batch": (dict(x=a(T, B, I), state=(a(1, B, H), a(1, B + 1, H))), ValueError,
+                 r"state\[1\] \(c\) must have shape \(1, 3, 5\), got \(1, 4, 5\)"),
+    "c0-int": (dict(x=a(T, B, I), state=(a(1, B, H), a(1, B, H, dtype=np.int32))), TypeError,
+               r"state\[1\] \(c\) must have a floating dtype"),
+}
+
+
+@pytest.mark.parametrize("case", FORWARD_CASES, ids=list(FORWARD_CASES))
+def test_forward_bad_input(model, case):
+    kwargs, exc, msg = FORWARD_CASES[case]
+    arrays = [v for v in kwargs.values() if isinstance(v, np.ndarray)]
+    arrays += [s for v in kwargs.values() if isinstance(v, tuple) for s in v]
+    snap = snapshot(model, *arrays)
+    with pytest.raises(exc, match=msg):
+        model.forward(**kwargs)
+    assert_unchanged(model, snap, *arrays)
+
+
+BACKWARD_CASES = {
+    "dy-T": (dict(dy=a(T + 1, B, H)), ValueError, r"dy must have shape \(4, 3, 5\), got \(5, 3, 5\)"),
+    "dy-B": (dict(dy=a(T, B - 1, H)), ValueError, r"dy must have shape \(4, 3, 5\), got \(4, 2, 5\)"),
+    "dy-2d": (dict(dy=a(T, H)), ValueError, r"dy must have shape \(4, 3, 5\)"),
+    "dy-int": (dict(dy=a(T, B, H, dtype=np.int8)), TypeError, r"dy must have a floating dtype"),
+    "dy-none": (dict(dy=None), TypeError, r"dy must be a numpy.ndarray, got NoneType"),
+    "dh-shape": (dict(dy=a(T, B, H), dstate=(a(1, B, H + 1), a(1, B, H))), ValueError,
+                 r"dstate\[0\] \(h\) must have shape \(1, 3, 5\), got \(1, 3, 6\)"),
+    "dstate-array": (dict(dy=a(T, B, H), dstate=a(2, B, H)), TypeError, r"dstate must be a tuple"),
+}
+
+
+@pytest.mark.parametrize("case", BACKWARD_CASES, ids=list(BACKWARD_CASES))
+def test_backward_bad_input(model, case):
+    kwargs, exc, msg = BACKWARD_CASES[case]
+    arrays = [v for v in kwargs.values() if isinstance(v, np.ndarray)]
+    snap = snapshot(model, *arrays)
+    with pytest.raises(exc, match=msg):
+        model.backward(**kwargs)
+    assert_unchanged(model, snap, *arrays)
+
+
+def test_backward_without_forward():
+    m = fastlstm.LSTM(I, H)
+    snap = snapshot(m)
+    with pytest.raises(RuntimeError, match=r"backward\(\) needs a forward\(\) first"):
+        m.backward(a(T, B, H, dtype=np.float32))
+    assert_unchanged(m, snap)
+
+
+def test_failed_forward_keeps_previous_activations(model):
+    """backward after a failed forward still differentiates the last good forward."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((T, B, I))
+    dy = rng.standard_normal((T, B, H))
+    model.zero_grad()
+    model.forward(x)
+    dx1 = model.backward(dy)[0].copy()
+    with pytest.raises(ValueError):
+        model.forward(a(T + 10, B + 10, I + 1))   # would also have grown the workspace
+    dx2 = model.backward(dy)[0].copy()
+    assert np.array_equal(dx1, dx2)
+
+
+LOAD_CASES = {
+    "missing": (lambda d: d.pop("bias_hh_l0"), KeyError, r"missing \['bias_hh_l0'\]"),
+    "unexpected": (lambda d: d.__setitem__("weight_hr_l0", a(5, 5)), KeyError,
+                   r"unexpected keys \['weight_hr_l0'\]"),
+    "shape": (lambda d: d.__setitem__("weight_hh_l0", a(4 * H, H + 1)), ValueError,
+              r"state_dict\['weight_hh_l0'\] must have shape \(20, 5\), got \(20, 6\)"),
+    "bias-shape": (lambda d: d.__setitem__("bias_ih_l0", a(4 * H, 1)), ValueError,
+                   r"state_dict\['bias_ih_l0'\] must have shape \(20,\), got \(20, 1\)"),
+    "int": (lambda d: d.__setitem__("weight_ih_l0", a(4 * H, I, dtype=np.int64)), TypeError,
+            r"state_dict\['weight_ih_l0'\] must have a floating dtype"),
+    "list": (lambda d: d.__setitem__("bias_hh_l0", [0.0] * (4 * H)), TypeError,
+             r"state_dict\['bias_hh_l0'\] must be a numpy.ndarray, got list"),
+}
+
+
+@pytest.mark.parametrize("case", LOAD_CASES, ids=list(LOAD_CASES))
+def test_load_state_dict_bad_input(model, case):
+    edit, exc, msg = LOAD_CASES[case]
+    d = {k: v + 1.0 for k, v in model.state_dict().items()}   # valid values, all different
+    edit(d)
+    snap = snapshot(model, *[v for v in d.values() if isinstance(v, np.ndarray)])
+    with pytest.raises(exc, match=msg):
+        model.load_state_dict(d)
+    assert_unchanged(model, snap, *[v for v in d.values() if isinstance(v, np.ndarray)])
+
+
+def test_load_state_dict_not_a_mapping(model):
+    with pytest.raises(TypeError, match="state_dict must be a mapping, got list"):
+        model.load_state_dict([1, 2])
+
+
+@pytest.mark.parametrize("kwargs,exc,msg", [
+    (dict(input_size=0, hidden_size=3), ValueError, "input_size must be >= 1, got 0"),
+    (dict(input_size=2, hidden_size=2.5), TypeError, "hidden_size must be an int, got float"),
+    (dict(input_size=2, hidden_size=3, dtype=np.int32), TypeError, "dtype must be float32 or float64"),
+    (dict(input_size=2, hidden_size=3, dtype=np.float16), TypeError, "dtype must be float32 or float64"),
+])
+def test_constructor_bad_input(kwargs, exc, msg):
+    with pytest.raises(exc, match=msg):
+        fastlstm.LSTM(**kwargs)
+
+
+# -- what is accepted, and how --------------------------------------------
+
+def test_other_float_dtypes_are_cast():
+    """Documented policy: floating inputs are cast to the model's dtype."""
+    m = fastlstm.LSTM(I, H, dtype=np.float32, seed=0)
+    x64 = np.random.default_rng(2).standard_normal((T, B, I))
+    y_from64 = m.forward(x64)[0].copy()
+    y_from32 = m.forward(x64.astype(np.float32))[0].copy()
+    y_from16 = m.forward(x64.astype(np.float16))[0]
+    assert y_from64.dtype == np.float32
+    assert np.array_equal(y_from64, y_from32)
+    np.testing.assert_allclose(y_from16, y_from32, atol=1e-2)
+
+
+def test_non_contiguous_input_gives_same_result():
+    m = fastlstm.LSTM(I, H, dtype=np.float64, seed=0)
+    rng = np.random.default_rng(3)
+    big = rng.standard_normal((B, 2 * T, 2 * I))
+    x_strided = big.transpose(1, 0, 2)[::2, :, ::2]    # (T, B, I), no unit stride anywhere
+    assert not x_strided.flags.c_contiguous
+    dy_f = np.asfortranarray(rng.standard_normal((T, B, H)))
+    y1 = m.forward(x_strided)[0].copy()
+    dx1 = m.backward(dy_f)[0].copy()
+    g1 = m.flat_grads.copy()
+    m.zero_grad()
+    y2 = m.forward(np.ascontiguousarray(x_strided))[0].copy()
+    dx2 = m.backward(np.ascontiguousarray(dy_f))[0].copy()
+    assert np.array_equal(y1, y2) and np.array_equal(dx1, dx2)
+    assert np.array_equal(g1, m.flat_grads)
+
+
+def test_nan_propagates_without_exception():
+    m = fastlstm.LSTM(I, H, dtype=np.float64, seed=0)
+    x = np.ones((T, B, I))
+    x[1, 0, 0] = np.nan
+    y, (h_n, c_n) = m.forward(x)
+    assert np.isnan(y[1:, 0]).all() and np.isfinite(y[:, 1:]).all() and np.isfinite(y[0]).all()
+    assert np.isnan(h_n[0, 0]).all()
+    dx = m.backward(np.ones((T, B, H)))[0]
+    assert np.isnan(dx[:2, 0]).any() and np.isfinite(dx[:, 1:]).all()
+
+
+def test_successful_calls_never_write_callers_arrays():
+    m = fastlstm.LSTM(I, H, dtype=np.float64, seed=0)
+    rng = np.random.default_rng(4)
+    args = [rng.standard_normal(s) for s in [(T, B, I), (1, B, H), (1, B, H),
+                                             (T, B, H), (1, B, H), (1, B, H)]]
+    copies = [x.copy() for x in args]
+    m.forward(args[0], (args[1], args[2]))
+    m.backward(args[3], (args[4], args[5]))
+    for x, c in zip(args, copies):
+        assert np.array_equal(x, c)
+
+
+def test_outputs_are_readonly_views():
+    m = fastlstm.LSTM(I, H, seed=0)
+    y, (h_n, c_n) = m.forward(np.ones((T, B, I), np.float32))
+    dx, (dh0, dc0) = m.backward(np.ones((T, B, H), np.float32))
+    for out in (y, h_n, c_n, dx, dh0, dc0):
+        assert not out.flags.writeable
+        with pytest.raises(ValueError):
+            out[...] = 0
