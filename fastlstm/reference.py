@@ -127,3 +127,49 @@ def backward(dy, dh_n, dc_n, cache):
         dc = dc_t * f
     grads = dict(weight_ih=dW_ih, weight_hh=dW_hh, bias_ih=db, bias_hh=db.copy())
     return dx, (dh, dc), grads
+
+
+class ReferenceLSTM:
+    """``fastlstm.LSTM``'s interface over the functions above: the baseline that
+    training loops and benchmarks run side by side with the fast path.
+
+    No validation and no buffers: every call allocates.
+    """
+
+    def __init__(self, input_size, hidden_size, dtype=np.float64, seed=None):
+        H = hidden_size
+        shapes = {"weight_ih_l0": (4 * H, input_size), "weight_hh_l0": (4 * H, H),
+                  "bias_ih_l0": (4 * H,), "bias_hh_l0": (4 * H,)}
+        rng = np.random.default_rng(seed)
+        bound = 1.0 / np.sqrt(H)
+        self.hidden_size = H
+        self.dtype = np.dtype(dtype)
+        self.params = {k: rng.uniform(-bound, bound, s).astype(dtype) for k, s in shapes.items()}
+        self.grads = {k: np.zeros(s, dtype) for k, s in shapes.items()}
+        self._cache = None
+
+    def load_state_dict(self, state_dict):
+        for k in self.params:
+            self.params[k][...] = state_dict[k]
+
+    def zero_grad(self):
+        for g in self.grads.values():
+            g.fill(0)
+
+    def forward(self, x, state=None):
+        B, H = x.shape[1], self.hidden_size
+        h0, c0 = (np.zeros((B, H), self.dtype),) * 2 if state is None else (state[0][0], state[1][0])
+        p = self.params
+        y, (h_n, c_n), self._cache = forward(
+            x.astype(self.dtype, copy=False), h0, c0, p["weight_ih_l0"], p["weight_hh_l0"],
+            p["bias_ih_l0"], p["bias_hh_l0"])
+        return y, (h_n[None], c_n[None])
+
+    def backward(self, dy, dstate=None):
+        B, H = dy.shape[1], self.hidden_size
+        dh_n, dc_n = ((np.zeros((B, H), self.dtype),) * 2 if dstate is None
+                      else (dstate[0][0], dstate[1][0]))
+        dx, (dh0, dc0), g = backward(dy, dh_n, dc_n, self._cache)
+        for k in self.grads:
+            self.grads[k] += g[k[:-3]]
+        return dx, (dh0[None], dc0[None])
