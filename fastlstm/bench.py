@@ -79,3 +79,81 @@ class Case:
             self.y.backward(self.dy)
         else:
             self.model.backward(self.dy)
+
+
+IMPLS = ("fastlstm", "reference", "torch")
+
+
+def torch_available():
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def bench_table(sizes, dtypes, min_time=0.2, progress=None):
+    """Median fwd+bwd seconds for every implementation at every (size, dtype),
+    with the matmul ceiling of each dtype, all measured in this process."""
+    impls = [i for i in IMPLS if i != "torch" or torch_available()]
+    rows, ceilings = [], {}
+    total = len(sizes) * len(dtypes) * len(impls)
+    done = 0
+    for dtype in dtypes:
+        dtype = np.dtype(dtype)
+        ceilings[dtype.name] = matmul_gflops(dtype)
+        for name, (B, T, I, H) in sizes.items():
+            row = dict(size=name, B=B, T=T, I=I, H=H, dtype=dtype.name)
+            for impl in impls:
+                if progress:
+                    done += 1
+                    progress(f"[{done}/{total}] {name} {dtype.name} {impl}")
+                case = Case(impl, B, T, I, H, dtype)
+                row[f"{impl}_ms"] = median_time(case.fwd_bwd, min_time=min_time) * 1e3
+            fast = row["fastlstm_ms"]
+            row["gflops"] = flops(B, T, I, H) / (fast * 1e-3) / 1e9
+            row["ceiling_pct"] = 100 * row["gflops"] / ceilings[dtype.name]
+            row["vs_reference"] = row["reference_ms"] / fast
+            if "torch_ms" in row:
+                row["vs_torch"] = row["torch_ms"] / fast
+            rows.append(row)
+    return dict(rows=rows, matmul_gflops=ceilings)
+
+
+def format_table(result):
+    lines = ["matmul ceiling (2048x2048 a @ a): " + ", ".join(
+        f"{k} {v:.0f} GF/s" for k, v in result["matmul_gflops"].items()),
+        f"{'size':8} {'dtype':8} {'fastlstm ms':>12} {'reference ms':>13} {'torch ms':>10} "
+        f"{'x ref':>7} {'x torch':>8} {'GF/s':>7} {'% ceil':>7}"]
+    for r in result["rows"]:
+        lines.append(
+            f"{r['size']:8} {r['dtype']:8} {r['fastlstm_ms']:12.3f} {r['reference_ms']:13.3f} "
+            f"{r.get('torch_ms', float('nan')):10.3f} {r['vs_reference']:7.2f} "
+            f"{r.get('vs_torch', float('nan')):8.2f} {r['gflops']:7.1f} {r['ceiling_pct']:7.1f}")
+    return "\n".join(lines)
+
+
+def profile(B, T, I, H, dtype, min_time=0.2):
+    """Split one fwd+bwd into its parts, for fastlstm and the reference.
+
+    The GEMM parts are timed alone, each the way its implementation runs it
+    (fastlstm: through Numba's BLAS; the reference: NumPy's); "elementwise and
+    the rest" is the whole fwd+bwd minus them.
+    """
+    from ._profile import gemm_parts
+    dtype = np.dtype(dtype)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((T * B, I)).astype(dtype)
+    h = rng.standard_normal((B, H)).astype(dtype)
+    hs = rng.standard_normal((T * B, H)).astype(dtype)
+    dz = rng.standard_normal((T * B, 4 * H)).astype(dtype)
+    w_ih = rng.standard_normal((4 * H, I)).astype(dtype)
+    w_hh = rng.standard_normal((4 * H, H)).astype(dtype)
+    out = {}
+    for impl in ("fastlstm", "reference"):
+        parts = gemm_parts(impl, x, h, hs, dz, w_ih, w_hh, T, B, min_time)
+        total = median_time(Case(impl, B, T, I, H, dtype).fwd_bwd, min_time=min_time)
+        parts["elementwise and the rest"] = max(total - sum(parts.values()), 0.0)
+        parts["total"] = total
+        out[impl] = {k: v * 1e3 for k, v in parts.items()}
+    return out

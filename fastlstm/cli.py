@@ -32,6 +32,45 @@ def _train(args):
     return 0
 
 
+def _parse_size(text):
+    from .bench import SIZES
+    if text in SIZES:
+        return text, SIZES[text]
+    try:
+        B, T, I, H = (int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--size takes a name ({', '.join(SIZES)}) or B,T,I,H, got {text!r}") from None
+    if min(B, T, I, H) < 1:
+        raise argparse.ArgumentTypeError(f"--size values must be >= 1, got {text!r}")
+    return text, (B, T, I, H)
+
+
+def _bench(args):
+    from . import bench
+    sizes = dict(args.size) if args.size else dict(bench.SIZES)
+    dtypes = ["float32", "float64"] if args.dtype == "both" else [args.dtype]
+    progress = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if args.profile:
+        result = {}
+        for name, (B, T, I, H) in sizes.items():
+            for dt in dtypes:
+                if progress:
+                    progress(f"profiling {name} {dt}")
+                result[f"{name} {dt}"] = bench.profile(B, T, I, H, dt, min_time=args.min_time)
+        if args.json:
+            print(json.dumps(result))
+        else:
+            for key, impls in result.items():
+                print(f"{key}: one fwd+bwd, median ms")
+                for impl, parts in impls.items():
+                    print(f"  {impl:10} " + "  ".join(f"{k} {v:.3f}" for k, v in parts.items()))
+        return 0
+    result = bench.bench_table(sizes, dtypes, min_time=args.min_time, progress=progress)
+    print(json.dumps(result) if args.json else bench.format_table(result))
+    return 0
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="fastlstm", description=__doc__)
     sub = p.add_subparsers(dest="command")
@@ -43,6 +82,19 @@ def build_parser():
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--json", action="store_true", help="print one JSON summary line")
     t.set_defaults(func=_train)
+
+    b = sub.add_parser("bench", help="time fastlstm against the NumPy reference and torch")
+    b.add_argument("--size", action="append", type=_parse_size,
+                   help="a named size (seed, small, long, medium, large) or B,T,I,H; "
+                        "repeatable; default: all named sizes")
+    b.add_argument("--dtype", choices=["float32", "float64", "both"], default="both")
+    b.add_argument("--min-time", type=float, default=0.3,
+                   help="seconds to spend timing each case (at least 5 runs)")
+    b.add_argument("--profile", action="store_true",
+                   help="split one fwd+bwd into input GEMM, recurrent GEMMs, weight-gradient "
+                        "GEMMs and the elementwise rest")
+    b.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    b.set_defaults(func=_bench)
     return p
 
 
