@@ -32,8 +32,9 @@ __all__ = ["lstm_forward", "lstm_backward", "tanh_array", "sigmoid_array"]
 
 # Numba's pedantic SSA check complains about the activations once they are
 # inlined (inline="always", below); the compiled code is right (the tests
-# compare it with libm, the reference and torch). Scoped to this module.
-warnings.filterwarnings("ignore", category=NumbaIRAssumptionWarning, module=__name__)
+# compare it with libm, the reference and torch). Scoped to these functions' names.
+warnings.filterwarnings("ignore", category=NumbaIRAssumptionWarning,
+                        message=r"variable '_(tanh|tanh_approx|sigmoid)_impl__locals__")
 
 
 # --------------------------------------------------------------------------
