@@ -28,7 +28,8 @@ from numba.extending import overload
 
 from ._config import JIT
 
-__all__ = ["lstm_forward", "lstm_backward", "tanh_array", "sigmoid_array"]
+__all__ = ["layer_forward", "layer_backward", "param_views", "workspace_views",
+           "workspace_size", "lstm_forward", "lstm_backward", "tanh_array", "sigmoid_array"]
 
 # Numba's pedantic SSA check complains about the activations once they are
 # inlined (inline="always", below); the compiled code is right (the tests
@@ -232,7 +233,7 @@ def _cells_forward(t, gates, rec, b_ih, b_hh, h, c, tanh_c, exact):
         _state_forward(gates[t, b], c[t, b], c[t + 1, b], tanh_c[t, b], h[t + 1, b], exact)
 
 
-@njit(_sigs(3, 2, 2, 1, 1, 3, 3, 3, 3, 2, 0), **JIT)
+@njit(**JIT)
 def lstm_forward(x, w_ih, w_hh, b_ih, b_hh, gates, h, c, tanh_c, rec, exact):
     """Forward over the whole sequence.
 
@@ -273,7 +274,7 @@ def _cell_backward(a, dz, dy, dh, dc, c_prev, tc):
         dc[j] = dc_t * f
 
 
-@njit(_sigs(3, 2, 2, 3, 2, 2, 3, 3, 3, 3, 3, 3, 2, 2, 1, 1, 2, 2), **JIT)
+@njit(**JIT)
 def lstm_backward(dy, dh, dc, x, w_ih, w_hh, gates, h, c, tanh_c,
                   dgates, dx, dw_ih, dw_hh, db_ih, db_hh, tmp_ih, tmp_hh):
     """Backward through time over the sequence ``lstm_forward`` last ran.
@@ -310,3 +311,87 @@ def lstm_backward(dy, dh, dc, x, w_ih, w_hh, gates, h, c, tanh_c,
         for k in range(4 * H):
             db_ih[k] += row[k]
             db_hh[k] += row[k]
+
+
+# --------------------------------------------------------------------------
+# Entry points: flat buffers in, named views carved inside
+#
+# Numba unboxes every array argument on each call (about half a microsecond
+# apiece); at small sizes that dominated a forward+backward. So the public layer
+# passes the flat arrays (parameters, gradients, workspace) and the sizes, and
+# the views are carved here, by the same functions Python uses to carve them.
+# --------------------------------------------------------------------------
+
+@njit(**JIT)
+def param_views(p, I, H):
+    """weight_ih (4H, I), weight_hh (4H, H), bias_ih, bias_hh (4H,): torch's order."""
+    a, b, c = 4 * H * I, 4 * H * I + 4 * H * H, 4 * H * (I + H + 1)
+    return (p[:a].reshape((4 * H, I)), p[a:b].reshape((4 * H, H)),
+            p[b:c], p[c:c + 4 * H])
+
+
+@njit(**JIT)
+def _workspace_sizes(T, B, I, H):
+    # x, gates, h, c, tanh_c, rec, dy, dgates, dx, dh, dc, tmp_ih, tmp_hh
+    return (T * B * I, T * B * 4 * H, (T + 1) * B * H, (T + 1) * B * H, T * B * H, B * 4 * H,
+            T * B * H, T * B * 4 * H, T * B * I, B * H, B * H, 4 * H * I, 4 * H * H)
+
+
+def workspace_size(T, B, I, H):
+    """Elements of workspace that one (T, B) call needs."""
+    return int(sum(_workspace_sizes(T, B, I, H)))
+
+
+@njit(**JIT)
+def workspace_views(ws, T, B, I, H):
+    """(x, gates, h, c, tanh_c, rec, dy, dgates, dx, dh, dc, tmp_ih, tmp_hh) as
+    C-contiguous views of the flat workspace, shaped as the kernels take them."""
+    n = _workspace_sizes(T, B, I, H)
+    # Running offsets, spelled out: an offsets array would be an allocation per call.
+    o1 = n[0]
+    o2 = o1 + n[1]
+    o3 = o2 + n[2]
+    o4 = o3 + n[3]
+    o5 = o4 + n[4]
+    o6 = o5 + n[5]
+    o7 = o6 + n[6]
+    o8 = o7 + n[7]
+    o9 = o8 + n[8]
+    o10 = o9 + n[9]
+    o11 = o10 + n[10]
+    o12 = o11 + n[11]
+    o13 = o12 + n[12]
+    return (ws[:o1].reshape((T, B, I)), ws[o1:o2].reshape((T, B, 4 * H)),
+            ws[o2:o3].reshape((T + 1, B, H)), ws[o3:o4].reshape((T + 1, B, H)),
+            ws[o4:o5].reshape((T, B, H)), ws[o5:o6].reshape((B, 4 * H)),
+            ws[o6:o7].reshape((T, B, H)), ws[o7:o8].reshape((T, B, 4 * H)),
+            ws[o8:o9].reshape((T, B, I)), ws[o9:o10].reshape((B, H)),
+            ws[o10:o11].reshape((B, H)), ws[o11:o12].reshape((4 * H, I)),
+            ws[o12:o13].reshape((4 * H, H)))
+
+
+def _entry_sigs(n_arrays, *extra):
+    return [types.void(*([types.Array(ft, 1, "C")] * n_arrays), types.int64, types.int64,
+                       types.int64, types.int64, *extra)
+            for ft in (types.float32, types.float64)]
+
+
+@njit(_entry_sigs(2, types.boolean), **JIT)
+def layer_forward(p, ws, T, B, I, H, exact):
+    """``lstm_forward`` on the flat parameters and workspace; h0, c0 are read from
+    the workspace's h[0], c[0] and x from its x."""
+    w_ih, w_hh, b_ih, b_hh = param_views(p, I, H)
+    x, gates, h, c, tanh_c, rec, _, _, _, _, _, _, _ = workspace_views(ws, T, B, I, H)
+    lstm_forward(x, w_ih, w_hh, b_ih, b_hh, gates, h, c, tanh_c, rec, exact)
+
+
+@njit(_entry_sigs(3), **JIT)
+def layer_backward(p, g, ws, T, B, I, H):
+    """``lstm_backward`` on the flat buffers; dy, dh_n, dc_n are read from the
+    workspace's dy, dh, dc, and the gradients are added into g."""
+    w_ih, w_hh, _, _ = param_views(p, I, H)
+    dw_ih, dw_hh, db_ih, db_hh = param_views(g, I, H)
+    x, gates, h, c, tanh_c, _, dy, dgates, dx, dh, dc, tmp_ih, tmp_hh = \
+        workspace_views(ws, T, B, I, H)
+    lstm_backward(dy, dh, dc, x, w_ih, w_hh, gates, h, c, tanh_c, dgates, dx,
+                  dw_ih, dw_hh, db_ih, db_hh, tmp_ih, tmp_hh)

@@ -5,7 +5,7 @@ import numpy as np
 
 from . import _validate as check
 from ._config import exact_activations
-from ._kernels import lstm_backward, lstm_forward
+from ._kernels import layer_backward, layer_forward, workspace_size, workspace_views
 
 __all__ = ["LSTM"]
 
@@ -17,31 +17,33 @@ def _readonly(a):
 
 
 class _Workspace:
-    """Activation and gradient buffers for up to (T, B) = capacity.
+    """One flat buffer for every activation and gradient of a (T, B) call, up to
+    a capacity; ``views(T, B)`` carves it (with the kernels' own carving, so the
+    two always agree) and caches the views, so a repeated shape costs nothing."""
 
-    Each buffer is flat and handed out as a C-contiguous view of the first
-    T*B*... elements, so a smaller call reuses a larger buffer without copying
-    and the kernels always see contiguous arrays.
-    """
+    NAMES = ("x", "gates", "h", "c", "tanh_c", "rec", "dy", "dgates", "dx", "dh", "dc",
+             "tmp_ih", "tmp_hh")
 
     def __init__(self, T, B, I, H, dtype):
         self.T, self.B, self.I, self.H = T, B, I, H
-        shapes = self._shapes(T, B)
-        self._flat = {k: np.empty(math.prod(s), dtype) for k, s in shapes.items()}
-
-    def _shapes(self, T, B):
-        I, H = self.I, self.H
-        return dict(
-            x=(T, B, I), gates=(T, B, 4 * H), h=(T + 1, B, H), c=(T + 1, B, H),
-            tanh_c=(T, B, H), rec=(B, 4 * H),
-            dy=(T, B, H), dgates=(T, B, 4 * H), dx=(T, B, I), dh=(B, H), dc=(B, H),
-        )
+        self.flat = np.empty(workspace_size(T, B, I, H), dtype)
+        self._cache = {}
 
     def fits(self, T, B):
         return T <= self.T and B <= self.B
 
     def views(self, T, B):
-        return {k: self._flat[k][:math.prod(s)].reshape(s) for k, s in self._shapes(T, B).items()}
+        v = self._cache.get((T, B))
+        if v is None:
+            v = dict(zip(self.NAMES, workspace_views(self.flat, T, B, self.I, self.H)))
+            # what forward and backward hand back: read-only views
+            v["y"], v["h_n"], v["c_n"] = (_readonly(v["h"][1:]), _readonly(v["h"][T:]),
+                                          _readonly(v["c"][T:]))
+            v["dx_out"], v["dh0"], v["dc0"] = (_readonly(v["dx"]), _readonly(v["dh"][None]),
+                                               _readonly(v["dc"][None]))
+            v["h0"], v["c0"] = v["h"][0], v["c"][0]
+            self._cache[(T, B)] = v
+        return v
 
 
 class LSTM:
@@ -91,8 +93,6 @@ class LSTM:
         self._exact = exact_activations()
         self._ws = None
         self._last = None   # (T, B) of the forward that backward will differentiate
-        self._tmp_ih = np.empty((4 * H, I), self.dtype)
-        self._tmp_hh = np.empty((4 * H, H), self.dtype)
 
     def __repr__(self):
         return (f"LSTM(input_size={self.input_size}, hidden_size={self.hidden_size}, "
@@ -144,17 +144,15 @@ class LSTM:
 
         v = self._views(T, B)
         np.copyto(v["x"], x, casting="same_kind")
-        for buf, init in ((v["h"][0], h0), (v["c"][0], c0)):
+        for buf, init in ((v["h0"], h0), (v["c0"], c0)):
             if init is None:
                 buf.fill(0)
             else:
                 np.copyto(buf, init[0], casting="same_kind")
-        p = self.params
-        lstm_forward(v["x"], p["weight_ih_l0"], p["weight_hh_l0"], p["bias_ih_l0"],
-                     p["bias_hh_l0"], v["gates"], v["h"], v["c"], v["tanh_c"], v["rec"],
-                     self._exact)
+        layer_forward(self.flat_params, self._ws.flat, T, B, self.input_size,
+                      self.hidden_size, self._exact)
         self._last = (T, B)
-        return _readonly(v["h"][1:]), (_readonly(v["h"][T:]), _readonly(v["c"][T:]))
+        return v["y"], (v["h_n"], v["c_n"])
 
     def backward(self, dy, dstate=None):
         """Backpropagate through the last ``forward``; add into ``grads``.
@@ -189,12 +187,9 @@ class LSTM:
                 buf.fill(0)
             else:
                 np.copyto(buf, init[0], casting="same_kind")
-        p, g = self.params, self.grads
-        lstm_backward(v["dy"], v["dh"], v["dc"], v["x"], p["weight_ih_l0"], p["weight_hh_l0"],
-                      v["gates"], v["h"], v["c"], v["tanh_c"], v["dgates"], v["dx"],
-                      g["weight_ih_l0"], g["weight_hh_l0"], g["bias_ih_l0"], g["bias_hh_l0"],
-                      self._tmp_ih, self._tmp_hh)
-        return _readonly(v["dx"]), (_readonly(v["dh"][None]), _readonly(v["dc"][None]))
+        layer_backward(self.flat_params, self.flat_grads, self._ws.flat, T, B,
+                       self.input_size, self.hidden_size)
+        return v["dx_out"], (v["dh0"], v["dc0"])
 
     def zero_grad(self):
         """Set every gradient to zero."""

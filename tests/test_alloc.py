@@ -26,10 +26,10 @@ SCRIPT = textwrap.dedent("""
         return dict(nrt=rtsys.get_allocation_stats().alloc - before, peak=peak)
 
     from numba import types
-    from fastlstm._kernels import lstm_backward, lstm_forward
+    from fastlstm._kernels import layer_backward, layer_forward
     # Numba wraps every array argument in a meminfo on entry; that is the only
     # NRT "allocation" a call may make (it holds no data).
-    wrappers = sum(isinstance(a, types.Array) for k in (lstm_forward, lstm_backward)
+    wrappers = sum(isinstance(a, types.Array) for k in (layer_forward, layer_backward)
                    for a in k.signatures[0])
     res = {f"{T}x{B}": measure(T, B) for T, B in [(5, 2), (200, 64)]}
     res["wrappers"] = 3 * wrappers
