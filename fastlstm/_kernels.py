@@ -28,8 +28,9 @@ from numba.extending import overload
 
 from ._config import JIT
 
-__all__ = ["layer_forward", "layer_backward", "param_views", "workspace_views",
-           "workspace_size", "lstm_forward", "lstm_backward", "tanh_array", "sigmoid_array"]
+__all__ = ["layer_forward", "layer_backward", "reverse_in_time", "zero_padding", "param_views", "param_size",
+           "workspace_views", "workspace_size", "lstm_forward", "lstm_backward",
+           "tanh_array", "sigmoid_array"]
 
 # Numba's pedantic SSA check complains about the activations once they are
 # inlined (inline="always", below); the compiled code is right (the tests
@@ -193,7 +194,13 @@ def sigmoid_array(x, out, exact):
 
 
 # --------------------------------------------------------------------------
-# LSTM layer
+# LSTM layer, one direction
+#
+# Beyond the plain cell, a layer may have: a projection h_t = W_hr m_t of the
+# cell output m_t = o_t * tanh(c_t) (torch's proj_size; without it h_t = m_t);
+# per-sequence lengths (sequence b runs steps [0, lengths[b]); past them its
+# state is carried unchanged and its gradients pass straight through); and a
+# cell clip (c_t clipped to [-clip, clip]; clip = inf for none).
 # --------------------------------------------------------------------------
 
 # The step's elementwise work is split into loops that each touch few arrays
@@ -202,115 +209,155 @@ def sigmoid_array(x, out, exact):
 # vectorise, nor did `range(2 * H, 3 * H)` (Numba's negative-index handling).
 
 @njit(inline="always", **JIT)
-def _gates_forward(z, r, b_ih, b_hh, exact):
+def _gates_forward(z, r, bias, exact):
     """z (4H,): x W_ih^T on entry, the activations i, f, g, o on return."""
     H = z.shape[0] // 4
     for j in range(2 * H):                               # i, f
-        z[j] = _sigmoid(z[j] + r[j] + b_ih[j] + b_hh[j], exact)
+        z[j] = _sigmoid(z[j] + r[j] + bias[j], exact)
     for j in range(H):                                   # g
         k = 2 * H + j
-        z[k] = _tanh(z[k] + r[k] + b_ih[k] + b_hh[k], exact)
+        z[k] = _tanh(z[k] + r[k] + bias[k], exact)
     for j in range(H):                                   # o
         k = 3 * H + j
-        z[k] = _sigmoid(z[k] + r[k] + b_ih[k] + b_hh[k], exact)
+        z[k] = _sigmoid(z[k] + r[k] + bias[k], exact)
 
 
 @njit(inline="always", **JIT)
-def _state_forward(z, c_prev, c_t, tc_t, h_t, exact):
+def _state_forward(z, c_prev, c_t, tc_t, m_t, clip, exact):
     H = c_t.shape[0]
     for j in range(H):
         cj = z[H + j] * c_prev[j] + z[j] * z[2 * H + j]
+        cj = clip if cj > clip else (-clip if cj < -clip else cj)   # NaN passes
         tc = _tanh(cj, exact)
         c_t[j] = cj
         tc_t[j] = tc
-        h_t[j] = z[3 * H + j] * tc
+        m_t[j] = z[3 * H + j] * tc
 
 
 @njit(inline="always", **JIT)
-def _cells_forward(t, gates, rec, b_ih, b_hh, h, c, tanh_c, exact):
+def _cells_forward(t, gates, rec, bias, lengths, clip, c, tanh_c, m, exact):
     for b in range(gates.shape[1]):
-        _gates_forward(gates[t, b], rec[b], b_ih, b_hh, exact)
-        _state_forward(gates[t, b], c[t, b], c[t + 1, b], tanh_c[t, b], h[t + 1, b], exact)
+        if t < lengths[b]:
+            _gates_forward(gates[t, b], rec[b], bias, exact)
+            _state_forward(gates[t, b], c[t, b], c[t + 1, b], tanh_c[t, b], m[t, b], clip,
+                           exact)
+        else:            # finished: carry the cell; m is zeroed so it adds nothing later
+            c[t + 1, b] = c[t, b]
+            m[t, b] = 0
 
 
 @njit(**JIT)
-def lstm_forward(x, w_ih, w_hh, b_ih, b_hh, gates, h, c, tanh_c, rec, exact):
+def lstm_forward(x, w_ih, w_hh, w_hr, bias, lengths, clip, gates, c, tanh_c, m, h, rec,
+                 exact):
     """Forward over the whole sequence.
 
-    x (T, B, I); w_ih (4H, I); w_hh (4H, H); b_ih, b_hh (4H,).
-    Writes gates (T, B, 4H) activations i, f, g, o; h, c (T+1, B, H) whose
-    entry 0 holds h0, c0 on entry and entry t+1 receives step t; tanh_c (T, B, H)
-    = tanh(c_t), kept for backward; rec (B, 4H) is scratch.
+    x (T, B, I); w_ih (4H, I); w_hh (4H, P); w_hr (P, H), or (0, H) for no
+    projection; bias (4H,) = b_ih + b_hh; lengths (B,) in [1, T]; clip > 0.
+    h (T+1, B, P) and c (T+1, B, H) hold h0, c0 in entry 0; entry t+1 receives
+    step t. Writes gates (T, B, 4H) activations i, f, g, o, tanh_c (T, B, H)
+    and m (T, B, H), the cell outputs; without projection m must be h[1:].
+    rec (B, 4H) is scratch.
     """
     T, B, I = x.shape
-    H = h.shape[2]
+    H = c.shape[2]
     # All input projections at once: one large GEMM instead of T small ones.
     np.dot(x.reshape((T * B, I)), w_ih.T, out=gates.reshape((T * B, 4 * H)))
     for t in range(T):
         np.dot(h[t], w_hh.T, out=rec)
         # `exact` becomes a literal in each inlined copy (see the activations).
         if exact:
-            _cells_forward(t, gates, rec, b_ih, b_hh, h, c, tanh_c, True)
+            _cells_forward(t, gates, rec, bias, lengths, clip, c, tanh_c, m, True)
         else:
-            _cells_forward(t, gates, rec, b_ih, b_hh, h, c, tanh_c, False)
+            _cells_forward(t, gates, rec, bias, lengths, clip, c, tanh_c, m, False)
+        if w_hr.shape[0] > 0:
+            np.dot(m[t], w_hr.T, out=h[t + 1])
+        for b in range(B):
+            if t >= lengths[b]:          # finished: carry the state
+                h[t + 1, b] = h[t, b]
 
 
 @njit(inline="always", **JIT)
-def _cell_backward(a, dz, dy, dh, dc, c_prev, tc):
-    """a (4H,) the activations; writes dz (4H,), the pre-activation gradients;
-    dh (H,) is consumed (it becomes dh_t); dc (H,) becomes the cell gradient for t-1."""
-    H = dh.shape[0]
+def _cell_backward(a, dz, dm, dc, c_prev, c_t, tc, clip):
+    """a (4H,) the activations; dm (H,) the gradient on the cell output m_t.
+    Writes dz (4H,), the pre-activation gradients; dc (H,) becomes the cell
+    gradient for t-1."""
+    H = dm.shape[0]
     one = a.dtype.type(1.0)
-    for j in range(H):
-        dh[j] += dy[j]
+    zero = a.dtype.type(0.0)
     for j in range(H):
         i, f, g, o = a[j], a[H + j], a[2 * H + j], a[3 * H + j]
-        dh_t = dh[j]
-        dc_t = dc[j] + dh_t * o * (one - tc[j] * tc[j])
+        dc_t = dc[j] + dm[j] * o * (one - tc[j] * tc[j])
+        dc_t = zero if abs(c_t[j]) >= clip else dc_t     # a clipped cell passes nothing back
         dz[j] = dc_t * g * i * (one - i)
         dz[H + j] = dc_t * c_prev[j] * f * (one - f)
         dz[2 * H + j] = dc_t * i * (one - g * g)
-        dz[3 * H + j] = dh_t * tc[j] * o * (one - o)
+        dz[3 * H + j] = dm[j] * tc[j] * o * (one - o)
         dc[j] = dc_t * f
 
 
+@njit(inline="always", **JIT)
+def _accumulate(acc, src):
+    """acc += src, for two arrays of one shape (BLAS's out= would overwrite)."""
+    a, s = acc.reshape(acc.size), src.reshape(src.size)
+    for k in range(a.size):
+        a[k] += s[k]
+
+
 @njit(**JIT)
-def lstm_backward(dy, dh, dc, x, w_ih, w_hh, gates, h, c, tanh_c,
-                  dgates, dx, dw_ih, dw_hh, db_ih, db_hh, tmp_ih, tmp_hh):
+def lstm_backward(dy, dh, dc, x, w_ih, w_hh, w_hr, lengths, clip, gates, c, tanh_c, m, h,
+                  dgates, dx, dhs, dm, carry, dw_ih, dw_hh, dw_hr, db,
+                  tmp_ih, tmp_hh, tmp_hr):
     """Backward through time over the sequence ``lstm_forward`` last ran.
 
-    dy (T, B, H). dh, dc (B, H): dh_n, dc_n on entry, dh0, dc0 on return.
-    x, w_ih, w_hh, gates, h, c, tanh_c: as forward left them.
-    Writes dgates (T, B, 4H) (the pre-activation gradients) and dx (T, B, I);
-    adds into dw_ih (4H, I), dw_hh (4H, H), db_ih, db_hh (4H,).
-    tmp_ih, tmp_hh (shapes of dw_ih, dw_hh) are scratch.
+    dy (T, B, P). dh (B, P), dc (B, H): dh_n, dc_n on entry, dh0, dc0 on return.
+    The forward's arrays as it left them. Writes dgates (T, B, 4H), the
+    pre-activation gradients, dx (T, B, I) and dhs (T, B, P), the whole gradient
+    on each h_t; adds into dw_ih, dw_hh, dw_hr and db (the gradient of either
+    bias). dm (B, H) and carry (B, P) are scratch, tmp_* the weight-gradient GEMMs'.
     """
     T, B, I = x.shape
-    H = h.shape[2]
+    H = c.shape[2]
+    proj = w_hr.shape[0] > 0
     for t in range(T - 1, -1, -1):
         for b in range(B):
-            _cell_backward(gates[t, b], dgates[t, b], dy[t, b], dh[b], dc[b], c[t, b],
-                           tanh_c[t, b])
+            if t < lengths[b]:
+                for j in range(dh.shape[1]):
+                    dhs[t, b, j] = dy[t, b, j] + dh[b, j]
+            else:        # padding: dy has no effect, the state's gradient passes through
+                dhs[t, b] = 0
+                carry[b] = dh[b]
+        if proj:
+            np.dot(dhs[t], w_hr, out=dm)
+            dm_t = dm
+        else:
+            dm_t = dhs[t]
+        for b in range(B):
+            if t < lengths[b]:
+                _cell_backward(gates[t, b], dgates[t, b], dm_t[b], dc[b], c[t, b],
+                               c[t + 1, b], tanh_c[t, b], clip)
+            else:
+                dgates[t, b] = 0
         # dh for step t-1 (dh0 after the last iteration).
         np.dot(dgates[t], w_hh, out=dh)
+        for b in range(B):
+            if t >= lengths[b]:
+                dh[b] = carry[b]
 
     # Everything that does not feed the recurrence: one GEMM each over T*B rows.
+    P = h.shape[2]
     dz2 = dgates.reshape((T * B, 4 * H))
     np.dot(dz2, w_ih, out=dx.reshape((T * B, I)))
     np.dot(dz2.T, x.reshape((T * B, I)), out=tmp_ih)
-    np.dot(dz2.T, h.reshape(((T + 1) * B, H))[:T * B], out=tmp_hh)
-    # BLAS would overwrite; gradients accumulate across calls, so add.
-    acc_ih, src_ih = dw_ih.reshape(dw_ih.size), tmp_ih.reshape(tmp_ih.size)
-    for k in range(acc_ih.size):
-        acc_ih[k] += src_ih[k]
-    acc_hh, src_hh = dw_hh.reshape(dw_hh.size), tmp_hh.reshape(tmp_hh.size)
-    for k in range(acc_hh.size):
-        acc_hh[k] += src_hh[k]
+    np.dot(dz2.T, h.reshape(((T + 1) * B, P))[:T * B], out=tmp_hh)
+    _accumulate(dw_ih, tmp_ih)
+    _accumulate(dw_hh, tmp_hh)
+    if proj:
+        np.dot(dhs.reshape((T * B, P)).T, m.reshape((T * B, H)), out=tmp_hr)
+        _accumulate(dw_hr, tmp_hr)
     for r in range(T * B):
         row = dz2[r]
         for k in range(4 * H):
-            db_ih[k] += row[k]
-            db_hh[k] += row[k]
+            db[k] += row[k]
 
 
 # --------------------------------------------------------------------------
@@ -318,35 +365,58 @@ def lstm_backward(dy, dh, dc, x, w_ih, w_hh, gates, h, c, tanh_c,
 #
 # Numba unboxes every array argument on each call (about half a microsecond
 # apiece); at small sizes that dominated a forward+backward. So the public layer
-# passes the flat arrays (parameters, gradients, workspace) and the sizes, and
-# the views are carved here, by the same functions Python uses to carve them.
+# passes flat arrays (one direction of one layer's parameters, gradients and
+# workspace) and the sizes, and the views are carved here, by the same
+# functions Python uses to carve them.
 # --------------------------------------------------------------------------
 
 @njit(**JIT)
-def param_views(p, I, H):
-    """weight_ih (4H, I), weight_hh (4H, H), bias_ih, bias_hh (4H,): torch's order."""
-    a, b, c = 4 * H * I, 4 * H * I + 4 * H * H, 4 * H * (I + H + 1)
-    return (p[:a].reshape((4 * H, I)), p[a:b].reshape((4 * H, H)),
-            p[b:c], p[c:c + 4 * H])
+def _param_sizes(I, H, P, has_bias, has_proj):
+    # weight_ih, weight_hh, bias_ih, bias_hh, weight_hr: torch's order
+    nb = 4 * H if has_bias else 0
+    return (4 * H * I, 4 * H * P, nb, nb, P * H if has_proj else 0)
+
+
+def param_size(I, H, P, has_bias, has_proj):
+    """Elements of one direction of one layer's parameters."""
+    return int(sum(_param_sizes(I, H, P, has_bias, has_proj)))
 
 
 @njit(**JIT)
-def _workspace_sizes(T, B, I, H):
-    # x, gates, h, c, tanh_c, rec, dy, dgates, dx, dh, dc, tmp_ih, tmp_hh
-    return (T * B * I, T * B * 4 * H, (T + 1) * B * H, (T + 1) * B * H, T * B * H, B * 4 * H,
-            T * B * H, T * B * 4 * H, T * B * I, B * H, B * H, 4 * H * I, 4 * H * H)
-
-
-def workspace_size(T, B, I, H):
-    """Elements of workspace that one (T, B) call needs."""
-    return int(sum(_workspace_sizes(T, B, I, H)))
+def param_views(p, I, H, P, has_bias, has_proj):
+    """weight_ih (4H, I), weight_hh (4H, P), bias_ih, bias_hh (4H,) and weight_hr
+    (P, H) as views of p; an absent one is empty (bias (0,), weight_hr (0, H))."""
+    n = _param_sizes(I, H, P, has_bias, has_proj)
+    o1 = n[0]
+    o2 = o1 + n[1]
+    o3 = o2 + n[2]
+    o4 = o3 + n[3]
+    o5 = o4 + n[4]
+    return (p[:o1].reshape((4 * H, I)), p[o1:o2].reshape((4 * H, P)), p[o2:o3], p[o3:o4],
+            p[o4:o5].reshape((n[4] // H, H)))
 
 
 @njit(**JIT)
-def workspace_views(ws, T, B, I, H):
-    """(x, gates, h, c, tanh_c, rec, dy, dgates, dx, dh, dc, tmp_ih, tmp_hh) as
-    C-contiguous views of the flat workspace, shaped as the kernels take them."""
-    n = _workspace_sizes(T, B, I, H)
+def _workspace_sizes(T, B, I, H, P):
+    # x, gates, c, tanh_c, m, h, rec, bias, y, dy, dgates, dx, dhs, dm, carry, dh, dc,
+    # db, tmp_ih, tmp_hh, tmp_hr
+    return (T * B * I, T * B * 4 * H, (T + 1) * B * H, T * B * H, T * B * H, (T + 1) * B * P,
+            B * 4 * H, 4 * H, T * B * P, T * B * P, T * B * 4 * H, T * B * I, T * B * P,
+            B * H, B * P, B * P, B * H, 4 * H, 4 * H * I, 4 * H * P, P * H)
+
+
+def workspace_size(T, B, I, H, P):
+    """Elements of workspace that one (T, B) call of one direction needs."""
+    return int(sum(_workspace_sizes(T, B, I, H, P)))
+
+
+@njit(**JIT)
+def workspace_views(ws, T, B, I, H, P):
+    """(x, gates, c, tanh_c, m, h, rec, bias, y, dy, dgates, dx, dhs, dm, carry, dh,
+    dc, db, tmp_ih, tmp_hh, tmp_hr) as C-contiguous views of the flat workspace,
+    shaped as the kernels take them. y (T, B, P) is the output with padded steps
+    zeroed, filled only when lengths are given."""
+    n = _workspace_sizes(T, B, I, H, P)
     # Running offsets, spelled out: an offsets array would be an allocation per call.
     o1 = n[0]
     o2 = o1 + n[1]
@@ -361,37 +431,98 @@ def workspace_views(ws, T, B, I, H):
     o11 = o10 + n[10]
     o12 = o11 + n[11]
     o13 = o12 + n[12]
+    o14 = o13 + n[13]
+    o15 = o14 + n[14]
+    o16 = o15 + n[15]
+    o17 = o16 + n[16]
+    o18 = o17 + n[17]
+    o19 = o18 + n[18]
+    o20 = o19 + n[19]
+    o21 = o20 + n[20]
     return (ws[:o1].reshape((T, B, I)), ws[o1:o2].reshape((T, B, 4 * H)),
-            ws[o2:o3].reshape((T + 1, B, H)), ws[o3:o4].reshape((T + 1, B, H)),
-            ws[o4:o5].reshape((T, B, H)), ws[o5:o6].reshape((B, 4 * H)),
-            ws[o6:o7].reshape((T, B, H)), ws[o7:o8].reshape((T, B, 4 * H)),
-            ws[o8:o9].reshape((T, B, I)), ws[o9:o10].reshape((B, H)),
-            ws[o10:o11].reshape((B, H)), ws[o11:o12].reshape((4 * H, I)),
-            ws[o12:o13].reshape((4 * H, H)))
+            ws[o2:o3].reshape((T + 1, B, H)), ws[o3:o4].reshape((T, B, H)),
+            ws[o4:o5].reshape((T, B, H)), ws[o5:o6].reshape((T + 1, B, P)),
+            ws[o6:o7].reshape((B, 4 * H)), ws[o7:o8],
+            ws[o8:o9].reshape((T, B, P)), ws[o9:o10].reshape((T, B, P)),
+            ws[o10:o11].reshape((T, B, 4 * H)), ws[o11:o12].reshape((T, B, I)),
+            ws[o12:o13].reshape((T, B, P)), ws[o13:o14].reshape((B, H)),
+            ws[o14:o15].reshape((B, P)), ws[o15:o16].reshape((B, P)),
+            ws[o16:o17].reshape((B, H)), ws[o17:o18],
+            ws[o18:o19].reshape((4 * H, I)), ws[o19:o20].reshape((4 * H, P)),
+            ws[o20:o21].reshape((P, H)))
 
 
 def _entry_sigs(n_arrays, *extra):
-    return [types.void(*([types.Array(ft, 1, "C")] * n_arrays), types.int64, types.int64,
-                       types.int64, types.int64, *extra)
-            for ft in (types.float32, types.float64)]
+    out = []
+    for ft in (types.float32, types.float64):
+        arrays = [types.Array(ft, 1, "C")] * n_arrays
+        out.append(types.void(*arrays, types.Array(types.int64, 1, "C"), ft,
+                              types.int64, types.int64, types.int64, types.int64, types.int64,
+                              types.boolean, types.boolean, *extra))
+    return out
 
 
-@njit(_entry_sigs(2, types.boolean), **JIT)
-def layer_forward(p, ws, T, B, I, H, exact):
-    """``lstm_forward`` on the flat parameters and workspace; h0, c0 are read from
-    the workspace's h[0], c[0] and x from its x."""
-    w_ih, w_hh, b_ih, b_hh = param_views(p, I, H)
-    x, gates, h, c, tanh_c, rec, _, _, _, _, _, _, _ = workspace_views(ws, T, B, I, H)
-    lstm_forward(x, w_ih, w_hh, b_ih, b_hh, gates, h, c, tanh_c, rec, exact)
+@njit(_entry_sigs(2, types.boolean, types.boolean), **JIT)
+def layer_forward(p, ws, lengths, clip, T, B, I, H, P, has_bias, has_proj, padded, exact):
+    """``lstm_forward`` on one direction's flat parameters and workspace.
+
+    x, h0, c0 are read from the workspace's x, h[0], c[0]. With `padded`, y
+    receives h_t with the steps past each sequence's length zeroed.
+    """
+    w_ih, w_hh, b_ih, b_hh, w_hr = param_views(p, I, H, P, has_bias, has_proj)
+    (x, gates, c, tanh_c, m, h, rec, bias, y, _, _, _, _, _, _, _, _, _, _, _, _) = \
+        workspace_views(ws, T, B, I, H, P)
+    for k in range(4 * H):
+        bias[k] = b_ih[k] + b_hh[k] if has_bias else 0
+    if not has_proj:
+        m = h[1:]
+    lstm_forward(x, w_ih, w_hh, w_hr, bias, lengths, clip, gates, c, tanh_c, m, h, rec, exact)
+    if padded:
+        for t in range(T):
+            for b in range(B):
+                if t < lengths[b]:
+                    y[t, b] = h[t + 1, b]
+                else:
+                    y[t, b] = 0
 
 
 @njit(_entry_sigs(3), **JIT)
-def layer_backward(p, g, ws, T, B, I, H):
-    """``lstm_backward`` on the flat buffers; dy, dh_n, dc_n are read from the
-    workspace's dy, dh, dc, and the gradients are added into g."""
-    w_ih, w_hh, _, _ = param_views(p, I, H)
-    dw_ih, dw_hh, db_ih, db_hh = param_views(g, I, H)
-    x, gates, h, c, tanh_c, _, dy, dgates, dx, dh, dc, tmp_ih, tmp_hh = \
-        workspace_views(ws, T, B, I, H)
-    lstm_backward(dy, dh, dc, x, w_ih, w_hh, gates, h, c, tanh_c, dgates, dx,
-                  dw_ih, dw_hh, db_ih, db_hh, tmp_ih, tmp_hh)
+def layer_backward(p, g, ws, lengths, clip, T, B, I, H, P, has_bias, has_proj):
+    """``lstm_backward`` on one direction's flat buffers; dy, dh_n, dc_n are read
+    from the workspace's dy, dh, dc, and the gradients are added into g."""
+    w_ih, w_hh, _, _, w_hr = param_views(p, I, H, P, has_bias, has_proj)
+    dw_ih, dw_hh, db_ih, db_hh, dw_hr = param_views(g, I, H, P, has_bias, has_proj)
+    (x, gates, c, tanh_c, m, h, _, _, _, dy, dgates, dx, dhs, dm, carry, dh, dc, db,
+     tmp_ih, tmp_hh, tmp_hr) = workspace_views(ws, T, B, I, H, P)
+    if not has_proj:
+        m = h[1:]
+    db[:] = 0
+    lstm_backward(dy, dh, dc, x, w_ih, w_hh, w_hr, lengths, clip, gates, c, tanh_c, m, h,
+                  dgates, dx, dhs, dm, carry, dw_ih, dw_hh, dw_hr, db, tmp_ih, tmp_hh, tmp_hr)
+    if has_bias:
+        _accumulate(db_ih, db)
+        _accumulate(db_hh, db)
+
+
+@njit(["void(float32[:, :, :], float32[:, :, :], int64[::1])",
+       "void(float64[:, :, :], float64[:, :, :], int64[::1])"], **JIT)
+def reverse_in_time(src, dst, lengths):
+    """dst[s, b] = src[lengths[b] - 1 - s, b] for s < lengths[b], else 0: each
+    sequence's own steps, last first (the reverse direction's view of time)."""
+    T, B = dst.shape[0], dst.shape[1]
+    for s in range(T):
+        for b in range(B):
+            if s < lengths[b]:
+                dst[s, b] = src[lengths[b] - 1 - s, b]
+            else:
+                dst[s, b] = 0
+
+
+@njit(["void(float32[:, :, ::1], int64[::1])", "void(float64[:, :, ::1], int64[::1])"], **JIT)
+def zero_padding(a, lengths):
+    """a[t, b] = 0 for t >= lengths[b]: padded input steps must not leak into the
+    weight gradients (0 * NaN is NaN)."""
+    for t in range(a.shape[0]):
+        for b in range(a.shape[1]):
+            if t >= lengths[b]:
+                a[t, b] = 0

@@ -62,3 +62,51 @@ def pair(name, value):
         raise TypeError(f"{name} must be a tuple (h, c) of two arrays, got {type(value).__name__}"
                         + (f" of length {len(value)}" if isinstance(value, (tuple, list)) else ""))
     return value
+
+
+def nonnegative_int(name, value):
+    try:
+        n = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
+    if n < 0:
+        raise ValueError(f"{name} must be >= 0, got {n}")
+    return n
+
+
+def boolean(name, value):
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return bool(value)
+
+
+def real(name, value, lo=None, hi=None, lo_open=False, hi_open=False):
+    """A finite real number, optionally within bounds."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer,
+                                                                       np.floating)):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    v = float(value)
+    low_bad = lo is not None and (v <= lo if lo_open else v < lo)
+    high_bad = hi is not None and (v >= hi if hi_open else v > hi)
+    if not np.isfinite(v) or low_bad or high_bad:
+        rng = ("(" if lo_open else "[") + (str(lo) if lo is not None else "-inf") + ", " + \
+              (str(hi) if hi is not None else "inf") + (")" if hi_open or hi is None else "]")
+        raise ValueError(f"{name} must be a finite number in {rng}, got {value!r}")
+    return v
+
+
+def lengths(name, value, B, T):
+    """None, or B integers in [1, T] as a fresh int64 array."""
+    if value is None:
+        return None
+    a = np.asarray(value) if isinstance(value, (list, tuple, np.ndarray)) else None
+    if a is None:
+        raise TypeError(f"{name} must be a sequence of ints, got {type(value).__name__}")
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"{name} must hold integers, got dtype {a.dtype}")
+    if a.shape != (B,):
+        raise ValueError(f"{name} must have shape ({B},) (one length per sequence), "
+                         f"got {a.shape}")
+    if a.min() < 1 or a.max() > T:
+        raise ValueError(f"{name} must lie in [1, T={T}], got min {a.min()} and max {a.max()}")
+    return np.ascontiguousarray(a, dtype=np.int64)

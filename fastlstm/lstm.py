@@ -1,11 +1,12 @@
-"""The public LSTM layer: validates, owns the buffers, calls the kernels."""
+"""The public LSTM: validates, owns the buffers, calls the kernels."""
 import math
 
 import numpy as np
 
 from . import _validate as check
 from ._config import exact_activations
-from ._kernels import layer_backward, layer_forward, workspace_size, workspace_views
+from ._kernels import (layer_backward, layer_forward, param_size,
+                       reverse_in_time, workspace_size, workspace_views, zero_padding)
 
 __all__ = ["LSTM"]
 
@@ -17,16 +18,17 @@ def _readonly(a):
 
 
 class _Workspace:
-    """One flat buffer for every activation and gradient of a (T, B) call, up to
-    a capacity; ``views(T, B)`` carves it (with the kernels' own carving, so the
-    two always agree) and caches the views, so a repeated shape costs nothing."""
+    """One direction of one layer: a flat buffer for every activation and
+    gradient of a (T, B) call, up to a capacity. ``views(T, B)`` carves it with
+    the kernels' own carving (so the two always agree) and caches the views, so
+    a repeated shape costs nothing."""
 
-    NAMES = ("x", "gates", "h", "c", "tanh_c", "rec", "dy", "dgates", "dx", "dh", "dc",
-             "tmp_ih", "tmp_hh")
+    NAMES = ("x", "gates", "c", "tanh_c", "m", "h", "rec", "bias", "y", "dy", "dgates", "dx",
+             "dhs", "dm", "carry", "dh", "dc", "db", "tmp_ih", "tmp_hh", "tmp_hr")
 
-    def __init__(self, T, B, I, H, dtype):
-        self.T, self.B, self.I, self.H = T, B, I, H
-        self.flat = np.empty(workspace_size(T, B, I, H), dtype)
+    def __init__(self, T, B, I, H, P, dtype):
+        self.T, self.B, self.I, self.H, self.P = T, B, I, H, P
+        self.flat = np.empty(workspace_size(T, B, I, H, P), dtype)
         self._cache = {}
 
     def fits(self, T, B):
@@ -35,33 +37,63 @@ class _Workspace:
     def views(self, T, B):
         v = self._cache.get((T, B))
         if v is None:
-            v = dict(zip(self.NAMES, workspace_views(self.flat, T, B, self.I, self.H)))
-            # what forward and backward hand back: read-only views
-            v["y"], v["h_n"], v["c_n"] = (_readonly(v["h"][1:]), _readonly(v["h"][T:]),
-                                          _readonly(v["c"][T:]))
-            v["dx_out"], v["dh0"], v["dc0"] = (_readonly(v["dx"]), _readonly(v["dh"][None]),
-                                               _readonly(v["dc"][None]))
-            v["h0"], v["c0"] = v["h"][0], v["c"][0]
+            v = dict(zip(self.NAMES, workspace_views(self.flat, T, B, self.I, self.H, self.P)))
+            v["h_out"] = v["h"][1:]
             self._cache[(T, B)] = v
         return v
 
 
-class LSTM:
-    """A single-layer, single-direction LSTM with torch.nn.LSTM's parameters.
+class _Buffers:
+    """Named arrays sized per call and reused; a larger request grows one once."""
 
-    Gate order (i, f, g, o), parameter names and shapes follow ``torch.nn.LSTM``,
-    so ``{k: v.numpy() for k, v in torch_lstm.state_dict().items()}`` loads as it
-    is. All parameters live in one flat buffer ``flat_params`` and all gradients in
-    ``flat_grads``; ``params`` and ``grads`` map torch's names to views into them.
+    def __init__(self, dtype):
+        self.dtype = dtype
+        self._flat = {}
+
+    def get(self, name, shape, dtype=None):
+        n = math.prod(shape)
+        buf = self._flat.get(name)
+        if buf is None or buf.size < n:
+            buf = self._flat[name] = np.empty(n, dtype or self.dtype)
+        return buf[:n].reshape(shape)
+
+
+class LSTM:
+    """A multi-layer, optionally bidirectional LSTM with torch.nn.LSTM's meaning.
+
+    Gate order (i, f, g, o), parameter names and shapes follow ``torch.nn.LSTM``
+    (``weight_ih_l{k}``, ``weight_hh_l{k}``, ``bias_ih_l{k}``, ``bias_hh_l{k}``,
+    ``weight_hr_l{k}``, each with ``_reverse`` for the backward direction), so
+    ``{k: v.numpy() for k, v in torch_lstm.state_dict().items()}`` loads as it
+    is. All parameters live in one flat buffer ``flat_params`` and all gradients
+    in ``flat_grads``; ``params`` and ``grads`` map torch's names to views.
 
     Parameters
     ----------
     input_size, hidden_size : int
+    num_layers : int
+        Stacked layers; layer k > 0 reads layer k-1's output.
+    bias : bool
+        False drops both biases.
+    batch_first : bool
+        x and y are (B, T, features) instead of (T, B, features).
+    dropout : float in [0, 1)
+        On the outputs of every layer but the last, in training mode only.
+    bidirectional : bool
+    proj_size : int
+        > 0 projects each hidden state to proj_size (torch's LSTMP).
     dtype : float32 or float64
-        The dtype of the parameters and of every computation. Floating inputs of
-        another dtype are cast to it; non-floating inputs are refused.
+        The dtype of the parameters and of every computation. Floating inputs
+        of another dtype are cast to it; non-floating inputs are refused.
     seed : int or None
-        Seeds the initialisation U(-1/sqrt(H), 1/sqrt(H)), as torch's.
+        Seeds the initialisation U(-1/sqrt(H), 1/sqrt(H)), as torch's, and the
+        dropout masks.
+    forget_bias : float
+        Added to the forget gate's ``bias_ih`` at initialisation (Keras'
+        ``unit_forget_bias`` is 1.0). Needs ``bias=True``.
+    cell_clip : float or None
+        Clip every c_t to [-cell_clip, cell_clip] (as TF's LSTMCell); the
+        gradient through a clipped cell is zero.
 
     Notes
     -----
@@ -71,125 +103,284 @@ class LSTM:
     keep them.
     """
 
-    def __init__(self, input_size, hidden_size, dtype=np.float32, seed=None):
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, proj_size=0, dtype=np.float32, seed=None,
+                 forget_bias=0.0, cell_clip=None):
         self.input_size = check.positive_int("input_size", input_size)
         self.hidden_size = check.positive_int("hidden_size", hidden_size)
+        self.num_layers = check.positive_int("num_layers", num_layers)
+        self.bias = check.boolean("bias", bias)
+        self.batch_first = check.boolean("batch_first", batch_first)
+        self.bidirectional = check.boolean("bidirectional", bidirectional)
+        self.dropout = check.real("dropout", dropout, lo=0.0, hi=1.0, hi_open=True)
+        self.proj_size = check.nonnegative_int("proj_size", proj_size)
+        if self.proj_size >= self.hidden_size:
+            raise ValueError(f"proj_size must be smaller than hidden_size={self.hidden_size}, "
+                             f"got {self.proj_size}")
         self.dtype = check.dtype("dtype", dtype)
-        I, H = self.input_size, self.hidden_size
-        self._layout = [("weight_ih_l0", (4 * H, I)), ("weight_hh_l0", (4 * H, H)),
-                        ("bias_ih_l0", (4 * H,)), ("bias_hh_l0", (4 * H,))]
-        n = sum(math.prod(s) for _, s in self._layout)
-        self.flat_params = np.empty(n, self.dtype)
-        self.flat_grads = np.zeros(n, self.dtype)
-        self.params, self.grads = {}, {}
+        self.forget_bias = check.real("forget_bias", forget_bias)
+        if self.forget_bias != 0 and not self.bias:
+            raise ValueError(f"forget_bias={self.forget_bias} needs bias=True")
+        self.cell_clip = None if cell_clip is None else check.real(
+            "cell_clip", cell_clip, lo=0.0, lo_open=True)
+        self.training = True
+
+        H, D = self.hidden_size, self.num_directions
+        P = self.proj_size or H
+        self._P = P
+        self._blocks = []      # per (layer, direction): (offset, size, input size, name suffix)
+        self._layout = []      # (name, shape) in torch's order
         offset = 0
+        for k in range(self.num_layers):
+            I_k = self.input_size if k == 0 else D * P
+            for d in range(D):
+                sfx = f"_l{k}" + ("_reverse" if d else "")
+                shapes = [("weight_ih" + sfx, (4 * H, I_k)), ("weight_hh" + sfx, (4 * H, P))]
+                if self.bias:
+                    shapes += [("bias_ih" + sfx, (4 * H,)), ("bias_hh" + sfx, (4 * H,))]
+                if self.proj_size:
+                    shapes += [("weight_hr" + sfx, (P, H))]
+                size = param_size(I_k, H, P, self.bias, bool(self.proj_size))
+                self._blocks.append((offset, size, I_k))
+                self._layout += shapes
+                offset += size
+        self.flat_params = np.empty(offset, self.dtype)
+        self.flat_grads = np.zeros(offset, self.dtype)
+        self.params, self.grads = {}, {}
+        at = 0
         for name, shape in self._layout:
-            size = math.prod(shape)
-            self.params[name] = self.flat_params[offset:offset + size].reshape(shape)
-            self.grads[name] = self.flat_grads[offset:offset + size].reshape(shape)
-            offset += size
+            n = math.prod(shape)
+            self.params[name] = self.flat_params[at:at + n].reshape(shape)
+            self.grads[name] = self.flat_grads[at:at + n].reshape(shape)
+            at += n
         bound = 1.0 / math.sqrt(H)
-        self.flat_params[:] = np.random.default_rng(seed).uniform(-bound, bound, n)
+        self.flat_params[:] = np.random.default_rng(seed).uniform(-bound, bound, offset)
+        if self.forget_bias:
+            for name in self.params:
+                if name.startswith("bias_ih"):
+                    self.params[name][H:2 * H] += self.forget_bias
+        self._dropout_rng = np.random.default_rng(None if seed is None else [seed, 1])
+        # The kernels take one direction of one layer as one flat slice.
+        self._pblocks = [self.flat_params[o:o + n] for o, n, _ in self._blocks]
+        self._gblocks = [self.flat_grads[o:o + n] for o, n, _ in self._blocks]
+        self._clip = self.dtype.type(np.inf if self.cell_clip is None else self.cell_clip)
         self._exact = exact_activations()
-        self._ws = None
-        self._last = None   # (T, B) of the forward that backward will differentiate
+        self._ws = [None] * len(self._blocks)
+        self._buf = _Buffers(self.dtype)
+        self._full_lengths = {}
+        self._last = None   # what backward differentiates: (T, B, lengths, dropout masks)
+
+    @property
+    def num_directions(self):
+        return 2 if self.bidirectional else 1
 
     def __repr__(self):
-        return (f"LSTM(input_size={self.input_size}, hidden_size={self.hidden_size}, "
-                f"dtype={self.dtype.name})")
+        opts = [f"{self.input_size}", f"{self.hidden_size}"]
+        for name, default in (("num_layers", 1), ("bias", True), ("batch_first", False),
+                              ("dropout", 0.0), ("bidirectional", False), ("proj_size", 0),
+                              ("forget_bias", 0.0), ("cell_clip", None)):
+            if getattr(self, name) != default:
+                opts.append(f"{name}={getattr(self, name)!r}")
+        return f"LSTM({', '.join(opts)}, dtype={self.dtype.name})"
+
+    def train(self, mode=True):
+        """Training mode: dropout is applied. Returns self."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Evaluation mode: dropout is the identity. Returns self."""
+        return self.train(False)
 
     # -- buffers -----------------------------------------------------------
 
-    def _views(self, T, B):
-        if self._ws is None or not self._ws.fits(T, B):
-            old = self._ws
-            T_cap = T if old is None else max(T, old.T)
-            B_cap = B if old is None else max(B, old.B)
-            self._ws = _Workspace(T_cap, B_cap, self.input_size, self.hidden_size, self.dtype)
-        return self._ws.views(T, B)
+    def _views(self, j, T, B):
+        ws = self._ws[j]
+        if ws is None or not ws.fits(T, B):
+            T_cap = T if ws is None else max(T, ws.T)
+            B_cap = B if ws is None else max(B, ws.B)
+            ws = self._ws[j] = _Workspace(T_cap, B_cap, self._blocks[j][2], self.hidden_size,
+                                          self._P, self.dtype)
+        return ws.views(T, B)
 
     def _state(self, name, state, B):
-        """Validated (h, c) of shape (1, B, H) each, or (None, None)."""
+        """Validated (h, c), shapes (D*L, B, P) and (D*L, B, H), or (None, None)."""
         if state is None:
             return None, None
         h, c = check.pair(name, state)
-        for part, a in ((f"{name}[0] (h)", h), (f"{name}[1] (c)", c)):
+        n = self.num_directions * self.num_layers
+        for part, a, size in ((f"{name}[0] (h)", h, self._P),
+                              (f"{name}[1] (c)", c, self.hidden_size)):
             check.float_array(part, a, self.dtype)
-            check.shape(part, a, (1, B, self.hidden_size))
+            check.shape(part, a, (n, B, size))
         return h, c
+
+    def _time_major(self, a):
+        return a.transpose(1, 0, 2) if self.batch_first else a
 
     # -- forward / backward ------------------------------------------------
 
-    def forward(self, x, state=None):
-        """Run over a whole sequence.
+    def forward(self, x, state=None, lengths=None):
+        """Run over whole sequences.
 
         Parameters
         ----------
-        x : ndarray (T, B, input_size)
-        state : (h0, c0), each (1, B, hidden_size), optional
-            Zeros when omitted.
+        x : ndarray (T, B, input_size), or (B, T, input_size) with batch_first
+        state : (h0, c0), optional
+            h0 (D*num_layers, B, proj_size or hidden_size), c0 (D*num_layers, B,
+            hidden_size); zeros when omitted.
+        lengths : sequence of int, optional
+            Sequence b uses steps [0, lengths[b]), in any order: its outputs past
+            that are zero and its final state is taken at its own last step (as
+            torch's packed sequences).
 
         Returns
         -------
-        y : ndarray (T, B, hidden_size)
-        (h_n, c_n) : ndarrays (1, B, hidden_size)
+        y : ndarray (T, B, D*H_out), or (B, T, D*H_out) with batch_first
+        (h_n, c_n) : ndarrays (D*num_layers, B, H_out), (D*num_layers, B, hidden_size)
             Read-only views into the workspace, valid until the next call.
         """
         check.float_array("x", x, self.dtype)
-        check.shape("x", x, ("T", "B", self.input_size))
-        T, B = x.shape[:2]
+        check.shape("x", x, ("B", "T", self.input_size) if self.batch_first
+                    else ("T", "B", self.input_size))
+        xt = self._time_major(x)
+        T, B = xt.shape[:2]
         if T < 1 or B < 1:
             raise ValueError(f"x must have T >= 1 and B >= 1, got shape {x.shape}")
         h0, c0 = self._state("state", state, B)
+        lens = check.lengths("lengths", lengths, B, T)
+        padded = lens is not None
+        if lens is None:
+            lens = self._full_lengths.get((T, B))
+            if lens is None:
+                lens = self._full_lengths[(T, B)] = np.full(B, T, np.int64)
 
-        v = self._views(T, B)
-        np.copyto(v["x"], x, casting="same_kind")
-        for buf, init in ((v["h0"], h0), (v["c0"], c0)):
-            if init is None:
-                buf.fill(0)
+        L, D, H, P = self.num_layers, self.num_directions, self.hidden_size, self._P
+        has_proj = bool(self.proj_size)
+        drop = self.training and self.dropout > 0 and L > 1
+        single = L * D == 1
+        masks = []
+        src = xt
+        for k in range(L):
+            outs = []
+            for d in range(D):
+                j = k * D + d
+                v = self._views(j, T, B)
+                if d == 0:
+                    np.copyto(v["x"], src, casting="same_kind")
+                    if padded:
+                        zero_padding(v["x"], lens)
+                else:    # the reverse direction reads each sequence last step first
+                    reverse_in_time(self._views(k * D, T, B)["x"], v["x"], lens)
+                for buf, init in ((v["h"][0], h0), (v["c"][0], c0)):
+                    if init is None:
+                        buf.fill(0)
+                    else:
+                        np.copyto(buf, init[j], casting="same_kind")
+                layer_forward(self._pblocks[j], self._ws[j].flat, lens, self._clip, T, B,
+                              self._blocks[j][2], H, P, self.bias, has_proj, padded,
+                              self._exact)
+                outs.append(v["y"] if padded else v["h_out"])
+            if D == 1:
+                out = outs[0]
             else:
-                np.copyto(buf, init[0], casting="same_kind")
-        layer_forward(self.flat_params, self._ws.flat, T, B, self.input_size,
-                      self.hidden_size, self._exact)
-        self._last = (T, B)
-        return v["y"], (v["h_n"], v["c_n"])
+                out = self._buf.get(f"out{k}", (T, B, 2 * P))
+                out[:, :, :P] = outs[0]
+                reverse_in_time(outs[1], out[:, :, P:], lens)
+            if drop and k < L - 1:
+                mask = self._buf.get(f"mask{k}", out.shape)
+                self._dropout_rng.random(out=mask, dtype=self.dtype)
+                keep = self.dtype.type(1.0 - self.dropout)
+                np.greater_equal(mask, self.dtype.type(self.dropout), out=mask)
+                mask /= keep
+                src = self._buf.get(f"dropped{k}", out.shape)
+                np.multiply(out, mask, out=src)
+                masks.append(mask)
+            else:
+                src = out
+                masks.append(None)
+
+        if single:
+            v = self._views(0, T, B)
+            h_n, c_n = v["h"][T:], v["c"][T:]
+        else:
+            h_n = self._buf.get("h_n", (L * D, B, P))
+            c_n = self._buf.get("c_n", (L * D, B, H))
+            for j in range(L * D):
+                v = self._views(j, T, B)
+                h_n[j], c_n[j] = v["h"][T], v["c"][T]
+        self._last = (T, B, lens, masks)
+        return _readonly(self._time_major(out)), (_readonly(h_n), _readonly(c_n))
 
     def backward(self, dy, dstate=None):
         """Backpropagate through the last ``forward``; add into ``grads``.
 
         Parameters
         ----------
-        dy : ndarray (T, B, hidden_size)
-            Gradient of the loss with respect to ``y``.
-        dstate : (dh_n, dc_n), each (1, B, hidden_size), optional
-            Gradient with respect to the final state; zeros when omitted.
+        dy : ndarray, the shape of ``forward``'s y
+            Gradient of the loss with respect to y; its padded steps are ignored.
+        dstate : (dh_n, dc_n), optional
+            Gradients with respect to the final states, shaped as h_n and c_n;
+            zeros when omitted.
 
         Returns
         -------
-        dx : ndarray (T, B, input_size)
-        (dh0, dc0) : ndarrays (1, B, hidden_size)
+        dx : ndarray, the shape of x
+        (dh0, dc0) : ndarrays, the shapes of h0 and c0
             Read-only views into the workspace, valid until the next call.
         """
         if self._last is None:
             raise RuntimeError("backward() needs a forward() first: there are no "
                                "activations to differentiate")
-        T, B = self._last
+        T, B, lens, masks = self._last
+        L, D, H, P = self.num_layers, self.num_directions, self.hidden_size, self._P
         check.float_array("dy", dy, self.dtype)
-        check.shape("dy", dy, (T, B, self.hidden_size))
+        check.shape("dy", dy, (B, T, D * P) if self.batch_first else (T, B, D * P))
         dh_n, dc_n = self._state("dstate", dstate, B)
+        has_proj = bool(self.proj_size)
+        single = L * D == 1
 
-        v = self._views(T, B)
-        # Always copied: the kernel needs a contiguous, writeable array of the
-        # model's dtype, and the copy is small beside the rest of the pass.
-        np.copyto(v["dy"], dy, casting="same_kind")
-        for buf, init in ((v["dh"], dh_n), (v["dc"], dc_n)):
-            if init is None:
-                buf.fill(0)
+        grad = self._time_major(dy)
+        if not single:
+            dh0 = self._buf.get("dh0", (L * D, B, P))
+            dc0 = self._buf.get("dc0", (L * D, B, H))
+        for k in range(L - 1, -1, -1):
+            for d in range(D):
+                j = k * D + d
+                v = self._views(j, T, B)
+                if D == 1:
+                    np.copyto(v["dy"], grad, casting="same_kind")
+                elif d == 0:
+                    np.copyto(v["dy"], grad[:, :, :P], casting="same_kind")
+                else:
+                    g_rev = grad[:, :, P:]
+                    if g_rev.dtype != self.dtype:
+                        g_rev = g_rev.astype(self.dtype)
+                    reverse_in_time(g_rev, v["dy"], lens)
+                for buf, init in ((v["dh"], dh_n), (v["dc"], dc_n)):
+                    if init is None:
+                        buf.fill(0)
+                    else:
+                        np.copyto(buf, init[j], casting="same_kind")
+                layer_backward(self._pblocks[j], self._gblocks[j], self._ws[j].flat, lens,
+                               self._clip, T, B, self._blocks[j][2], H, P, self.bias, has_proj)
+                if not single:
+                    dh0[j], dc0[j] = v["dh"], v["dc"]
+            if D == 1:
+                dx = self._views(k * D, T, B)["dx"]
             else:
-                np.copyto(buf, init[0], casting="same_kind")
-        layer_backward(self.flat_params, self.flat_grads, self._ws.flat, T, B,
-                       self.input_size, self.hidden_size)
-        return v["dx_out"], (v["dh0"], v["dc0"])
+                dx = self._buf.get(f"dx{k}", self._views(k * D, T, B)["dx"].shape)
+                reverse_in_time(self._views(k * D + 1, T, B)["dx"], dx, lens)
+                dx += self._views(k * D, T, B)["dx"]
+            if k > 0 and masks[k - 1] is not None:
+                grad = self._buf.get(f"dmasked{k}", dx.shape)
+                np.multiply(dx, masks[k - 1], out=grad)
+            else:
+                grad = dx
+        if single:
+            v = self._views(0, T, B)
+            dh0, dc0 = v["dh"][None], v["dc"][None]
+        return _readonly(self._time_major(grad)), (_readonly(dh0), _readonly(dc0))
 
     def zero_grad(self):
         """Set every gradient to zero."""
