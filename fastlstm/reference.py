@@ -19,7 +19,8 @@ with dh and dc the errors carried back from step t+1 (dh_n, dc_n at t = T-1)::
     dW_ih += dz x_t^T       dW_hh += dz h_{t-1}^T       db_ih += dz      db_hh += dz
     dx_t  = W_ih^T dz       dh = W_hh^T dz              dc = dc_t * f_t
 
-and finally dh0 = dh, dc0 = dc. Batched: rows are sequences, so ``x_t`` is
+and finally dh0 = dh, dc0 = dc. With a cell clip, c_t = clip(c_t, -cell_clip, cell_clip)
+and dc_t is zero wherever the clip was active. Batched: rows are sequences, so ``x_t`` is
 (B, I) and the products above become ``z = x W_ih^T + h W_hh^T``.
 
 Everything here allocates freely and is written to be read beside these
@@ -35,7 +36,7 @@ def sigmoid(z):
     return 0.5 * (1.0 + np.tanh(0.5 * z))
 
 
-def forward(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh):
+def forward(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, cell_clip=None):
     """Run the LSTM over a whole sequence.
 
     Parameters
@@ -45,6 +46,7 @@ def forward(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh):
     weight_ih : ndarray (4H, I)
     weight_hh : ndarray (4H, H)
     bias_ih, bias_hh : ndarray (4H,)
+    cell_clip : float, optional
 
     Returns
     -------
@@ -59,6 +61,7 @@ def forward(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh):
     H = h0.shape[1]
     gates = np.empty((T, B, 4 * H), dtype=x.dtype)   # activations i, f, g, o
     c = np.empty((T, B, H), dtype=x.dtype)
+    c_raw = np.empty((T, B, H), dtype=x.dtype)     # before the clip
     y = np.empty((T, B, H), dtype=x.dtype)
     h_prev, c_prev = h0, c0
     for t in range(T):
@@ -67,12 +70,13 @@ def forward(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh):
         f = sigmoid(z[:, 1 * H:2 * H])
         g = np.tanh(z[:, 2 * H:3 * H])
         o = sigmoid(z[:, 3 * H:4 * H])
-        c[t] = f * c_prev + i * g
+        c_raw[t] = f * c_prev + i * g
+        c[t] = c_raw[t] if cell_clip is None else np.clip(c_raw[t], -cell_clip, cell_clip)
         y[t] = o * np.tanh(c[t])
         gates[t] = np.concatenate([i, f, g, o], axis=1)
         h_prev, c_prev = y[t], c[t]
     cache = dict(x=x, h0=h0, c0=c0, weight_ih=weight_ih, weight_hh=weight_hh,
-                 gates=gates, c=c, y=y)
+                 gates=gates, c=c, c_raw=c_raw, y=y, cell_clip=cell_clip)
     return y, (y[-1], c[-1]), cache
 
 
@@ -112,6 +116,8 @@ def backward(dy, dh_n, dc_n, cache):
         dh_t = dy[t] + dh
         do = dh_t * tanh_c
         dc_t = dc + dh_t * o * (1.0 - tanh_c ** 2)
+        if cache["cell_clip"] is not None:
+            dc_t = dc_t * (np.abs(cache["c_raw"][t]) < cache["cell_clip"])
         di = dc_t * g
         df = dc_t * c_prev
         dg = dc_t * i
