@@ -213,3 +213,68 @@ def test_outputs_are_readonly_views():
         assert not out.flags.writeable
         with pytest.raises(ValueError):
             out[...] = 0
+
+
+# -- the full layer's arguments -------------------------------------------------
+
+@pytest.fixture
+def deep():
+    m = fastlstm.LSTM(I, H, num_layers=2, bidirectional=True, proj_size=3, dtype=np.float64,
+                      seed=0)
+    rng = np.random.default_rng(0)
+    m.forward(rng.standard_normal((T, B, I)))
+    m.backward(rng.standard_normal((T, B, 6)))
+    return m
+
+
+LAYER_FORWARD_CASES = {
+    "lengths-shape": (dict(lengths=[3, 4]), ValueError,
+                      r"lengths must have shape \(3,\) \(one length per sequence\), got \(2,\)"),
+    "lengths-2d": (dict(lengths=np.ones((3, 1), int)), ValueError, r"lengths must have shape \(3,\)"),
+    "lengths-float": (dict(lengths=[1.0, 2.0, 3.0]), TypeError, r"lengths must hold integers, got dtype float64"),
+    "lengths-zero": (dict(lengths=[0, 2, 3]), ValueError, r"lengths must lie in \[1, T=4\], got min 0"),
+    "lengths-long": (dict(lengths=[1, 5, 3]), ValueError, r"lengths must lie in \[1, T=4\].*max 5"),
+    "lengths-str": (dict(lengths="abc"), TypeError, r"lengths must be a sequence of ints, got str"),
+    "h0-layers": (dict(state=(a(2, B, 3), a(4, B, H))), ValueError,
+                  r"state\[0\] \(h\) must have shape \(4, 3, 3\), got \(2, 3, 3\)"),
+    "c0-proj": (dict(state=(a(4, B, 3), a(4, B, 3))), ValueError,
+                r"state\[1\] \(c\) must have shape \(4, 3, 5\), got \(4, 3, 3\)"),
+}
+
+
+@pytest.mark.parametrize("case", LAYER_FORWARD_CASES, ids=list(LAYER_FORWARD_CASES))
+def test_layer_forward_bad_input(deep, case):
+    kwargs, exc, msg = LAYER_FORWARD_CASES[case]
+    x = np.ones((T, B, I))
+    arrays = [x] + [v for v in kwargs.values() if isinstance(v, np.ndarray)]
+    arrays += [s for v in kwargs.values() if isinstance(v, tuple) for s in v]
+    snap = snapshot(deep, *arrays)
+    with pytest.raises(exc, match=msg):
+        deep.forward(x, **kwargs)
+    assert_unchanged(deep, snap, *arrays)
+
+
+def test_layer_backward_bad_dy(deep):
+    snap = snapshot(deep)
+    with pytest.raises(ValueError, match=r"dy must have shape \(4, 3, 6\), got \(4, 3, 3\)"):
+        deep.backward(a(T, B, 3))
+    with pytest.raises(ValueError, match=r"dstate\[1\] \(c\) must have shape \(4, 3, 5\)"):
+        deep.backward(a(T, B, 6), (a(4, B, 3), a(1, B, H)))
+    assert_unchanged(deep, snap)
+
+
+@pytest.mark.parametrize("kwargs,exc,msg", [
+    (dict(proj_size=5), ValueError, r"proj_size must be smaller than hidden_size=5, got 5"),
+    (dict(proj_size=-1), ValueError, r"proj_size must be >= 0, got -1"),
+    (dict(dropout=1.0), ValueError, r"dropout must be a finite number in \[0.0, 1.0\), got 1.0"),
+    (dict(dropout=-0.1), ValueError, r"dropout must be a finite number in \[0.0, 1.0\)"),
+    (dict(dropout="0.5"), TypeError, r"dropout must be a real number, got str"),
+    (dict(num_layers=0), ValueError, r"num_layers must be >= 1, got 0"),
+    (dict(bidirectional=1), TypeError, r"bidirectional must be a bool, got int"),
+    (dict(cell_clip=0.0), ValueError, r"cell_clip must be a finite number in \(0.0, inf\)"),
+    (dict(cell_clip=float("nan")), ValueError, r"cell_clip must be a finite number"),
+    (dict(forget_bias=1.0, bias=False), ValueError, r"forget_bias=1.0 needs bias=True"),
+])
+def test_layer_constructor_bad_input(kwargs, exc, msg):
+    with pytest.raises(exc, match=msg):
+        fastlstm.LSTM(I, H, **kwargs)
