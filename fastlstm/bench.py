@@ -20,9 +20,14 @@ SIZES = {
 }
 
 
-def flops(B, T, I, H):
+def flops(B, T, I, H, num_layers=1, bidirectional=False, proj_size=0):
     """FLOPs of one forward+backward, counting the matrix products only."""
-    return 2 * T * B * (I + H) * 4 * H * 3
+    D, P = (2 if bidirectional else 1), (proj_size or H)
+    total = 0
+    for k in range(num_layers):
+        I_k = I if k == 0 else D * P
+        total += D * 2 * T * B * ((I_k + P) * 4 * H + (H * P if proj_size else 0)) * 3
+    return total
 
 
 def median_time(fn, min_time=0.2, min_repeats=5, max_repeats=1000):
@@ -47,21 +52,25 @@ def matmul_gflops(dtype, n=2048, min_time=0.5):
 class Case:
     """One (implementation, size, dtype) with ``forward``, ``backward`` and ``fwd_bwd`` callables."""
 
-    def __init__(self, impl, B, T, I, H, dtype, seed=0):
+    def __init__(self, impl, B, T, I, H, dtype, seed=0, **layer):
         dtype = np.dtype(dtype)
         rng = np.random.default_rng(seed)
+        D = 2 if layer.get("bidirectional") else 1
         self.x = rng.standard_normal((T, B, I)).astype(dtype)
-        self.dy = rng.standard_normal((T, B, H)).astype(dtype)
+        self.dy = rng.standard_normal((T, B, D * (layer.get("proj_size") or H))).astype(dtype)
         self.impl = impl
         if impl == "torch":
             import torch
             tdt = {np.float32: torch.float32, np.float64: torch.float64}[dtype.type]
-            self.model = torch.nn.LSTM(I, H).to(tdt)
+            self.model = torch.nn.LSTM(I, H, **layer).to(tdt)
             self.x = torch.from_numpy(self.x).requires_grad_(True)
             self.dy = torch.from_numpy(self.dy)
+        elif impl == "fastlstm":
+            self.model = LSTM(I, H, dtype=dtype, seed=seed, **layer)
         else:
-            cls = LSTM if impl == "fastlstm" else ReferenceLSTM
-            self.model = cls(I, H, dtype=dtype, seed=seed)
+            if any(layer.values()):
+                raise ValueError("the NumPy reference is one layer, one direction")
+            self.model = ReferenceLSTM(I, H, dtype=dtype, seed=seed)
         self.forward()
 
     def forward(self):
@@ -92,10 +101,14 @@ def torch_available():
     return True
 
 
-def bench_table(sizes, dtypes, min_time=0.2, progress=None):
+def bench_table(sizes, dtypes, min_time=0.2, progress=None, **layer):
     """Median fwd+bwd seconds for every implementation at every (size, dtype),
-    with the matmul ceiling of each dtype, all measured in this process."""
-    impls = [i for i in IMPLS if i != "torch" or torch_available()]
+    with the matmul ceiling of each dtype, all measured in this process.
+    Layer options (num_layers, bidirectional, proj_size) leave the reference
+    out: it is one layer, one direction."""
+    layer = {k: v for k, v in layer.items() if v and not (k == "num_layers" and v == 1)}
+    impls = [i for i in IMPLS if (i != "torch" or torch_available())
+             and (i != "reference" or not layer)]
     rows, ceilings = [], {}
     total = len(sizes) * len(dtypes) * len(impls)
     done = 0
@@ -103,17 +116,18 @@ def bench_table(sizes, dtypes, min_time=0.2, progress=None):
         dtype = np.dtype(dtype)
         ceilings[dtype.name] = matmul_gflops(dtype)
         for name, (B, T, I, H) in sizes.items():
-            row = dict(size=name, B=B, T=T, I=I, H=H, dtype=dtype.name)
+            row = dict(size=name, B=B, T=T, I=I, H=H, dtype=dtype.name, **layer)
             for impl in impls:
                 if progress:
                     done += 1
                     progress(f"[{done}/{total}] {name} {dtype.name} {impl}")
-                case = Case(impl, B, T, I, H, dtype)
+                case = Case(impl, B, T, I, H, dtype, **layer)
                 row[f"{impl}_ms"] = median_time(case.fwd_bwd, min_time=min_time) * 1e3
             fast = row["fastlstm_ms"]
-            row["gflops"] = flops(B, T, I, H) / (fast * 1e-3) / 1e9
+            row["gflops"] = flops(B, T, I, H, **layer) / (fast * 1e-3) / 1e9
             row["ceiling_pct"] = 100 * row["gflops"] / ceilings[dtype.name]
-            row["vs_reference"] = row["reference_ms"] / fast
+            if "reference_ms" in row:
+                row["vs_reference"] = row["reference_ms"] / fast
             if "torch_ms" in row:
                 row["vs_torch"] = row["torch_ms"] / fast
             rows.append(row)
@@ -121,15 +135,17 @@ def bench_table(sizes, dtypes, min_time=0.2, progress=None):
 
 
 def format_table(result):
+    nan = float("nan")
     lines = ["matmul ceiling (2048x2048 a @ a): " + ", ".join(
         f"{k} {v:.0f} GF/s" for k, v in result["matmul_gflops"].items()),
         f"{'size':8} {'dtype':8} {'fastlstm ms':>12} {'reference ms':>13} {'torch ms':>10} "
         f"{'x ref':>7} {'x torch':>8} {'GF/s':>7} {'% ceil':>7}"]
     for r in result["rows"]:
         lines.append(
-            f"{r['size']:8} {r['dtype']:8} {r['fastlstm_ms']:12.3f} {r['reference_ms']:13.3f} "
-            f"{r.get('torch_ms', float('nan')):10.3f} {r['vs_reference']:7.2f} "
-            f"{r.get('vs_torch', float('nan')):8.2f} {r['gflops']:7.1f} {r['ceiling_pct']:7.1f}")
+            f"{r['size']:8} {r['dtype']:8} {r['fastlstm_ms']:12.3f} "
+            f"{r.get('reference_ms', nan):13.3f} {r.get('torch_ms', nan):10.3f} "
+            f"{r.get('vs_reference', nan):7.2f} {r.get('vs_torch', nan):8.2f} "
+            f"{r['gflops']:7.1f} {r['ceiling_pct']:7.1f}")
     return "\n".join(lines)
 
 

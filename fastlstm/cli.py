@@ -66,7 +66,15 @@ def _bench(args):
                 for impl, parts in impls.items():
                     print(f"  {impl:10} " + "  ".join(f"{k} {v:.3f}" for k, v in parts.items()))
         return 0
-    result = bench.bench_table(sizes, dtypes, min_time=args.min_time, progress=progress)
+    layer = dict(num_layers=args.layers, bidirectional=args.bidirectional,
+                 proj_size=args.proj)
+    if args.layers > 1 or args.bidirectional or args.proj:
+        say = print if not args.json else (lambda *a: None)
+        say(f"{args.layers} layer(s), {'bidirectional' if args.bidirectional else 'one direction'}"
+            f"{f', proj {args.proj}' if args.proj else ''} (the NumPy reference is one layer, "
+            "one direction: left out)")
+    result = bench.bench_table(sizes, dtypes, min_time=args.min_time, progress=progress,
+                               **layer)
     print(json.dumps(result) if args.json else bench.format_table(result))
     return 0
 
@@ -90,6 +98,9 @@ def build_parser():
     b.add_argument("--dtype", choices=["float32", "float64", "both"], default="both")
     b.add_argument("--min-time", type=float, default=0.3,
                    help="seconds to spend timing each case (at least 5 runs)")
+    b.add_argument("--layers", type=int, default=1, help="stacked layers (default 1)")
+    b.add_argument("--bidirectional", action="store_true")
+    b.add_argument("--proj", type=int, default=0, help="proj_size (default 0: none)")
     b.add_argument("--profile", action="store_true",
                    help="split one fwd+bwd into input GEMM, recurrent GEMMs, weight-gradient "
                         "GEMMs and the elementwise rest")

@@ -4,6 +4,7 @@ import math
 import numpy as np
 
 from . import _validate as check
+from ._threads import parallel_worthwhile, run_pair
 from ._config import exact_activations
 from ._kernels import (layer_backward, layer_forward, param_size,
                        reverse_in_time, workspace_size, workspace_views, zero_padding)
@@ -220,6 +221,29 @@ class LSTM:
 
     # -- forward / backward ------------------------------------------------
 
+    def _forward_call(self, j, lens, T, B, padded):
+        def call():
+            layer_forward(self._pblocks[j], self._ws[j].flat, lens, self._clip, T, B,
+                          self._blocks[j][2], self.hidden_size, self._P, self.bias,
+                          bool(self.proj_size), padded, self._exact)
+        return call
+
+    def _backward_call(self, j, lens, T, B):
+        def call():
+            layer_backward(self._pblocks[j], self._gblocks[j], self._ws[j].flat, lens,
+                           self._clip, T, B, self._blocks[j][2], self.hidden_size, self._P,
+                           self.bias, bool(self.proj_size))
+        return call
+
+    def _run(self, calls, T, B, k):
+        """One layer's directions: both at once when that pays (see _threads)."""
+        work = T * B * 4 * self.hidden_size * (self._blocks[k * len(calls)][2] + self._P)
+        if len(calls) == 2 and parallel_worthwhile(work):
+            run_pair(*calls)
+        else:
+            for call in calls:
+                call()
+
     def forward(self, x, state=None, lengths=None):
         """Run over whole sequences.
 
@@ -256,13 +280,12 @@ class LSTM:
                 lens = self._full_lengths[(T, B)] = np.full(B, T, np.int64)
 
         L, D, H, P = self.num_layers, self.num_directions, self.hidden_size, self._P
-        has_proj = bool(self.proj_size)
         drop = self.training and self.dropout > 0 and L > 1
         single = L * D == 1
         masks = []
         src = xt
         for k in range(L):
-            outs = []
+            outs, calls = [], []
             for d in range(D):
                 j = k * D + d
                 v = self._views(j, T, B)
@@ -277,10 +300,9 @@ class LSTM:
                         buf.fill(0)
                     else:
                         np.copyto(buf, init[j], casting="same_kind")
-                layer_forward(self._pblocks[j], self._ws[j].flat, lens, self._clip, T, B,
-                              self._blocks[j][2], H, P, self.bias, has_proj, padded,
-                              self._exact)
+                calls.append(self._forward_call(j, lens, T, B, padded))
                 outs.append(v["y"] if padded else v["h_out"])
+            self._run(calls, T, B, k)
             if D == 1:
                 out = outs[0]
             else:
@@ -337,7 +359,6 @@ class LSTM:
         check.float_array("dy", dy, self.dtype)
         check.shape("dy", dy, (B, T, D * P) if self.batch_first else (T, B, D * P))
         dh_n, dc_n = self._state("dstate", dstate, B)
-        has_proj = bool(self.proj_size)
         single = L * D == 1
 
         grad = self._time_major(dy)
@@ -345,6 +366,7 @@ class LSTM:
             dh0 = self._buf.get("dh0", (L * D, B, P))
             dc0 = self._buf.get("dc0", (L * D, B, H))
         for k in range(L - 1, -1, -1):
+            calls = []
             for d in range(D):
                 j = k * D + d
                 v = self._views(j, T, B)
@@ -362,10 +384,12 @@ class LSTM:
                         buf.fill(0)
                     else:
                         np.copyto(buf, init[j], casting="same_kind")
-                layer_backward(self._pblocks[j], self._gblocks[j], self._ws[j].flat, lens,
-                               self._clip, T, B, self._blocks[j][2], H, P, self.bias, has_proj)
-                if not single:
-                    dh0[j], dc0[j] = v["dh"], v["dc"]
+                calls.append(self._backward_call(j, lens, T, B))
+            self._run(calls, T, B, k)
+            if not single:
+                for d in range(D):
+                    v = self._views(k * D + d, T, B)
+                    dh0[k * D + d], dc0[k * D + d] = v["dh"], v["dc"]
             if D == 1:
                 dx = self._views(k * D, T, B)["dx"]
             else:
