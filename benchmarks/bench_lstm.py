@@ -63,3 +63,19 @@ class Speedup:
     def track_gflops(self, size, dtype):
         return flops(*self.shape) / median_time(self.fast.fwd_bwd, min_time=0.1) / 1e9
     track_gflops.unit = "GFLOP/s"
+
+
+class Stacked:
+    """Two bidirectional layers at medium size: fastlstm against torch."""
+    params = [["fastlstm", "torch"], DTYPES]
+    param_names = ["impl", "dtype"]
+    timeout = 300
+
+    def setup(self, impl, dtype):
+        if impl == "torch" and not torch_available():
+            raise NotImplementedError("torch is not installed")
+        B, T, I, H = SIZES["medium"]
+        self.case = Case(impl, B, T, I, H, dtype, num_layers=2, bidirectional=True)
+
+    def time_fwd_bwd(self, impl, dtype):
+        self.case.fwd_bwd()
