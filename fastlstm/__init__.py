@@ -6,6 +6,8 @@ the speed baseline.
 """
 from . import reference
 from .lstm import LSTM
+from .optim import SGD, Adam, AdamW, RMSprop, clip_grad_norm
 
-__all__ = ["LSTM", "reference", "__version__"]
+__all__ = ["LSTM", "SGD", "Adam", "AdamW", "RMSprop", "clip_grad_norm", "reference",
+           "__version__"]
 __version__ = "0.1.0"
