@@ -6,8 +6,9 @@ the speed baseline.
 """
 from . import reference
 from .lstm import LSTM
+from .model import SequenceModel, load
 from .optim import SGD, Adam, AdamW, RMSprop, clip_grad_norm
 
-__all__ = ["LSTM", "SGD", "Adam", "AdamW", "RMSprop", "clip_grad_norm", "reference",
-           "__version__"]
+__all__ = ["LSTM", "SequenceModel", "load", "SGD", "Adam", "AdamW", "RMSprop",
+           "clip_grad_norm", "reference", "__version__"]
 __version__ = "0.1.0"

@@ -171,6 +171,28 @@ class LSTM:
         self._full_lengths = {}
         self._last = None   # what backward differentiates: (T, B, lengths, dropout masks)
 
+    def _bind(self, flat_params, flat_grads):
+        """Move the parameters and gradients into the given flat arrays (a larger
+        model's buffers, e.g. a SequenceModel's), keeping their values."""
+        n = self.flat_params.size
+        flat_params[:] = self.flat_params
+        flat_grads[:] = self.flat_grads
+        self.flat_params, self.flat_grads = flat_params, flat_grads
+        at = 0
+        for name, shape in self._layout:
+            k = math.prod(shape)
+            self.params[name] = flat_params[at:at + k].reshape(shape)
+            self.grads[name] = flat_grads[at:at + k].reshape(shape)
+            at += k
+        assert at == n
+        self._pblocks = [flat_params[o:o + k] for o, k, _ in self._blocks]
+        self._gblocks = [flat_grads[o:o + k] for o, k, _ in self._blocks]
+
+    @property
+    def output_size(self):
+        """Features of each step of y: D * (proj_size or hidden_size)."""
+        return self.num_directions * self._P
+
     @property
     def num_directions(self):
         return 2 if self.bidirectional else 1
