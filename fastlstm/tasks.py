@@ -12,7 +12,48 @@ import numpy as np
 from .lstm import LSTM
 from .reference import ReferenceLSTM, sigmoid
 
-__all__ = ["article_data", "train_article"]
+__all__ = ["article_data", "train_article", "adding_data", "sine_data"]
+
+
+def adding_data(n, T, rng, dtype=np.float32):
+    """The adding problem of Hochreiter & Schmidhuber (1997), experiment 4.
+
+    Each step is a pair (value in U[-1, 1], marker). A sequence's length is
+    uniform in [T, T + T/10]; one of its first ten pairs and one other of its
+    first T/2 - 1 pairs are marked 1.0; the first and last pairs carry marker -1
+    unless marked (the first pair's value is then zero). The target, read at the
+    end, is 0.5 + (X1 + X2) / 4 for the two marked values.
+
+    Returns x (n, T + T//10, 2), padded with zeros, y (n, 1) and lengths (n,).
+    """
+    T_max = T + T // 10
+    lengths = rng.integers(T, T_max + 1, n)
+    x = np.zeros((n, T_max, 2), dtype)
+    x[:, :, 0] = rng.uniform(-1, 1, (n, T_max))
+    x[np.arange(T_max)[None, :] >= lengths[:, None], 0] = 0
+    rows = np.arange(n)
+    x[rows, 0, 1] = -1
+    x[rows, lengths - 1, 1] = -1
+    first = rng.integers(0, min(10, T), n)
+    span = max(T // 2 - 1, 2)
+    second = rng.integers(0, span - 1, n)
+    second = second + (second >= first)              # any of the first span, but not `first`
+    x[rows, first, 1] = 1.0
+    x[rows, second, 1] = 1.0
+    x[(first == 0) | (second == 0), 0, 0] = 0.0
+    y = (0.5 + (x[rows, first, 0] + x[rows, second, 0]) / 4).astype(dtype)[:, None]
+    return x, y, lengths
+
+
+def sine_data(n, T, rng, dtype=np.float32, horizon=1, noise=0.05):
+    """Forecasting a noisy sum of two sines: x (n, T, 1) the series, y (n, T, 1)
+    the value `horizon` steps later at every step (sequence -> sequence)."""
+    t = np.arange(T + horizon)[None, :]
+    f1, f2 = rng.uniform(0.02, 0.1, (n, 1)), rng.uniform(0.1, 0.3, (n, 1))
+    p1, p2 = rng.uniform(0, 2 * np.pi, (n, 1)), rng.uniform(0, 2 * np.pi, (n, 1))
+    s = np.sin(2 * np.pi * f1 * t + p1) + 0.5 * np.sin(2 * np.pi * f2 * t + p2)
+    s = s + noise * rng.standard_normal(s.shape)
+    return (s[:, :T, None].astype(dtype), s[:, horizon:, None].astype(dtype))
 
 
 def article_data(batch=8, seed=0, dtype=np.float64):
