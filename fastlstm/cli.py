@@ -7,25 +7,81 @@ import numpy as np
 
 
 def _train(args):
-    from .tasks import train_article
+    from . import tasks
     dtype = np.dtype(args.dtype)
-    say = (lambda *a, **k: None) if args.json else print
+    say = (lambda *a, **k: None) if args.json else (lambda *a, **k: print(*a, **k, flush=True))
+    progress = not args.json and not args.no_progress
+    common = dict(dtype=dtype, seed=args.seed, progress=progress, backend=args.backend)
+    if args.data:
+        say(f"Training on {args.data} ({args.backend}) ...")
+        model, summary = tasks.train_data(args.data, hidden=args.hidden or 64, layers=args.layers,
+                                          batch_size=args.batch_size, lr=args.lr or 3e-3,
+                                          optimizer=args.optimizer, epochs=args.epochs,
+                                          **common)
+    elif args.task == "adding":
+        T = args.seq_len or 100
+        say(f"The adding problem (Hochreiter & Schmidhuber 1997) at T={T}: training until all "
+            f"2560 validation sequences are within 0.03 ({args.backend}, "
+            f"{'curriculum over T' if not args.no_curriculum else 'no curriculum'}, "
+            f"at most {args.max_seconds:.0f} s) ...")
+        model, summary = tasks.train_adding(
+            seq_len=T, hidden=args.hidden or 64, layers=args.layers, batch_size=args.batch_size,
+            lr=args.lr or 3e-3, optimizer=args.optimizer, max_seconds=args.max_seconds,
+            max_steps=args.steps, curriculum=not args.no_curriculum, **common)
+    elif args.task == "sine":
+        say(f"Forecasting a noisy sum of sines, sequence to sequence ({args.backend}) ...")
+        model, summary = tasks.train_sine(
+            seq_len=args.seq_len or 50, hidden=args.hidden or 32, layers=args.layers,
+            batch_size=args.batch_size, lr=args.lr or 1e-2, optimizer=args.optimizer,
+            max_seconds=args.max_seconds, max_steps=args.steps or 1500, **common)
+    else:
+        return _train_article(args, say)
+    if args.save:
+        model.save(args.save)
+        summary["saved"] = args.save
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        _print_summary(summary)
+    return 0 if summary.get("criterion_met") in (True, None) else 1
+
+
+def _print_summary(s):
+    print(f"{s['task']}: {s['steps']} steps, {s['sequences']} training sequences, "
+          f"{s['seconds']} s ({s['backend']})")
+    print(f"test MSE {s['test_mse']:.3g}, accuracy {s['test_accuracy']:.4f}", end="")
+    if "test_wrong" in s:
+        print(f" ({s['test_wrong']} of {s['test_size']} wrong)", end="")
+    print(f"; criterion met: {s['criterion_met']}")
+    if "paper_t100" in s:
+        p = s["paper_t100"]
+        print(f"the 1997 paper at T=100: {p['sequences']} training sequences, "
+              f"{p['test_wrong']} of {p['test_size']} wrong")
+
+
+def _train_article(args, say):
+    from .tasks import train_article
+    dtype = np.dtype(args.dtype) if args.dtype != "float32" else np.dtype(np.float64)
+    steps = args.steps or 3000
+    lr = args.lr or 0.01
     say(f"Training the article's example (T=3, 2 features, 3 hidden units, logistic output, "
-        f"gradient descent, lr={args.lr}) for {args.steps} steps, {dtype.name}:")
-    fast = train_article(steps=args.steps, lr=args.lr, seed=args.seed, dtype=dtype,
-                         report_every=None if args.json else max(args.steps // 10, 1), out=say)
-    ref = train_article(steps=min(args.steps, 500), lr=args.lr, seed=args.seed, dtype=dtype,
+        f"gradient descent, lr={lr}) for {steps} steps, {dtype.name}:")
+    fast = train_article(steps=steps, lr=lr, seed=args.seed, dtype=dtype,
+                         report_every=None if args.json else max(steps // 10, 1), out=say)
+    ref = train_article(steps=min(steps, 500), lr=lr, seed=args.seed, dtype=dtype,
                         backend="reference")
-    summary = dict(task="article", seq_len=3, steps=args.steps, loss_first=fast["losses"][0],
-                   loss_last=fast["losses"][-1], accuracy=fast["accuracy"],
-                   step_us_fastlstm=fast["step_seconds"] * 1e6,
+    summary = dict(task="article", seq_len=3, steps=steps, sequences=steps * 8,
+                   seconds=round(sum([fast["step_seconds"]]) * steps, 3),
+                   test_mse=None, test_accuracy=fast["accuracy"],
+                   criterion_met=fast["accuracy"] == 1.0, loss_first=fast["losses"][0],
+                   loss_last=fast["losses"][-1], step_us_fastlstm=fast["step_seconds"] * 1e6,
                    step_us_reference=ref["step_seconds"] * 1e6,
                    speedup=ref["step_seconds"] / fast["step_seconds"])
     if args.json:
         print(json.dumps(summary))
     else:
         print(f"loss {summary['loss_first']:.4f} -> {summary['loss_last']:.4f}, "
-              f"accuracy {summary['accuracy']:.0%}")
+              f"accuracy {summary['test_accuracy']:.0%}")
         print(f"median step: fastlstm {summary['step_us_fastlstm']:.1f} us, NumPy reference "
               f"{summary['step_us_reference']:.1f} us ({summary['speedup']:.1f}x); whole step "
               f"including the NumPy logistic head")
@@ -82,13 +138,31 @@ def _bench(args):
 def build_parser():
     p = argparse.ArgumentParser(prog="fastlstm", description=__doc__)
     sub = p.add_subparsers(dest="command")
-    t = sub.add_parser("train", help="train on a built-in task (default: the article's example)")
-    t.add_argument("--task", choices=["article"], default="article")
-    t.add_argument("--steps", type=int, default=3000)
-    t.add_argument("--lr", type=float, default=0.01)
-    t.add_argument("--dtype", choices=["float32", "float64"], default="float64")
+    t = sub.add_parser("train", help="train on a built-in task (default: the adding problem) "
+                                     "or on your data")
+    t.add_argument("--task", choices=["adding", "article", "sine"], default="adding")
+    t.add_argument("--data", help="an .npz with x (N, T, I), y and optional lengths")
+    t.add_argument("--seq-len", type=int, help="T (adding: 100; sine: 50)")
+    t.add_argument("--hidden", type=int, help="hidden units (adding: 64, sine: 32)")
+    t.add_argument("--layers", type=int, default=1)
+    t.add_argument("--batch-size", type=int, default=32)
+    t.add_argument("--lr", type=float, help="learning rate (adding: 3e-3, sine: 1e-2, "
+                                            "article: 0.01)")
+    t.add_argument("--optimizer", choices=["adam", "adamw", "sgd", "rmsprop"], default="adam")
+    t.add_argument("--epochs", type=int, default=10, help="epochs over --data")
+    t.add_argument("--steps", type=int, help="at most this many training steps")
+    t.add_argument("--max-seconds", type=float, default=540.0,
+                   help="stop training after this long (default 540)")
+    t.add_argument("--no-curriculum", action="store_true",
+                   help="adding: train at the full T from the start")
+    t.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--json", action="store_true", help="print one JSON summary line")
+    t.add_argument("--backend", choices=["fastlstm", "reference"], default="fastlstm",
+                   help="'reference' trains through the NumPy reference, to compare wall time")
+    t.add_argument("--save", help="write the trained model to this .npz")
+    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--json", action="store_true",
+                   help="print a JSON summary as the last line")
     t.set_defaults(func=_train)
 
     b = sub.add_parser("bench", help="time fastlstm against the NumPy reference and torch")

@@ -13,6 +13,7 @@ from . import _losses
 from . import _validate as check
 from .lstm import LSTM, _Buffers
 from .optim import SGD, Adam, AdamW, RMSprop, clip_grad_norm
+from .reference import ReferenceLSTM
 
 __all__ = ["SequenceModel", "load"]
 
@@ -38,6 +39,9 @@ class SequenceModel:
         cross-entropy on logits with integer class targets.
     num_layers, dtype, seed, **lstm_options
         As :class:`fastlstm.LSTM` (``batch_first`` is always True here).
+    backend : "fastlstm" or "reference"
+        "reference" runs the LSTM through the NumPy reference (one layer, one
+        direction, no options): the same training, to compare wall time.
 
     Notes
     -----
@@ -48,7 +52,7 @@ class SequenceModel:
     """
 
     def __init__(self, input_size, hidden_size, output_size, head="last", loss="mse",
-                 num_layers=1, dtype=np.float32, seed=None, **lstm_options):
+                 num_layers=1, dtype=np.float32, seed=None, backend="fastlstm", **lstm_options):
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
         if loss not in LOSSES:
@@ -57,11 +61,25 @@ class SequenceModel:
             raise TypeError("SequenceModel takes batch-first data; batch_first is not an option")
         self.output_size = check.positive_int("output_size", output_size)
         self.head, self.loss = head, loss
-        self.lstm = LSTM(input_size, hidden_size, num_layers=num_layers, dtype=dtype, seed=seed,
-                         batch_first=True, **lstm_options)
+        if backend == "fastlstm":
+            self.lstm = LSTM(input_size, hidden_size, num_layers=num_layers, dtype=dtype,
+                             seed=seed, batch_first=True, **lstm_options)
+        elif backend == "reference":
+            extra = {k: v for k, v in lstm_options.items() if k != "forget_bias"}
+            if num_layers != 1 or extra:
+                raise ValueError(f"the reference backend is one plain layer; got num_layers="
+                                 f"{num_layers} and {extra}")
+            self.lstm = ReferenceLSTM(input_size, hidden_size, dtype=check.dtype("dtype", dtype),
+                                      seed=seed, batch_first=True)
+            fb = lstm_options.get("forget_bias", 0.0)
+            self.lstm.params["bias_ih_l0"][hidden_size:2 * hidden_size] += fb
+        else:
+            raise ValueError(f"backend must be 'fastlstm' or 'reference', got {backend!r}")
+        self.backend = backend
         self.config = dict(input_size=input_size, hidden_size=hidden_size,
                            output_size=output_size, head=head, loss=loss, num_layers=num_layers,
-                           dtype=self.lstm.dtype.name, seed=seed, **lstm_options)
+                           dtype=self.lstm.dtype.name, seed=seed, backend=backend,
+                           **lstm_options)
         self.dtype = self.lstm.dtype
         F, O = self.lstm.output_size, self.output_size
         n_lstm = self.lstm.flat_params.size
@@ -110,7 +128,7 @@ class SequenceModel:
         """Forward through the LSTM and the head: (logits rows, features, time-major
         lengths, T, B, final state)."""
         y_seq, final = self.lstm.forward(x, state, lengths=lengths)
-        y_tm = y_seq.transpose(1, 0, 2)                     # (T, B, F), contiguous
+        y_tm = np.ascontiguousarray(y_seq.transpose(1, 0, 2))  # (T, B, F): already so for fastlstm
         T, B, F = y_tm.shape
         lens = self.lstm._last[2]
         if self.head == "last":

@@ -36,7 +36,7 @@ def sigmoid(z):
     return 0.5 * (1.0 + np.tanh(0.5 * z))
 
 
-def forward(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, cell_clip=None):
+def forward(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, cell_clip=None, lengths=None):
     """Run the LSTM over a whole sequence.
 
     Parameters
@@ -47,6 +47,9 @@ def forward(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, cell_clip=None):
     weight_hh : ndarray (4H, H)
     bias_ih, bias_hh : ndarray (4H,)
     cell_clip : float, optional
+    lengths : int array (B,), optional
+        Sequence b runs steps [0, lengths[b]); past them its state is carried
+        unchanged and its output is zero.
 
     Returns
     -------
@@ -64,6 +67,9 @@ def forward(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, cell_clip=None):
     c_raw = np.empty((T, B, H), dtype=x.dtype)     # before the clip
     y = np.empty((T, B, H), dtype=x.dtype)
     h_prev, c_prev = h0, c0
+    hs = np.empty((T, B, H), dtype=x.dtype)        # the state after step t (carried past the end)
+    active = np.ones((T, B, 1), dtype=bool) if lengths is None else \
+        (np.arange(T)[:, None] < np.asarray(lengths)[None, :])[:, :, None]
     for t in range(T):
         z = x[t] @ weight_ih.T + bias_ih + h_prev @ weight_hh.T + bias_hh
         i = sigmoid(z[:, 0 * H:1 * H])
@@ -71,13 +77,16 @@ def forward(x, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, cell_clip=None):
         g = np.tanh(z[:, 2 * H:3 * H])
         o = sigmoid(z[:, 3 * H:4 * H])
         c_raw[t] = f * c_prev + i * g
-        c[t] = c_raw[t] if cell_clip is None else np.clip(c_raw[t], -cell_clip, cell_clip)
-        y[t] = o * np.tanh(c[t])
+        c_new = c_raw[t] if cell_clip is None else np.clip(c_raw[t], -cell_clip, cell_clip)
+        h_new = o * np.tanh(c_new)
+        c[t] = np.where(active[t], c_new, c_prev)
+        hs[t] = np.where(active[t], h_new, h_prev)
+        y[t] = np.where(active[t], h_new, 0)
         gates[t] = np.concatenate([i, f, g, o], axis=1)
-        h_prev, c_prev = y[t], c[t]
+        h_prev, c_prev = hs[t], c[t]
     cache = dict(x=x, h0=h0, c0=c0, weight_ih=weight_ih, weight_hh=weight_hh,
-                 gates=gates, c=c, c_raw=c_raw, y=y, cell_clip=cell_clip)
-    return y, (y[-1], c[-1]), cache
+                 gates=gates, c=c, c_raw=c_raw, y=hs, cell_clip=cell_clip, active=active)
+    return y, (hs[-1], c[-1]), cache
 
 
 def backward(dy, dh_n, dc_n, cache):
@@ -112,6 +121,7 @@ def backward(dy, dh_n, dc_n, cache):
         i, f, g, o = np.split(gates[t], 4, axis=1)
         c_prev = c[t - 1] if t > 0 else cache["c0"]
         h_prev = y[t - 1] if t > 0 else cache["h0"]
+        act = cache["active"][t]
         tanh_c = np.tanh(c[t])
         dh_t = dy[t] + dh
         do = dh_t * tanh_c
@@ -125,57 +135,83 @@ def backward(dy, dh_n, dc_n, cache):
                              df * f * (1.0 - f),
                              dg * (1.0 - g ** 2),
                              do * o * (1.0 - o)], axis=1)
+        dz = np.where(act, dz, 0)               # past a sequence's end nothing is computed
         dW_ih += dz.T @ x[t]
         dW_hh += dz.T @ h_prev
         db += dz.sum(axis=0)
         dx[t] = dz @ weight_ih
-        dh = dz @ weight_hh
-        dc = dc_t * f
+        dh = np.where(act, dz @ weight_hh, dh)   # ... and the state's gradient passes through
+        dc = np.where(act, dc_t * f, dc)
     grads = dict(weight_ih=dW_ih, weight_hh=dW_hh, bias_ih=db, bias_hh=db.copy())
     return dx, (dh, dc), grads
 
 
 class ReferenceLSTM:
-    """``fastlstm.LSTM``'s interface over the functions above: the baseline that
-    training loops and benchmarks run side by side with the fast path.
-
-    No validation and no buffers: every call allocates.
+    """``fastlstm.LSTM``'s interface (one layer, one direction) over the functions
+    above: the baseline that training loops and benchmarks run side by side with
+    the fast path. No validation, no buffers: every call allocates.
     """
 
-    def __init__(self, input_size, hidden_size, dtype=np.float64, seed=None):
+    def __init__(self, input_size, hidden_size, dtype=np.float64, seed=None, batch_first=False):
         H = hidden_size
-        shapes = {"weight_ih_l0": (4 * H, input_size), "weight_hh_l0": (4 * H, H),
-                  "bias_ih_l0": (4 * H,), "bias_hh_l0": (4 * H,)}
-        rng = np.random.default_rng(seed)
-        bound = 1.0 / np.sqrt(H)
-        self.hidden_size = H
+        self.input_size, self.hidden_size, self.output_size = input_size, H, H
+        self.batch_first = batch_first
         self.dtype = np.dtype(dtype)
-        self.params = {k: rng.uniform(-bound, bound, s).astype(dtype) for k, s in shapes.items()}
-        self.grads = {k: np.zeros(s, dtype) for k, s in shapes.items()}
-        self._cache = None
+        self.training = True
+        self._dropout_rng = np.random.default_rng(None if seed is None else [seed, 1])
+        self._layout = [("weight_ih_l0", (4 * H, input_size)), ("weight_hh_l0", (4 * H, H)),
+                        ("bias_ih_l0", (4 * H,)), ("bias_hh_l0", (4 * H,))]
+        n = sum(int(np.prod(s)) for _, s in self._layout)
+        bound = 1.0 / np.sqrt(H)
+        params = np.random.default_rng(seed).uniform(-bound, bound, n).astype(dtype)
+        self._bind(params, np.zeros(n, dtype))
+        self._cache = self._last = None
+
+    def _bind(self, flat_params, flat_grads):
+        if getattr(self, "flat_params", None) is not None:
+            flat_params[:] = self.flat_params
+            flat_grads[:] = self.flat_grads
+        self.flat_params, self.flat_grads = flat_params, flat_grads
+        self.params, self.grads, at = {}, {}, 0
+        for name, shape in self._layout:
+            k = int(np.prod(shape))
+            self.params[name] = flat_params[at:at + k].reshape(shape)
+            self.grads[name] = flat_grads[at:at + k].reshape(shape)
+            at += k
+
+    def train(self, mode=True):
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
 
     def load_state_dict(self, state_dict):
         for k in self.params:
             self.params[k][...] = state_dict[k]
 
     def zero_grad(self):
-        for g in self.grads.values():
-            g.fill(0)
+        self.flat_grads.fill(0)
 
-    def forward(self, x, state=None):
-        B, H = x.shape[1], self.hidden_size
+    def forward(self, x, state=None, lengths=None):
+        if self.batch_first:
+            x = x.transpose(1, 0, 2)
+        T, B, H = x.shape[0], x.shape[1], self.hidden_size
         h0, c0 = (np.zeros((B, H), self.dtype),) * 2 if state is None else (state[0][0], state[1][0])
         p = self.params
         y, (h_n, c_n), self._cache = forward(
             x.astype(self.dtype, copy=False), h0, c0, p["weight_ih_l0"], p["weight_hh_l0"],
-            p["bias_ih_l0"], p["bias_hh_l0"])
-        return y, (h_n[None], c_n[None])
+            p["bias_ih_l0"], p["bias_hh_l0"], lengths=lengths)
+        self._last = (T, B, np.full(B, T) if lengths is None else np.asarray(lengths), None)
+        return (y.transpose(1, 0, 2) if self.batch_first else y), (h_n[None], c_n[None])
 
     def backward(self, dy, dstate=None):
+        if self.batch_first:
+            dy = dy.transpose(1, 0, 2)
         B, H = dy.shape[1], self.hidden_size
         dh_n, dc_n = ((np.zeros((B, H), self.dtype),) * 2 if dstate is None
                       else (dstate[0][0], dstate[1][0]))
-        dx, (dh0, dc0), g = backward(dy, dh_n, dc_n, self._cache)
+        dx, (dh0, dc0), g = backward(dy.astype(self.dtype, copy=False), dh_n, dc_n, self._cache)
         for k in self.grads:
             self.grads[k] += g[k[:-3]]
-        return dx, (dh0[None], dc0[None])
+        return (dx.transpose(1, 0, 2) if self.batch_first else dx), (dh0[None], dc0[None])

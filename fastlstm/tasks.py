@@ -106,3 +106,166 @@ def train_article(steps=3000, lr=0.01, backend="fastlstm", seed=0, dtype=np.floa
     pred = sigmoid(y[-1] @ w + b) > 0.5
     return dict(losses=losses, accuracy=float(np.mean(pred == labels.astype(bool))),
                 step_seconds=float(np.median(times)))
+
+
+# --------------------------------------------------------------------------
+# Training runs behind `fastlstm train`
+# --------------------------------------------------------------------------
+
+#: The paper's figure for T = 100: success after 74,000 training sequences,
+#: 1 of 2560 test sequences wrong.
+PAPER_ADDING_T100 = dict(sequences=74_000, test_wrong=1, test_size=2560)
+
+
+def _optimizer(name, model, lr):
+    from . import optim
+    cls = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD,
+           "rmsprop": optim.RMSprop}[name]
+    return cls(model, lr=lr)
+
+
+def _bar(progress, total, unit):
+    if not progress:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, unit=unit, leave=False)
+
+
+def train_adding(seq_len=100, hidden=64, layers=1, batch_size=32, lr=3e-3, optimizer="adam",
+                 max_seconds=540.0, max_steps=None, dtype=np.float32, seed=0, curriculum=True,
+                 forget_bias=1.0, clip_norm=1.0, progress=True, backend="fastlstm"):
+    """Train on the adding problem until every one of 2560 validation sequences is
+    within 0.03 of its target, then report on 2560 fresh test sequences against
+    the paper's criterion (at most 1 of them off by 0.04 or more). Stopping at
+    "at most 1 (or 0) off by 0.04" on the validation set left 2 wrong on the test
+    set: the margin is worth the extra steps.
+
+    The curriculum starts at T = 10 and multiplies T by 1.5 each time 99 % of
+    512 fresh sequences at the current T are right, up to `seq_len`. Starting at
+    T = 100 directly, the gradient carries almost no signal about the marked
+    pairs and training sits on the plateau (MSE ~ 0.04, the target's variance).
+    Returns (model, summary dict).
+    """
+    from .model import SequenceModel
+    rng = np.random.default_rng(seed)
+    model = SequenceModel(2, hidden, 1, head="last", loss="mse", num_layers=layers, dtype=dtype,
+                          seed=seed, forget_bias=forget_bias, backend=backend)
+    opt = _optimizer(optimizer, model, lr)
+    xv, yv, lv = adding_data(2560, seq_len, np.random.default_rng([seed, 10]), dtype)
+    T_cur = min(10, seq_len) if curriculum else seq_len
+    steps = sequences = 0
+    solved = False
+    start = time.perf_counter()
+    bar = _bar(progress, None, "step")
+    while time.perf_counter() - start < max_seconds and (max_steps is None or steps < max_steps):
+        x, y, lengths = adding_data(batch_size, T_cur, rng, dtype)
+        loss = model.train_step(x, y, opt, lengths=lengths, clip_norm=clip_norm)
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"the training loss became {loss} at step {steps + 1}: "
+                                     "lower the learning rate")
+        steps += 1
+        sequences += batch_size
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(T=T_cur, loss=f"{loss:.5f}")
+        if steps % 200:
+            continue
+        if T_cur < seq_len:
+            xc, yc, lc = adding_data(512, T_cur, rng, dtype)
+            if np.mean(np.abs(model.predict(xc, lc) - yc) < 0.04) >= 0.99:
+                T_cur = min(seq_len, int(T_cur * 1.5) + 1)
+        elif np.max(np.abs(model.predict(xv, lv) - yv)) < 0.03:
+            solved = True
+            break
+    seconds = time.perf_counter() - start
+    if bar is not None:
+        bar.close()
+    xt, yt, lt = adding_data(2560, seq_len, np.random.default_rng([seed, 20]), dtype)
+    err = (model.predict(xt, lt) - yt)[:, 0].astype(np.float64)
+    wrong = int(np.sum(np.abs(err) >= 0.04))
+    summary = dict(task="adding", seq_len=seq_len, steps=steps, sequences=sequences,
+                   seconds=round(seconds, 2), test_mse=float(np.mean(err ** 2)),
+                   test_accuracy=1 - wrong / len(err), test_wrong=wrong, test_size=len(err),
+                   criterion_met=bool(wrong <= 1), validation_solved=solved,
+                   curriculum=curriculum, hidden=hidden, batch_size=batch_size, lr=lr,
+                   optimizer=optimizer, backend=backend)
+    if seq_len == 100:
+        summary["paper_t100"] = PAPER_ADDING_T100
+    return model, summary
+
+
+def train_sine(seq_len=50, hidden=32, layers=1, batch_size=32, lr=1e-2, optimizer="adam",
+               max_seconds=120.0, max_steps=1500, dtype=np.float32, seed=0, progress=True,
+               backend="fastlstm"):
+    """Sequence -> sequence: forecast the next value of a noisy sum of sines at
+    every step. A step counts as right when |error| < 0.1; the criterion is a test
+    MSE below 0.01 (the noise alone gives 0.0025)."""
+    from .model import SequenceModel
+    rng = np.random.default_rng(seed)
+    model = SequenceModel(1, hidden, 1, head="all", loss="mse", num_layers=layers, dtype=dtype,
+                          seed=seed, backend=backend)
+    opt = _optimizer(optimizer, model, lr)
+    steps, start = 0, time.perf_counter()
+    bar = _bar(progress, max_steps, "step")
+    while time.perf_counter() - start < max_seconds and steps < max_steps:
+        x, y = sine_data(batch_size, seq_len, rng, dtype)
+        loss = model.train_step(x, y, opt, clip_norm=1.0)
+        steps += 1
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.5f}")
+    seconds = time.perf_counter() - start
+    if bar is not None:
+        bar.close()
+    xt, yt = sine_data(512, seq_len, np.random.default_rng([seed, 20]), dtype)
+    err = (model.predict(xt) - yt).astype(np.float64)
+    mse = float(np.mean(err ** 2))
+    return model, dict(task="sine", seq_len=seq_len, steps=steps, sequences=steps * batch_size,
+                       seconds=round(seconds, 2), test_mse=mse,
+                       test_accuracy=float(np.mean(np.abs(err) < 0.1)),
+                       criterion_met=bool(mse < 0.01), backend=backend)
+
+
+def train_data(path, hidden=64, layers=1, batch_size=32, lr=3e-3, optimizer="adam", epochs=10,
+               dtype=np.float32, seed=0, progress=True, backend="fastlstm", val_fraction=0.1):
+    """Train on the user's arrays in an .npz: x (N, T, I), y, optional lengths.
+
+    y (N, O) floats: sequence -> vector, MSE; (N, T, O) floats: sequence ->
+    sequence, MSE; (N,) or (N, T) integers: classification (cross-entropy). A
+    seeded `val_fraction` of the sequences is held out and reported on.
+    """
+    from .model import SequenceModel
+    with np.load(path, allow_pickle=False) as f:
+        if "x" not in f.files or "y" not in f.files:
+            raise ValueError(f"{path} must hold arrays 'x' (N, T, I) and 'y'; it has {f.files}")
+        x, y = f["x"].astype(dtype), f["y"]
+        lengths = f["lengths"] if "lengths" in f.files else None
+    if x.ndim != 3:
+        raise ValueError(f"x in {path} must be (N, T, I), got shape {x.shape}")
+    N, T, I = x.shape
+    classify = y.dtype.kind in "iu"
+    head = "last" if y.ndim == (1 if classify else 2) else "all"
+    out = int(y.max()) + 1 if classify else y.shape[-1]
+    if not classify:
+        y = y.astype(dtype)
+    order = np.random.default_rng(seed).permutation(N)
+    n_val = max(1, int(round(N * val_fraction)))
+    val, tr = order[:n_val], order[n_val:]
+    model = SequenceModel(I, hidden, out, head=head, loss="ce" if classify else "mse",
+                          num_layers=layers, dtype=dtype, seed=seed, backend=backend)
+    opt = _optimizer(optimizer, model, lr)
+    start = time.perf_counter()
+    lt = None if lengths is None else lengths[tr]
+    lv = None if lengths is None else lengths[val]
+    hist = model.fit(x[tr], y[tr], opt, epochs=epochs, batch_size=batch_size,
+                     validation=(x[val], y[val], lv), seed=seed, progress=progress, lengths=lt)
+    seconds = time.perf_counter() - start
+    pred = model.predict(x[val], lv)
+    if classify:
+        acc = float(np.mean(pred.argmax(axis=-1) == y[val]))
+    else:
+        acc = float(np.mean(np.abs(pred - y[val]) < 0.04))
+    return model, dict(task="data", data=str(path), seq_len=T, steps=hist["steps"],
+                       sequences=hist["steps"] * batch_size, seconds=round(seconds, 2),
+                       test_mse=hist["val_loss"][-1], test_accuracy=acc, criterion_met=None,
+                       history=hist["val_loss"], backend=backend)
