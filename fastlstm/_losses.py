@@ -98,3 +98,11 @@ def valid_steps(lengths, T, valid):
     for t in range(T):
         for b in range(B):
             valid[t * B + b] = t < lengths[b]
+
+
+@njit(**JIT)
+def add_bias(z, b):
+    """z[r] += b for every row (NumPy's broadcast += borrows a 32 KB buffer per call)."""
+    for r in range(z.shape[0]):
+        for k in range(z.shape[1]):
+            z[r, k] += b[k]

@@ -138,7 +138,7 @@ class SequenceModel:
             feats = y_tm.reshape(T * B, F)
         logits = self._buf.get("logits", (feats.shape[0], self.output_size))
         np.dot(feats, self.W.T, out=logits)
-        logits += self.b
+        _losses.add_bias(logits, self.b)
         return logits, feats, lens, T, B, final
 
     def _loss(self, logits, y, lens, T, B, grad):
