@@ -2,7 +2,7 @@
 sizes of fastlstm.bench.SIZES, float32 and float64."""
 import numpy as np
 
-from fastlstm.bench import SIZES, Case, flops, median_time, torch_available
+from fastlstm.bench import SIZES, Case, TrainCase, flops, median_time, torch_available
 
 DTYPES = ["float32", "float64"]
 
@@ -79,3 +79,18 @@ class Stacked:
 
     def time_fwd_bwd(self, impl, dtype):
         self.case.fwd_bwd()
+
+
+class TrainStep:
+    """A whole training step: LSTM + linear head on the last step + MSE + Adam."""
+    params = [["fastlstm", "reference", "torch"], ["seed", "small", "medium"], DTYPES]
+    param_names = ["impl", "size", "dtype"]
+    timeout = 300
+
+    def setup(self, impl, size, dtype):
+        if impl == "torch" and not torch_available():
+            raise NotImplementedError("torch is not installed")
+        self.case = TrainCase(impl, *SIZES[size], dtype)
+
+    def time_train_step(self, impl, size, dtype):
+        self.case.step()

@@ -173,3 +173,75 @@ def profile(B, T, I, H, dtype, min_time=0.2):
         parts["total"] = total
         out[impl] = {k: v * 1e3 for k, v in parts.items()}
     return out
+
+
+class TrainCase:
+    """One training step (LSTM, linear head on the last step, MSE, Adam) for
+    fastlstm or torch, on fixed random data."""
+
+    def __init__(self, impl, B, T, I, H, dtype, seed=0):
+        dtype = np.dtype(dtype)
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal((B, T, I)).astype(dtype)
+        y = rng.standard_normal((B, 1)).astype(dtype)
+        self.impl = impl
+        if impl == "torch":
+            import torch
+            tdt = {np.float32: torch.float32, np.float64: torch.float64}[dtype.type]
+            self.lstm = torch.nn.LSTM(I, H, batch_first=True).to(tdt)
+            self.head = torch.nn.Linear(H, 1).to(tdt)
+            self.opt = torch.optim.Adam(list(self.lstm.parameters()) + list(self.head.parameters()),
+                                        lr=1e-3)
+            self.loss = torch.nn.MSELoss()
+            self.x, self.y = torch.from_numpy(x), torch.from_numpy(y)
+        else:
+            from .model import SequenceModel
+            from .optim import Adam
+            backend = "reference" if impl == "reference" else "fastlstm"
+            self.model = SequenceModel(I, H, 1, dtype=dtype, seed=seed, backend=backend)
+            self.opt = Adam(self.model, lr=1e-3)
+            self.x, self.y = x, y
+
+    def step(self):
+        if self.impl == "torch":
+            self.opt.zero_grad()
+            out, _ = self.lstm(self.x)
+            loss = self.loss(self.head(out[:, -1]), self.y)
+            loss.backward()
+            self.opt.step()
+        else:
+            self.model.train_step(self.x, self.y, self.opt)
+
+
+def train_table(sizes, dtypes, min_time=0.2, progress=None):
+    """Median seconds of one training step, fastlstm, the reference backend and
+    torch side by side, at every (size, dtype)."""
+    impls = [i for i in IMPLS if i != "torch" or torch_available()]
+    rows = []
+    total, done = len(sizes) * len(dtypes) * len(impls), 0
+    for dtype in dtypes:
+        for name, (B, T, I, H) in sizes.items():
+            row = dict(size=name, B=B, T=T, I=I, H=H, dtype=np.dtype(dtype).name)
+            for impl in impls:
+                done += 1
+                if progress:
+                    progress(f"[{done}/{total}] train step {name} {np.dtype(dtype).name} {impl}")
+                row[f"{impl}_ms"] = median_time(TrainCase(impl, B, T, I, H, dtype).step,
+                                                min_time=min_time) * 1e3
+            row["vs_reference"] = row["reference_ms"] / row["fastlstm_ms"]
+            if "torch_ms" in row:
+                row["vs_torch"] = row["torch_ms"] / row["fastlstm_ms"]
+            rows.append(row)
+    return dict(rows=rows)
+
+
+def format_train_table(result):
+    nan = float("nan")
+    lines = ["one training step: LSTM + linear head on the last step + MSE + Adam",
+             f"{'size':8} {'dtype':8} {'fastlstm ms':>12} {'reference ms':>13} {'torch ms':>10} "
+             f"{'x ref':>7} {'x torch':>8}"]
+    for r in result["rows"]:
+        lines.append(f"{r['size']:8} {r['dtype']:8} {r['fastlstm_ms']:12.3f} "
+                     f"{r['reference_ms']:13.3f} {r.get('torch_ms', nan):10.3f} "
+                     f"{r['vs_reference']:7.2f} {r.get('vs_torch', nan):8.2f}")
+    return "\n".join(lines)

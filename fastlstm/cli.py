@@ -107,6 +107,10 @@ def _bench(args):
     sizes = dict(args.size) if args.size else dict(bench.SIZES)
     dtypes = ["float32", "float64"] if args.dtype == "both" else [args.dtype]
     progress = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if args.train:
+        result = bench.train_table(sizes, dtypes, min_time=args.min_time, progress=progress)
+        print(json.dumps(result) if args.json else bench.format_train_table(result))
+        return 0
     if args.profile:
         result = {}
         for name, (B, T, I, H) in sizes.items():
@@ -178,6 +182,8 @@ def build_parser():
     b.add_argument("--profile", action="store_true",
                    help="split one fwd+bwd into input GEMM, recurrent GEMMs, weight-gradient "
                         "GEMMs and the elementwise rest")
+    b.add_argument("--train", action="store_true",
+                   help="time a whole training step (LSTM + linear head + MSE + Adam) instead")
     b.add_argument("--json", action="store_true", help="print JSON instead of a table")
     b.set_defaults(func=_bench)
     return p
