@@ -1,6 +1,5 @@
 """asv suite: fastlstm, the NumPy reference and torch (when importable) at the
 sizes of fastlstm.bench.SIZES, float32 and float64."""
-import numpy as np
 
 from fastlstm.bench import SIZES, Case, TrainCase, flops, median_time, torch_available
 
