@@ -6,6 +6,8 @@ debugging an accuracy question). It is read when a model is built and passed to
 the kernels as an argument, so the on-disk compilation cache stays valid.
 """
 import os
+import tempfile
+import warnings
 
 # error_model="numpy": Python's error model adds a zero-division check to every
 # division, which keeps LLVM from vectorising the gate loops.
@@ -22,3 +24,32 @@ JIT = dict(
 def exact_activations():
     """True when the environment asks for libm activations instead of the fast ones."""
     return os.environ.get("FASTLSTM_EXACT_ACTIVATIONS", "0") not in ("", "0")
+
+
+def _writable(folder):
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+        return True
+    except OSError:
+        return False
+
+
+def _check_cache():
+    """Numba writes compiled kernels beside the package (or to NUMBA_CACHE_DIR).
+    When that is impossible, say so once and compile in memory instead: every
+    process then pays the compile time (tens of seconds) but works."""
+    target = os.environ.get("NUMBA_CACHE_DIR")
+    if target and not _writable(target):
+        JIT["cache"] = False
+        warnings.warn(f"fastlstm: the Numba cache directory NUMBA_CACHE_DIR={target!r} is not "
+                      "writable; kernels are compiled in every process instead of cached",
+                      RuntimeWarning, stacklevel=3)
+    elif not target and not _writable(os.path.join(os.path.dirname(__file__), "__pycache__")):
+        warnings.warn("fastlstm: the package folder is not writable; Numba caches the kernels "
+                      "in its per-user cache folder instead (set NUMBA_CACHE_DIR to choose one)",
+                      RuntimeWarning, stacklevel=3)
+
+
+_check_cache()

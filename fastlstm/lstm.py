@@ -1,5 +1,6 @@
 """The public LSTM: validates, owns the buffers, calls the kernels."""
 import math
+import threading
 
 import numpy as np
 
@@ -101,7 +102,9 @@ class LSTM:
     Buffers are sized on the first call for its (T, B) and reused; a larger T or
     B grows them once. The arrays ``forward`` and ``backward`` return are
     read-only views into these buffers, valid until the next call: copy them to
-    keep them.
+    keep them. One model serves one thread at a time: a call that overlaps a
+    running one from another thread raises ``RuntimeError``; separate models
+    share nothing and run in parallel (the kernels release the GIL).
     """
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
@@ -170,6 +173,7 @@ class LSTM:
         self._buf = _Buffers(self.dtype)
         self._full_lengths = {}
         self._last = None   # what backward differentiates: (T, B, lengths, dropout masks)
+        self._busy = threading.Lock()
 
     def _bind(self, flat_params, flat_grads):
         """Move the parameters and gradients into the given flat arrays (a larger
@@ -243,6 +247,13 @@ class LSTM:
 
     # -- forward / backward ------------------------------------------------
 
+    def _claim(self, what):
+        """One call at a time per model: its buffers are shared by forward and
+        backward, so a second thread gets a clear error instead of torn results."""
+        if not self._busy.acquire(blocking=False):
+            raise RuntimeError(f"{what}() called while this LSTM is running in another "
+                               "thread; use one model per thread (or a lock)")
+
     def _forward_call(self, j, lens, T, B, padded):
         def call():
             layer_forward(self._pblocks[j], self._ws[j].flat, lens, self._clip, T, B,
@@ -286,6 +297,13 @@ class LSTM:
         (h_n, c_n) : ndarrays (D*num_layers, B, H_out), (D*num_layers, B, hidden_size)
             Read-only views into the workspace, valid until the next call.
         """
+        self._claim("forward")
+        try:
+            return self._forward(x, state, lengths)
+        finally:
+            self._busy.release()
+
+    def _forward(self, x, state, lengths):
         check.float_array("x", x, self.dtype)
         check.shape("x", x, ("B", "T", self.input_size) if self.batch_first
                     else ("T", "B", self.input_size))
@@ -373,6 +391,13 @@ class LSTM:
         (dh0, dc0) : ndarrays, the shapes of h0 and c0
             Read-only views into the workspace, valid until the next call.
         """
+        self._claim("backward")
+        try:
+            return self._backward(dy, dstate)
+        finally:
+            self._busy.release()
+
+    def _backward(self, dy, dstate):
         if self._last is None:
             raise RuntimeError("backward() needs a forward() first: there are no "
                                "activations to differentiate")
