@@ -278,3 +278,12 @@ def test_layer_backward_bad_dy(deep):
 def test_layer_constructor_bad_input(kwargs, exc, msg):
     with pytest.raises(exc, match=msg):
         fastlstm.LSTM(I, H, **kwargs)
+
+
+def test_catalogue_lists_every_case():
+    """docs/errors.md names every parametrised bad-input case of this file."""
+    import pathlib
+    doc = (pathlib.Path(__file__).parent.parent / "docs" / "errors.md").read_text()
+    for cases in (FORWARD_CASES, BACKWARD_CASES, LOAD_CASES, LAYER_FORWARD_CASES):
+        for name in cases:
+            assert name in doc, name
