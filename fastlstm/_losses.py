@@ -13,11 +13,16 @@ from ._config import JIT
 
 
 @njit(**JIT)
-def mse(pred, target, valid, dpred):
+def _count(valid):
     n = 0
-    for r in range(pred.shape[0]):
+    for r in range(valid.shape[0]):
         n += valid[r]
-    n *= pred.shape[1]
+    return n
+
+
+@njit(**JIT)
+def mse(pred, target, valid, dpred):
+    n = _count(valid) * pred.shape[1]
     total = 0.0
     for r in range(pred.shape[0]):
         for k in range(pred.shape[1]):
@@ -34,10 +39,7 @@ def mse(pred, target, valid, dpred):
 def bce_with_logits(z, target, valid, dz):
     """Binary cross-entropy on logits, stable for any z:
     max(z, 0) - z t + log(1 + exp(-|z|))."""
-    n = 0
-    for r in range(z.shape[0]):
-        n += valid[r]
-    n *= z.shape[1]
+    n = _count(valid) * z.shape[1]
     total = 0.0
     for r in range(z.shape[0]):
         for k in range(z.shape[1]):
@@ -54,9 +56,7 @@ def bce_with_logits(z, target, valid, dz):
 @njit(**JIT)
 def cross_entropy(z, labels, valid, dz):
     """Softmax cross-entropy on logits z (rows, classes) with integer labels."""
-    n = 0
-    for r in range(z.shape[0]):
-        n += valid[r]
+    n = _count(valid)
     total = 0.0
     for r in range(z.shape[0]):
         if not valid[r]:

@@ -21,14 +21,23 @@ def dtype(name, value):
     return dt
 
 
-def positive_int(name, value):
+def integer(name, value, minimum):
+    """An int (or NumPy integer) of at least `minimum`."""
     try:
         n = operator.index(value)
     except TypeError:
         raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if n < 1:
-        raise ValueError(f"{name} must be >= 1, got {n}")
+    if n < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {n}")
     return n
+
+
+def positive_int(name, value):
+    return integer(name, value, 1)
+
+
+def nonnegative_int(name, value):
+    return integer(name, value, 0)
 
 
 def float_array(name, a, model_dtype):
@@ -62,16 +71,6 @@ def pair(name, value):
         raise TypeError(f"{name} must be a tuple (h, c) of two arrays, got {type(value).__name__}"
                         + (f" of length {len(value)}" if isinstance(value, (tuple, list)) else ""))
     return value
-
-
-def nonnegative_int(name, value):
-    try:
-        n = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from None
-    if n < 0:
-        raise ValueError(f"{name} must be >= 0, got {n}")
-    return n
 
 
 def boolean(name, value):
