@@ -293,7 +293,8 @@ class SequenceModel:
         bar = None
         if progress:
             from tqdm.auto import tqdm
-            bar = tqdm(total=epochs * math.ceil(N / batch_size), unit="batch", leave=False)
+            bar = tqdm(total=epochs * math.ceil(N / batch_size), unit="batch", leave=False,
+                       disable=None)        # None: off when stderr is not a terminal
         start = time.perf_counter()
         try:
             for epoch in range(epochs):

@@ -128,7 +128,7 @@ def _bar(progress, total, unit):
     if not progress:
         return None
     from tqdm.auto import tqdm
-    return tqdm(total=total, unit=unit, leave=False)
+    return tqdm(total=total, unit=unit, leave=False, disable=None)   # None: off when not a terminal
 
 
 def train_adding(seq_len=100, hidden=64, layers=1, batch_size=32, lr=3e-3, optimizer="adam",
@@ -199,7 +199,8 @@ def train_sine(seq_len=50, hidden=32, layers=1, batch_size=32, lr=1e-2, optimize
                backend="fastlstm"):
     """Sequence -> sequence: forecast the next value of a noisy sum of sines at
     every step. A step counts as right when |error| < 0.1; the criterion is a test
-    MSE below 0.01 (the noise alone gives 0.0025)."""
+    MSE at most a tenth of the persistence forecast's (next value = this value,
+    about 0.26 here); the noise alone sets a floor near 0.005."""
     from .model import SequenceModel
     rng = np.random.default_rng(seed)
     model = SequenceModel(1, hidden, 1, head="all", loss="mse", num_layers=layers, dtype=dtype,
@@ -220,10 +221,11 @@ def train_sine(seq_len=50, hidden=32, layers=1, batch_size=32, lr=1e-2, optimize
     xt, yt = sine_data(512, seq_len, np.random.default_rng([seed, 20]), dtype)
     err = (model.predict(xt) - yt).astype(np.float64)
     mse = float(np.mean(err ** 2))
+    persistence = float(np.mean((xt.astype(np.float64) - yt) ** 2))
     return model, dict(task="sine", seq_len=seq_len, steps=steps, sequences=steps * batch_size,
-                       seconds=round(seconds, 2), test_mse=mse,
+                       seconds=round(seconds, 2), test_mse=mse, persistence_mse=persistence,
                        test_accuracy=float(np.mean(np.abs(err) < 0.1)),
-                       criterion_met=bool(mse < 0.01), backend=backend)
+                       criterion_met=bool(mse <= persistence / 10), backend=backend)
 
 
 def train_data(path, hidden=64, layers=1, batch_size=32, lr=3e-3, optimizer="adam", epochs=10,

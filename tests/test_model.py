@@ -297,3 +297,26 @@ def test_fastlstm_train_adding_T100_in_under_10_minutes():
                           "--seq-len", "100", "--json"], capture_output=True, text=True)
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["criterion_met"] and summary["seconds"] < 600
+
+
+@pytest.mark.parametrize("task", ["sine", "article"])
+def test_fastlstm_train_other_tasks(task):
+    out = subprocess.run([sys.executable, "-m", "fastlstm", "train", "--task", task, "--json"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["task"] == task and summary["criterion_met"]
+
+
+def test_fastlstm_train_on_user_data(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((200, 8, 2)).astype(np.float32)
+    y = (x[:, :, 0].sum(axis=1) > 0).astype(np.int64)          # classification
+    np.savez(tmp_path / "d.npz", x=x, y=y, lengths=np.full(200, 8))
+    out = subprocess.run([sys.executable, "-m", "fastlstm", "train", "--data",
+                          str(tmp_path / "d.npz"), "--epochs", "15", "--json",
+                          "--save", str(tmp_path / "m.npz")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["test_accuracy"] > 0.8
+    assert fastlstm.load(tmp_path / "m.npz").loss == "ce"
