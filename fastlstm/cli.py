@@ -82,7 +82,7 @@ def _train_article(args, say):
     ref = train_article(steps=min(steps, 500), lr=lr, seed=args.seed, dtype=dtype,
                         backend="reference")
     summary = dict(task="article", seq_len=3, steps=steps, sequences=steps * 8,
-                   seconds=round(sum([fast["step_seconds"]]) * steps, 3),
+                   seconds=round(fast["step_seconds"] * steps, 3),
                    test_mse=None, test_accuracy=fast["accuracy"],
                    criterion_met=fast["accuracy"] == 1.0, loss_first=fast["losses"][0],
                    loss_last=fast["losses"][-1], step_us_fastlstm=fast["step_seconds"] * 1e6,
