@@ -1,7 +1,5 @@
 """Hardening: properties over random configurations, determinism, numerical
 edges, threads and processes, the Numba cache, memory over a long run."""
-import hashlib
-import json
 import multiprocessing
 import os
 import subprocess
