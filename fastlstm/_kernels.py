@@ -19,6 +19,7 @@ The activations live here too, not in a module of their own: Numba's on-disk
 cache only notices edits to the file of the cached function itself.
 """
 import math
+import os
 import warnings
 
 import numpy as np
@@ -26,11 +27,25 @@ from numba import njit, types
 from numba.core.errors import NumbaIRAssumptionWarning
 from numba.extending import overload
 
+from . import _layout
 from ._config import JIT
 
-__all__ = ["layer_forward", "layer_backward", "reverse_in_time", "zero_padding", "param_views", "param_size",
-           "workspace_views", "workspace_size", "lstm_forward", "lstm_backward",
-           "tanh_array", "sigmoid_array"]
+
+def _follow_layout():
+    """Numba's on-disk cache checks only this file's timestamp: when the layout
+    tables (compiled into these kernels) are newer, touch this file so that the
+    cache is rebuilt. Kernels with explicit signatures look the cache up at import."""
+    try:
+        if os.stat(_layout.__file__).st_mtime > os.stat(__file__).st_mtime:
+            os.utime(__file__)
+    except OSError:          # an installed, read-only package: its files do not change
+        pass
+
+
+_follow_layout()
+
+__all__ = ["layer_forward", "layer_backward", "reverse_in_time", "zero_padding", "param_views",
+           "workspace_views", "lstm_forward", "lstm_backward", "tanh_array", "sigmoid_array"]
 
 # Numba's pedantic SSA check complains about the activations once they are
 # inlined (inline="always", below); the compiled code is right (the tests
@@ -366,90 +381,35 @@ def lstm_backward(dy, dh, dc, x, w_ih, w_hh, w_hr, lengths, clip, gates, c, tanh
 # Numba unboxes every array argument on each call (about half a microsecond
 # apiece); at small sizes that dominated a forward+backward. So the public layer
 # passes flat arrays (one direction of one layer's parameters, gradients and
-# workspace) and the sizes, and the views are carved here, by the same
-# functions Python uses to carve them.
+# workspace) and the sizes, and the views are carved here into named tuples by
+# functions compiled from the tables in _layout, the same tables Python carves
+# its views and names from.
 # --------------------------------------------------------------------------
 
-@njit(**JIT)
-def _param_sizes(I, H, P, has_bias, has_proj):
-    # weight_ih, weight_hh, bias_ih, bias_hh, weight_hr: torch's order
-    nb = 4 * H if has_bias else 0
-    return (4 * H * I, 4 * H * P, nb, nb, P * H if has_proj else 0)
+def _compile_carving(fname, table, tuple_cls, dims):
+    ns = {tuple_cls.__name__: tuple_cls}
+    exec(_layout.carving_source(fname, table, tuple_cls.__name__, dims), ns)
+    # Not cached on its own (it has no source file); the cached kernels that
+    # inline it carry it in their own cache entries.
+    return njit(inline="always", **dict(JIT, cache=False))(ns[fname])
 
 
-def param_size(I, H, P, has_bias, has_proj):
-    """Elements of one direction of one layer's parameters."""
-    return int(sum(_param_sizes(I, H, P, has_bias, has_proj)))
+_carve_params = _compile_carving("_carve_params", _layout.PARAMS, _layout.Params, ("I", "H", "P"))
+_carve_workspace = _compile_carving("_carve_workspace", _layout.WORKSPACE, _layout.Workspace,
+                                    _layout.DIMS)
 
 
 @njit(**JIT)
 def param_views(p, I, H, P, has_bias, has_proj):
-    """weight_ih (4H, I), weight_hh (4H, P), bias_ih, bias_hh (4H,) and weight_hr
-    (P, H) as views of p; an absent one is empty (bias (0,), weight_hr (0, H))."""
-    n = _param_sizes(I, H, P, has_bias, has_proj)
-    o1 = n[0]
-    o2 = o1 + n[1]
-    o3 = o2 + n[2]
-    o4 = o3 + n[3]
-    o5 = o4 + n[4]
-    return (p[:o1].reshape((4 * H, I)), p[o1:o2].reshape((4 * H, P)), p[o2:o3], p[o3:o4],
-            p[o4:o5].reshape((n[4] // H, H)))
-
-
-@njit(**JIT)
-def _workspace_sizes(T, B, I, H, P):
-    # x, gates, c, tanh_c, m, h, rec, bias, y, dy, dgates, dx, dhs, dm, carry, dh, dc,
-    # db, tmp_ih, tmp_hh, tmp_hr
-    return (T * B * I, T * B * 4 * H, (T + 1) * B * H, T * B * H, T * B * H, (T + 1) * B * P,
-            B * 4 * H, 4 * H, T * B * P, T * B * P, T * B * 4 * H, T * B * I, T * B * P,
-            B * H, B * P, B * P, B * H, 4 * H, 4 * H * I, 4 * H * P, P * H)
-
-
-def workspace_size(T, B, I, H, P):
-    """Elements of workspace that one (T, B) call of one direction needs."""
-    return int(sum(_workspace_sizes(T, B, I, H, P)))
+    """The kernels' carving of one direction's parameters (a ``_layout.Params``);
+    an absent parameter is empty. For tests: Python carves with ``_layout.carve``."""
+    return _carve_params(p, I, H, P, has_bias, has_proj)
 
 
 @njit(**JIT)
 def workspace_views(ws, T, B, I, H, P):
-    """(x, gates, c, tanh_c, m, h, rec, bias, y, dy, dgates, dx, dhs, dm, carry, dh,
-    dc, db, tmp_ih, tmp_hh, tmp_hr) as C-contiguous views of the flat workspace,
-    shaped as the kernels take them. y (T, B, P) is the output with padded steps
-    zeroed, filled only when lengths are given."""
-    n = _workspace_sizes(T, B, I, H, P)
-    # Running offsets, spelled out: an offsets array would be an allocation per call.
-    o1 = n[0]
-    o2 = o1 + n[1]
-    o3 = o2 + n[2]
-    o4 = o3 + n[3]
-    o5 = o4 + n[4]
-    o6 = o5 + n[5]
-    o7 = o6 + n[6]
-    o8 = o7 + n[7]
-    o9 = o8 + n[8]
-    o10 = o9 + n[9]
-    o11 = o10 + n[10]
-    o12 = o11 + n[11]
-    o13 = o12 + n[12]
-    o14 = o13 + n[13]
-    o15 = o14 + n[14]
-    o16 = o15 + n[15]
-    o17 = o16 + n[16]
-    o18 = o17 + n[17]
-    o19 = o18 + n[18]
-    o20 = o19 + n[19]
-    o21 = o20 + n[20]
-    return (ws[:o1].reshape((T, B, I)), ws[o1:o2].reshape((T, B, 4 * H)),
-            ws[o2:o3].reshape((T + 1, B, H)), ws[o3:o4].reshape((T, B, H)),
-            ws[o4:o5].reshape((T, B, H)), ws[o5:o6].reshape((T + 1, B, P)),
-            ws[o6:o7].reshape((B, 4 * H)), ws[o7:o8],
-            ws[o8:o9].reshape((T, B, P)), ws[o9:o10].reshape((T, B, P)),
-            ws[o10:o11].reshape((T, B, 4 * H)), ws[o11:o12].reshape((T, B, I)),
-            ws[o12:o13].reshape((T, B, P)), ws[o13:o14].reshape((B, H)),
-            ws[o14:o15].reshape((B, P)), ws[o15:o16].reshape((B, P)),
-            ws[o16:o17].reshape((B, H)), ws[o17:o18],
-            ws[o18:o19].reshape((4 * H, I)), ws[o19:o20].reshape((4 * H, P)),
-            ws[o20:o21].reshape((P, H)))
+    """The kernels' carving of one direction's workspace (a ``_layout.Workspace``)."""
+    return _carve_workspace(ws, T, B, I, H, P)
 
 
 def _entry_sigs(n_arrays, *extra):
@@ -469,39 +429,37 @@ def layer_forward(p, ws, lengths, clip, T, B, I, H, P, has_bias, has_proj, padde
     x, h0, c0 are read from the workspace's x, h[0], c[0]. With `padded`, y
     receives h_t with the steps past each sequence's length zeroed.
     """
-    w_ih, w_hh, b_ih, b_hh, w_hr = param_views(p, I, H, P, has_bias, has_proj)
-    (x, gates, c, tanh_c, m, h, rec, bias, y, _, _, _, _, _, _, _, _, _, _, _, _) = \
-        workspace_views(ws, T, B, I, H, P)
+    w = _carve_params(p, I, H, P, has_bias, has_proj)
+    v = _carve_workspace(ws, T, B, I, H, P)
     for k in range(4 * H):
-        bias[k] = b_ih[k] + b_hh[k] if has_bias else 0
-    if not has_proj:
-        m = h[1:]
-    lstm_forward(x, w_ih, w_hh, w_hr, bias, lengths, clip, gates, c, tanh_c, m, h, rec, exact)
+        v.bias[k] = w.bias_ih[k] + w.bias_hh[k] if has_bias else 0
+    m = v.m if has_proj else v.h[1:]
+    lstm_forward(v.x, w.weight_ih, w.weight_hh, w.weight_hr, v.bias, lengths, clip, v.gates,
+                 v.c, v.tanh_c, m, v.h, v.rec, exact)
     if padded:
         for t in range(T):
             for b in range(B):
                 if t < lengths[b]:
-                    y[t, b] = h[t + 1, b]
+                    v.y[t, b] = v.h[t + 1, b]
                 else:
-                    y[t, b] = 0
+                    v.y[t, b] = 0
 
 
 @njit(_entry_sigs(3), **JIT)
 def layer_backward(p, g, ws, lengths, clip, T, B, I, H, P, has_bias, has_proj):
     """``lstm_backward`` on one direction's flat buffers; dy, dh_n, dc_n are read
     from the workspace's dy, dh, dc, and the gradients are added into g."""
-    w_ih, w_hh, _, _, w_hr = param_views(p, I, H, P, has_bias, has_proj)
-    dw_ih, dw_hh, db_ih, db_hh, dw_hr = param_views(g, I, H, P, has_bias, has_proj)
-    (x, gates, c, tanh_c, m, h, _, _, _, dy, dgates, dx, dhs, dm, carry, dh, dc, db,
-     tmp_ih, tmp_hh, tmp_hr) = workspace_views(ws, T, B, I, H, P)
-    if not has_proj:
-        m = h[1:]
-    db[:] = 0
-    lstm_backward(dy, dh, dc, x, w_ih, w_hh, w_hr, lengths, clip, gates, c, tanh_c, m, h,
-                  dgates, dx, dhs, dm, carry, dw_ih, dw_hh, dw_hr, db, tmp_ih, tmp_hh, tmp_hr)
+    w = _carve_params(p, I, H, P, has_bias, has_proj)
+    dw = _carve_params(g, I, H, P, has_bias, has_proj)
+    v = _carve_workspace(ws, T, B, I, H, P)
+    m = v.m if has_proj else v.h[1:]
+    v.db[:] = 0
+    lstm_backward(v.dy, v.dh, v.dc, v.x, w.weight_ih, w.weight_hh, w.weight_hr, lengths, clip,
+                  v.gates, v.c, v.tanh_c, m, v.h, v.dgates, v.dx, v.dhs, v.dm, v.carry,
+                  dw.weight_ih, dw.weight_hh, dw.weight_hr, v.db, v.tmp_ih, v.tmp_hh, v.tmp_hr)
     if has_bias:
-        _accumulate(db_ih, db)
-        _accumulate(db_hh, db)
+        _accumulate(dw.bias_ih, v.db)
+        _accumulate(dw.bias_hh, v.db)
 
 
 @njit(["void(float32[:, :, :], float32[:, :, :], int64[::1])",

@@ -3,6 +3,7 @@ import numpy as np
 from numba import njit
 
 from ._config import JIT
+from ._timing import median_time
 
 
 @njit(**JIT)
@@ -25,7 +26,6 @@ def _weight_gemms(dz, x, hs, w_ih, dx, g_ih, g_hh):
 
 
 def gemm_parts(impl, x, h, hs, dz, w_ih, w_hh, T, B, min_time):
-    from .bench import median_time
     rec, dh = np.empty((B, w_hh.shape[0]), x.dtype), np.empty_like(h)
     dz_t = dz[:B]
     dx, g_ih, g_hh = np.empty_like(x), np.empty_like(w_ih), np.empty_like(w_hh)

@@ -15,6 +15,18 @@ _lock = threading.Lock()
 _state = {}
 
 
+def _forget_in_child():
+    """A forked child inherits the pool object but not its worker thread: a task
+    submitted there would wait forever. Start afresh (a new lock too: the parent's
+    may have been held by another thread at the fork)."""
+    global _lock
+    _lock = threading.Lock()
+    _state.clear()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+
+
 def _controller():
     with _lock:
         if "controller" not in _state:

@@ -109,3 +109,39 @@ def lengths(name, value, B, T):
     if a.min() < 1 or a.max() > T:
         raise ValueError(f"{name} must lie in [1, T={T}], got min {a.min()} and max {a.max()}")
     return np.ascontiguousarray(a, dtype=np.int64)
+
+
+def seed(name, value):
+    """None, or a non-negative int (NumPy's generators take no negative seed)."""
+    return None if value is None else nonnegative_int(name, value)
+
+
+def _physical_bytes():
+    try:
+        import os
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _gib(n):
+    return f"{n / 2 ** 30:.3g} GiB"
+
+
+def affordable(n, dtype, what):
+    """Refuse, naming `what`, n elements of dtype that exceed this machine's memory."""
+    need = n * np.dtype(dtype).itemsize
+    have = _physical_bytes()
+    if have is not None and need > have:
+        raise ValueError(f"{what} would need {_gib(need)}, more than this machine's "
+                         f"{_gib(have)} of memory")
+
+
+def allocate(n, dtype, what):
+    """np.empty(n, dtype), with an error that names `what` and the memory it needs."""
+    affordable(n, dtype, what)
+    try:
+        return np.empty(n, dtype)
+    except (MemoryError, ValueError):
+        raise MemoryError(f"{what} would need {_gib(n * np.dtype(dtype).itemsize)}, which "
+                          "could not be allocated") from None

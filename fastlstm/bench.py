@@ -7,6 +7,8 @@ import time
 
 import numpy as np
 
+from ._profile import gemm_parts
+from ._timing import median_time
 from .lstm import LSTM
 from .reference import ReferenceLSTM
 
@@ -28,19 +30,6 @@ def flops(B, T, I, H, num_layers=1, bidirectional=False, proj_size=0):
         I_k = I if k == 0 else D * P
         total += D * 2 * T * B * ((I_k + P) * 4 * H + (H * P if proj_size else 0)) * 3
     return total
-
-
-def median_time(fn, min_time=0.2, min_repeats=5, max_repeats=1000):
-    """Median seconds of fn() after one warm-up call."""
-    fn()
-    times = []
-    start = time.perf_counter()
-    while len(times) < min_repeats or (time.perf_counter() - start < min_time
-                                       and len(times) < max_repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
 
 
 def matmul_gflops(dtype, n=2048, min_time=0.5):
@@ -156,7 +145,6 @@ def profile(B, T, I, H, dtype, min_time=0.2):
     (fastlstm: through Numba's BLAS; the reference: NumPy's); "elementwise and
     the rest" is the whole fwd+bwd minus them.
     """
-    from ._profile import gemm_parts
     dtype = np.dtype(dtype)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((T * B, I)).astype(dtype)

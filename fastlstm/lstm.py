@@ -4,33 +4,26 @@ import threading
 
 import numpy as np
 
+from . import _layout
 from . import _validate as check
-from ._threads import parallel_worthwhile, run_pair
+from ._shared import Buffers, OneThread, readonly
 from ._config import exact_activations
-from ._kernels import (layer_backward, layer_forward, param_size,
-                       reverse_in_time, workspace_size, workspace_views, zero_padding)
+from ._kernels import layer_backward, layer_forward, reverse_in_time, zero_padding
+from ._threads import parallel_worthwhile, run_pair
 
 __all__ = ["LSTM"]
 
 
-def _readonly(a):
-    v = a.view()
-    v.flags.writeable = False
-    return v
-
-
 class _Workspace:
     """One direction of one layer: a flat buffer for every activation and
-    gradient of a (T, B) call, up to a capacity. ``views(T, B)`` carves it with
-    the kernels' own carving (so the two always agree) and caches the views, so
-    a repeated shape costs nothing."""
-
-    NAMES = ("x", "gates", "c", "tanh_c", "m", "h", "rec", "bias", "y", "dy", "dgates", "dx",
-             "dhs", "dm", "carry", "dh", "dc", "db", "tmp_ih", "tmp_hh", "tmp_hr")
+    gradient of a (T, B) call, up to a capacity, carved by the layout table the
+    kernels are compiled from. ``views(T, B)`` caches its views, so a repeated
+    shape costs nothing."""
 
     def __init__(self, T, B, I, H, P, dtype):
         self.T, self.B, self.I, self.H, self.P = T, B, I, H, P
-        self.flat = np.empty(workspace_size(T, B, I, H, P), dtype)
+        n = _layout.workspace_size(T, B, I, H, P)
+        self.flat = check.allocate(n, dtype, f"the workspace for T={T}, B={B} (x's shape)")
         self._cache = {}
 
     def fits(self, T, B):
@@ -39,25 +32,21 @@ class _Workspace:
     def views(self, T, B):
         v = self._cache.get((T, B))
         if v is None:
-            v = dict(zip(self.NAMES, workspace_views(self.flat, T, B, self.I, self.H, self.P)))
+            table = _layout.workspace_table(T, B, self.I, self.H, self.P)
+            n = _layout.workspace_size(T, B, self.I, self.H, self.P)
+            v = _layout.carve(self.flat[:n], table)
             v["h_out"] = v["h"][1:]
             self._cache[(T, B)] = v
         return v
 
 
-class _Buffers:
-    """Named arrays sized per call and reused; a larger request grows one once."""
+class _Last:
+    """What backward differentiates: the last forward's shape, lengths, dropout
+    masks, and the thread that ran it."""
 
-    def __init__(self, dtype):
-        self.dtype = dtype
-        self._flat = {}
-
-    def get(self, name, shape, dtype=None):
-        n = math.prod(shape)
-        buf = self._flat.get(name)
-        if buf is None or buf.size < n:
-            buf = self._flat[name] = np.empty(n, dtype or self.dtype)
-        return buf[:n].reshape(shape)
+    def __init__(self, T, B, lengths, masks):
+        self.T, self.B, self.lengths, self.masks = T, B, lengths, masks
+        self.thread = threading.get_ident()
 
 
 class LSTM:
@@ -127,70 +116,78 @@ class LSTM:
             raise ValueError(f"forget_bias={self.forget_bias} needs bias=True")
         self.cell_clip = None if cell_clip is None else check.real(
             "cell_clip", cell_clip, lo=0.0, lo_open=True)
+        self.seed = check.seed("seed", seed)
         self.training = True
 
         H, D = self.hidden_size, self.num_directions
         P = self.proj_size or H
         self._P = P
-        self._blocks = []      # per (layer, direction): (offset, size, input size, name suffix)
-        self._layout = []      # (name, shape) in torch's order
+        self._blocks = []      # per (layer, direction): (offset, size, input size)
+        self._layout = []      # (name, shape) of every parameter, in torch's order
         offset = 0
         for k in range(self.num_layers):
             I_k = self.input_size if k == 0 else D * P
             for d in range(D):
                 sfx = f"_l{k}" + ("_reverse" if d else "")
-                shapes = [("weight_ih" + sfx, (4 * H, I_k)), ("weight_hh" + sfx, (4 * H, P))]
-                if self.bias:
-                    shapes += [("bias_ih" + sfx, (4 * H,)), ("bias_hh" + sfx, (4 * H,))]
-                if self.proj_size:
-                    shapes += [("weight_hr" + sfx, (P, H))]
-                size = param_size(I_k, H, P, self.bias, bool(self.proj_size))
+                table = _layout.param_table(I_k, H, P, self.bias, bool(self.proj_size))
+                size = sum(math.prod(shape) for _, shape in table)
                 self._blocks.append((offset, size, I_k))
-                self._layout += shapes
+                self._layout += [(name + sfx, shape) for name, shape in table]
                 offset += size
-        self.flat_params = np.empty(offset, self.dtype)
-        self.flat_grads = np.zeros(offset, self.dtype)
-        self.params, self.grads = {}, {}
-        at = 0
-        for name, shape in self._layout:
-            n = math.prod(shape)
-            self.params[name] = self.flat_params[at:at + n].reshape(shape)
-            self.grads[name] = self.flat_grads[at:at + n].reshape(shape)
-            at += n
+        what = (f"the parameters and gradients of LSTM(input_size={self.input_size}, "
+                f"hidden_size={H}, num_layers={self.num_layers}"
+                + (", bidirectional=True" if self.bidirectional else "")
+                + (f", proj_size={self.proj_size}" if self.proj_size else "") + ")")
+        check.affordable(2 * offset, self.dtype, what)
+        self.bind(check.allocate(offset, self.dtype, what), np.zeros(offset, self.dtype))
         bound = 1.0 / math.sqrt(H)
-        self.flat_params[:] = np.random.default_rng(seed).uniform(-bound, bound, offset)
+        self.flat_params[:] = np.random.default_rng(self.seed).uniform(-bound, bound, offset)
         if self.forget_bias:
             for name in self.params:
                 if name.startswith("bias_ih"):
                     self.params[name][H:2 * H] += self.forget_bias
-        self._dropout_rng = np.random.default_rng(None if seed is None else [seed, 1])
-        # The kernels take one direction of one layer as one flat slice.
-        self._pblocks = [self.flat_params[o:o + n] for o, n, _ in self._blocks]
-        self._gblocks = [self.flat_grads[o:o + n] for o, n, _ in self._blocks]
+        self._rng = np.random.default_rng(None if self.seed is None else [self.seed, 1])
         self._clip = self.dtype.type(np.inf if self.cell_clip is None else self.cell_clip)
         self._exact = exact_activations()
         self._ws = [None] * len(self._blocks)
-        self._buf = _Buffers(self.dtype)
+        self._buf = Buffers(self.dtype)
         self._full_lengths = {}
-        self._last = None   # what backward differentiates: (T, B, lengths, dropout masks)
-        self._busy = threading.Lock()
+        self._last = None
+        self._guard = OneThread("LSTM")
 
-    def _bind(self, flat_params, flat_grads):
-        """Move the parameters and gradients into the given flat arrays (a larger
-        model's buffers, e.g. a SequenceModel's), keeping their values."""
-        n = self.flat_params.size
-        flat_params[:] = self.flat_params
-        flat_grads[:] = self.flat_grads
+    def bind(self, flat_params, flat_grads):
+        """Move the parameters and gradients into the given flat arrays (e.g. a
+        larger model's buffers, so that one optimizer pass covers both), keeping
+        their values; ``params`` and ``grads`` become views into them."""
+        n = sum(size for _, size, _ in self._blocks)
+        for name, a in (("flat_params", flat_params), ("flat_grads", flat_grads)):
+            check.float_array(name, a, self.dtype)
+            if a.dtype != self.dtype or a.shape != (n,) or not a.flags.c_contiguous:
+                raise ValueError(f"{name} must be a contiguous {self.dtype} array of shape "
+                                 f"({n},), got {a.dtype}{a.shape}")
+        if getattr(self, "flat_params", None) is not None:
+            flat_params[:] = self.flat_params
+            flat_grads[:] = self.flat_grads
         self.flat_params, self.flat_grads = flat_params, flat_grads
-        at = 0
-        for name, shape in self._layout:
-            k = math.prod(shape)
-            self.params[name] = flat_params[at:at + k].reshape(shape)
-            self.grads[name] = flat_grads[at:at + k].reshape(shape)
-            at += k
-        assert at == n
+        self.params = _layout.carve(flat_params, self._layout)
+        self.grads = _layout.carve(flat_grads, self._layout)
+        # The kernels take one direction of one layer as one flat slice.
         self._pblocks = [flat_params[o:o + k] for o, k, _ in self._blocks]
         self._gblocks = [flat_grads[o:o + k] for o, k, _ in self._blocks]
+
+    def get_rng_state(self):
+        """The dropout generator's state (a dict, JSON-serialisable), for checkpoints."""
+        return self._rng.bit_generator.state
+
+    def set_rng_state(self, state):
+        """Restore a state returned by ``get_rng_state``."""
+        self._rng.bit_generator.state = state
+
+    @property
+    def last_lengths(self):
+        """The int64 lengths (B,) of the last forward (T for every sequence when
+        none were given); None before the first forward."""
+        return None if self._last is None else self._last.lengths
 
     @property
     def output_size(self):
@@ -201,13 +198,22 @@ class LSTM:
     def num_directions(self):
         return 2 if self.bidirectional else 1
 
+    #: the constructor's options after the two sizes, with their defaults
+    OPTIONS = (("num_layers", 1), ("bias", True), ("batch_first", False), ("dropout", 0.0),
+               ("bidirectional", False), ("proj_size", 0), ("forget_bias", 0.0),
+               ("cell_clip", None))
+
+    def config(self):
+        """The validated constructor arguments as plain Python values (JSON-ready):
+        ``LSTM(**m.config())`` builds the same model."""
+        return dict(input_size=self.input_size, hidden_size=self.hidden_size,
+                    **{k: getattr(self, k) for k, _ in self.OPTIONS},
+                    dtype=self.dtype.name, seed=self.seed)
+
     def __repr__(self):
         opts = [f"{self.input_size}", f"{self.hidden_size}"]
-        for name, default in (("num_layers", 1), ("bias", True), ("batch_first", False),
-                              ("dropout", 0.0), ("bidirectional", False), ("proj_size", 0),
-                              ("forget_bias", 0.0), ("cell_clip", None)):
-            if getattr(self, name) != default:
-                opts.append(f"{name}={getattr(self, name)!r}")
+        opts += [f"{k}={getattr(self, k)!r}" for k, default in self.OPTIONS
+                 if getattr(self, k) != default]
         return f"LSTM({', '.join(opts)}, dtype={self.dtype.name})"
 
     def train(self, mode=True):
@@ -246,13 +252,6 @@ class LSTM:
         return a.transpose(1, 0, 2) if self.batch_first else a
 
     # -- forward / backward ------------------------------------------------
-
-    def _claim(self, what):
-        """One call at a time per model: its buffers are shared by forward and
-        backward, so a second thread gets a clear error instead of torn results."""
-        if not self._busy.acquire(blocking=False):
-            raise RuntimeError(f"{what}() called while this LSTM is running in another "
-                               "thread; use one model per thread (or a lock)")
 
     def _forward_call(self, j, lens, T, B, padded):
         def call():
@@ -297,11 +296,8 @@ class LSTM:
         (h_n, c_n) : ndarrays (D*num_layers, B, H_out), (D*num_layers, B, hidden_size)
             Read-only views into the workspace, valid until the next call.
         """
-        self._claim("forward")
-        try:
+        with self._guard("forward"):
             return self._forward(x, state, lengths)
-        finally:
-            self._busy.release()
 
     def _forward(self, x, state, lengths):
         check.float_array("x", x, self.dtype)
@@ -351,7 +347,7 @@ class LSTM:
                 reverse_in_time(outs[1], out[:, :, P:], lens)
             if drop and k < L - 1:
                 mask = self._buf.get(f"mask{k}", out.shape)
-                self._dropout_rng.random(out=mask, dtype=self.dtype)
+                self._rng.random(out=mask, dtype=self.dtype)
                 keep = self.dtype.type(1.0 - self.dropout)
                 np.greater_equal(mask, self.dtype.type(self.dropout), out=mask)
                 mask /= keep
@@ -371,8 +367,8 @@ class LSTM:
             for j in range(L * D):
                 v = self._views(j, T, B)
                 h_n[j], c_n[j] = v["h"][T], v["c"][T]
-        self._last = (T, B, lens, masks)
-        return _readonly(self._time_major(out)), (_readonly(h_n), _readonly(c_n))
+        self._last = _Last(T, B, lens, masks)
+        return readonly(self._time_major(out)), (readonly(h_n), readonly(c_n))
 
     def backward(self, dy, dstate=None):
         """Backpropagate through the last ``forward``; add into ``grads``.
@@ -391,17 +387,18 @@ class LSTM:
         (dh0, dc0) : ndarrays, the shapes of h0 and c0
             Read-only views into the workspace, valid until the next call.
         """
-        self._claim("backward")
-        try:
+        with self._guard("backward"):
             return self._backward(dy, dstate)
-        finally:
-            self._busy.release()
 
     def _backward(self, dy, dstate):
         if self._last is None:
             raise RuntimeError("backward() needs a forward() first: there are no "
                                "activations to differentiate")
-        T, B, lens, masks = self._last
+        if self._last.thread != threading.get_ident():
+            raise RuntimeError("backward() would differentiate the last forward(), which "
+                               "another thread made on this LSTM; use one model per thread")
+        last = self._last
+        T, B, lens, masks = last.T, last.B, last.lengths, last.masks
         L, D, H, P = self.num_layers, self.num_directions, self.hidden_size, self._P
         check.float_array("dy", dy, self.dtype)
         check.shape("dy", dy, (B, T, D * P) if self.batch_first else (T, B, D * P))
@@ -451,7 +448,7 @@ class LSTM:
         if single:
             v = self._views(0, T, B)
             dh0, dc0 = v["dh"][None], v["dc"][None]
-        return _readonly(self._time_major(grad)), (_readonly(dh0), _readonly(dc0))
+        return readonly(self._time_major(grad)), (readonly(dh0), readonly(dc0))
 
     def zero_grad(self):
         """Set every gradient to zero."""

@@ -28,6 +28,8 @@ equations, not to be fast.
 """
 import numpy as np
 
+from ._layout import carve, param_table
+
 __all__ = ["forward", "backward", "sigmoid"]
 
 
@@ -149,35 +151,49 @@ def backward(dy, dh_n, dc_n, cache):
 class ReferenceLSTM:
     """``fastlstm.LSTM``'s interface (one layer, one direction) over the functions
     above: the baseline that training loops and benchmarks run side by side with
-    the fast path. No validation, no buffers: every call allocates.
+    the fast path. No validation beyond refusing what it does not have, no
+    buffers: every call allocates.
     """
 
-    def __init__(self, input_size, hidden_size, dtype=np.float64, seed=None, batch_first=False):
+    def __init__(self, input_size, hidden_size, num_layers=1, dtype=np.float64, seed=None,
+                 batch_first=False, forget_bias=0.0, **options):
+        if num_layers != 1 or options:
+            raise ValueError(f"the reference is one plain layer, one direction; got "
+                             f"num_layers={num_layers}" + (f" and {options}" if options else ""))
         H = hidden_size
         self.input_size, self.hidden_size, self.output_size = input_size, H, H
-        self.batch_first = batch_first
-        self.dtype = np.dtype(dtype)
+        self.num_layers, self.batch_first, self.forget_bias = 1, batch_first, float(forget_bias)
+        self.dtype, self.seed = np.dtype(dtype), seed
         self.training = True
-        self._dropout_rng = np.random.default_rng(None if seed is None else [seed, 1])
-        self._layout = [("weight_ih_l0", (4 * H, input_size)), ("weight_hh_l0", (4 * H, H)),
-                        ("bias_ih_l0", (4 * H,)), ("bias_hh_l0", (4 * H,))]
+        self._rng = np.random.default_rng(None if seed is None else [seed, 1])   # unused: no dropout
+        self._layout = [(name + "_l0", shape)
+                        for name, shape in param_table(input_size, H, H, True, False)]
         n = sum(int(np.prod(s)) for _, s in self._layout)
         bound = 1.0 / np.sqrt(H)
         params = np.random.default_rng(seed).uniform(-bound, bound, n).astype(dtype)
-        self._bind(params, np.zeros(n, dtype))
-        self._cache = self._last = None
+        self.flat_params = None
+        self.bind(params, np.zeros(n, dtype))
+        self.params["bias_ih_l0"][H:2 * H] += self.forget_bias
+        self._cache = self.last_lengths = None
 
-    def _bind(self, flat_params, flat_grads):
-        if getattr(self, "flat_params", None) is not None:
+    def config(self):
+        return dict(input_size=self.input_size, hidden_size=self.hidden_size, num_layers=1,
+                    batch_first=self.batch_first, forget_bias=self.forget_bias,
+                    dtype=self.dtype.name, seed=self.seed)
+
+    def bind(self, flat_params, flat_grads):
+        if self.flat_params is not None:
             flat_params[:] = self.flat_params
             flat_grads[:] = self.flat_grads
         self.flat_params, self.flat_grads = flat_params, flat_grads
-        self.params, self.grads, at = {}, {}, 0
-        for name, shape in self._layout:
-            k = int(np.prod(shape))
-            self.params[name] = flat_params[at:at + k].reshape(shape)
-            self.grads[name] = flat_grads[at:at + k].reshape(shape)
-            at += k
+        self.params = carve(flat_params, self._layout)
+        self.grads = carve(flat_grads, self._layout)
+
+    def get_rng_state(self):
+        return self._rng.bit_generator.state
+
+    def set_rng_state(self, state):
+        self._rng.bit_generator.state = state
 
     def train(self, mode=True):
         self.training = bool(mode)
@@ -202,7 +218,8 @@ class ReferenceLSTM:
         y, (h_n, c_n), self._cache = forward(
             x.astype(self.dtype, copy=False), h0, c0, p["weight_ih_l0"], p["weight_hh_l0"],
             p["bias_ih_l0"], p["bias_hh_l0"], lengths=lengths)
-        self._last = (T, B, np.full(B, T) if lengths is None else np.asarray(lengths), None)
+        self.last_lengths = np.full(B, T, np.int64) if lengths is None else \
+            np.asarray(lengths, np.int64)
         return (y.transpose(1, 0, 2) if self.batch_first else y), (h_n[None], c_n[None])
 
     def backward(self, dy, dstate=None):

@@ -12,8 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import fastlstm
-from conftest import rel_err
-from test_layers import run_ours, run_torch
+from helpers import rel_err, run_ours, run_torch
 
 TOL = {np.float64: 1e-9, np.float32: 1e-4}
 
@@ -145,7 +144,7 @@ def test_exploding_gradients_are_caught_by_clipping():
     m.lstm.flat_params *= 40                          # a network whose gradients explode
     x = np.random.default_rng(0).standard_normal((4, 50, 2))
     y = np.full((4, 1), 100.0)
-    m._forward_backward(x, y, None)
+    m.forward_backward(x, y)
     norm = fastlstm.clip_grad_norm(m, 1.0)
     assert norm > 100 and abs(np.linalg.norm(m.flat_grads) - 1.0) < 1e-6
     opt = fastlstm.SGD(m, lr=0.1)
@@ -175,19 +174,79 @@ def test_two_models_in_two_threads():
         assert np.array_equal(results[i], alone[i])
 
 
-def test_one_model_from_two_threads_raises_clearly():
-    m = fastlstm.LSTM(8, 64, seed=0)
-    x = np.ones((3000, 32, 8), np.float32)
-    m.forward(x[:2])
-    t = threading.Thread(target=m.forward, args=(x,))
+class _Blocking(np.ndarray):
+    """An array that, when a model first reads its dtype (inside the model's call),
+    signals `entered` and waits for `release`: it holds a call open, so the tests
+    below overlap two calls deterministically instead of racing for it."""
+
+    def arm(self):
+        self.entered, self.release = threading.Event(), threading.Event()
+        return self
+
+    @property
+    def dtype(self):
+        if hasattr(self, "release") and not self.release.is_set():
+            self.entered.set()
+            assert self.release.wait(30)
+        return super().dtype
+
+
+def _inside(call, blocking):
+    """Start call() in a thread and return once it is held inside the model."""
+    t = threading.Thread(target=call)
     t.start()
-    while t.is_alive() and not m._busy.locked():
-        pass
-    if m._busy.locked():
-        with pytest.raises(RuntimeError, match="running in another thread"):
-            m.forward(x[:2])
+    assert blocking.entered.wait(30)
+    return t
+
+
+def test_one_model_from_two_threads_raises_clearly():
+    m = fastlstm.LSTM(8, 16, seed=0)
+    x = np.ones((5, 2, 8), np.float32)
+    held = np.ones((5, 2, 8), np.float32).view(_Blocking).arm()
+    t = _inside(lambda: m.forward(held), held)
+    try:
+        for call in (lambda: m.forward(x), lambda: m.backward(np.ones((5, 2, 16), np.float32))):
+            with pytest.raises(RuntimeError, match="running in another thread"):
+                call()
+    finally:
+        held.release.set()
+        t.join()
+    assert np.isfinite(m.forward(x)[0]).all()     # usable afterwards
+
+
+def test_backward_refuses_a_forward_made_by_another_thread():
+    """forward(A) here, forward(B) in another thread, backward here: without the
+    check backward would differentiate B's activations."""
+    m = fastlstm.LSTM(3, 4, seed=0, dtype=np.float64)
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((5, 2, 3)), rng.standard_normal((5, 2, 3))
+    m.forward(a)
+    t = threading.Thread(target=m.forward, args=(b,))
+    t.start()
     t.join()
-    assert np.isfinite(m.forward(x[:2])[0]).all()     # usable afterwards
+    with pytest.raises(RuntimeError, match="another thread made"):
+        m.backward(np.ones((5, 2, 4)))
+    m.forward(a)                                   # this thread's own forward again: fine
+    assert np.isfinite(m.backward(np.ones((5, 2, 4)))[0]).all()
+
+
+def test_sequence_model_serves_one_thread_at_a_time():
+    """train_step holds the whole model (LSTM, head and their buffers) from the
+    forward to the optimizer step: another thread's call in between is refused."""
+    m = fastlstm.SequenceModel(2, 4, 1, seed=0)
+    x, y = np.ones((3, 5, 2), np.float32), np.ones((3, 1), np.float32)
+    held = np.ones((3, 1), np.float32).view(_Blocking).arm()
+    opt = fastlstm.Adam(m)
+    t = _inside(lambda: m.train_step(x, held, opt), held)
+    try:
+        for call in (lambda: m.train_step(x, y, opt), lambda: m.predict(x),
+                     lambda: m.evaluate(x, y), lambda: m.forward_backward(x, y)):
+            with pytest.raises(RuntimeError, match="SequenceModel is running in another thread"):
+                call()
+    finally:
+        held.release.set()
+        t.join()
+    assert np.isfinite(m.train_step(x, y, opt))
 
 
 def _train_in_worker(seed):
@@ -206,6 +265,40 @@ def test_workers_import_and_train(method):
     with ctx.Pool(2) as pool:
         losses = pool.map(_train_in_worker, [0, 0])
     assert losses[0] == losses[1] == _train_in_worker(0)
+
+
+FORK_AFTER_POOL = """
+import multiprocessing as mp, numpy as np, fastlstm
+x = np.random.default_rng(0).standard_normal((100, 64, 128)).astype(np.float32)
+m = fastlstm.LSTM(128, 128, bidirectional=True, seed=0)
+want = m.forward(x)[0].copy()          # large enough to run both directions on the pool
+
+
+def child(q):
+    q.put(bool(np.array_equal(m.forward(x)[0], want)))
+
+
+if __name__ == "__main__":
+    from fastlstm import _threads
+    assert _threads._state, "the parent must have started the pool"
+    q = mp.get_context("fork").Queue()
+    p = mp.get_context("fork").Process(target=child, args=(q,))
+    p.start()
+    p.join(120)
+    if p.is_alive():
+        p.kill()
+        raise SystemExit("the forked child hung")
+    assert q.get(timeout=5)
+    print("ok")
+"""
+
+
+def test_fork_after_the_direction_pool_ran(tmp_path):
+    script = tmp_path / "fork_after_pool.py"
+    script.write_text(FORK_AFTER_POOL)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
 def test_unwritable_cache_falls_back_with_a_warning():

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from conftest import RESULT_KEYS, random_problem, rel_err, run_fastlstm, run_reference
+from helpers import RESULT_KEYS, random_problem, rel_err, run_fastlstm, run_reference
 
 # T = 1, B = 1, H not a multiple of 8 or 16, I != H, I > H and I < H.
 SHAPES = [(1, 1, 1, 1), (1, 4, 3, 5), (7, 1, 2, 3), (3, 2, 2, 3), (10, 5, 13, 7),

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import fastlstm
-from conftest import rel_err
+from helpers import rel_err
 
 TOL = {np.float64: 1e-10, np.float32: 1e-6}
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import fastlstm
-from conftest import RESULT_KEYS, random_problem, rel_err, run_fastlstm, run_reference
+from helpers import RESULT_KEYS, random_problem, rel_err, run_fastlstm, run_reference
 
 TOL = {np.float64: 1e-10, np.float32: 2e-5}
 

@@ -1,0 +1,52 @@
+"""Helpers the public classes share: reusable scratch arrays, read-only views, and
+the one-thread-at-a-time guard."""
+import contextlib
+import math
+import threading
+
+import numpy as np
+
+__all__ = ["Buffers", "readonly", "OneThread"]
+
+
+class Buffers:
+    """Named arrays sized per call and reused; a larger request grows one once."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+        self._flat = {}
+
+    def get(self, name, shape, dtype=None):
+        n = math.prod(shape)
+        buf = self._flat.get(name)
+        if buf is None or buf.size < n:
+            buf = self._flat[name] = np.empty(n, dtype or self.dtype)
+        return buf[:n].reshape(shape)
+
+
+def readonly(a):
+    """A read-only view of a (the caller may not write into our workspace)."""
+    v = a.view()
+    v.flags.writeable = False
+    return v
+
+
+class OneThread:
+    """A model's buffers serve one thread at a time: ``with guard("forward"):``
+    raises RuntimeError at once when another thread is inside a guarded call of
+    the same model (instead of waiting, or tearing results). The owning thread
+    may nest calls (fit -> train_step -> forward)."""
+
+    def __init__(self, owner):
+        self._owner = owner
+        self._lock = threading.RLock()
+
+    @contextlib.contextmanager
+    def __call__(self, what):
+        if not self._lock.acquire(blocking=False):
+            raise RuntimeError(f"{what}() called while this {self._owner} is running in "
+                               "another thread; use one model per thread (or a lock)")
+        try:
+            yield
+        finally:
+            self._lock.release()
