@@ -6,55 +6,98 @@ import sys
 import numpy as np
 
 
-def _train(args):
-    if args.threads:
+#: What each run of `fastlstm train` takes, with its defaults. An option given on the
+#: command line that its run does not take is refused, never silently ignored.
+TRAIN_DEFAULTS = {
+    "adding": dict(seq_len=100, hidden=64, layers=1, batch_size=32, lr=3e-3, optimizer="adam",
+                   max_steps=None, max_seconds=540.0, curriculum=True, dtype="float32",
+                   save=None),
+    "sine": dict(seq_len=50, hidden=32, layers=1, batch_size=32, lr=1e-2, optimizer="adam",
+                 max_steps=1500, max_seconds=540.0, dtype="float32", save=None),
+    "data": dict(hidden=64, layers=1, batch_size=32, lr=3e-3, optimizer="adam", epochs=10,
+                 max_seconds=None, dtype="float32", save=None),
+    # the article's own loop: plain gradient descent on the LSTM and a logistic output
+    "article": dict(hidden=3, lr=0.01, max_steps=3000, dtype="float64"),
+}
+COMMON_DEFAULTS = dict(seed=0, backend="fastlstm", threads=1)
+#: command-line spelling of each setting
+FLAGS = dict(seq_len="--seq-len", hidden="--hidden", layers="--layers",
+             batch_size="--batch-size", lr="--lr", optimizer="--optimizer", max_steps="--steps",
+             max_seconds="--max-seconds", curriculum="--no-curriculum", dtype="--dtype",
+             epochs="--epochs", save="--save")
+
+
+def _settings(args, parser):
+    """The run's settings: the task's defaults, overridden by what was given;
+    an option the task does not take is an error."""
+    if args.data and args.task:
+        parser.error("give --task or --data, not both")
+    task = "data" if args.data else (args.task or "adding")
+    given = {k: getattr(args, k) for k in FLAGS if getattr(args, k) is not None}
+    defaults = TRAIN_DEFAULTS[task]
+    for k in given:
+        if k not in defaults:
+            takers = [t for t, d in TRAIN_DEFAULTS.items() if k in d]
+            where = "--data" if task == "data" else f"--task {task}"
+            parser.error(f"{FLAGS[k]} does not apply to {where} (it applies to: "
+                         + ", ".join("--data" if t == "data" else t for t in takers) + ")")
+    run = dict(COMMON_DEFAULTS, **defaults)
+    run.update(given)
+    run.update(seed=args.seed if args.seed is not None else run["seed"],
+               backend=args.backend or run["backend"],
+               threads=args.threads if args.threads is not None else run["threads"])
+    return task, run
+
+
+def _train(args, parser):
+    task, run = _settings(args, parser)
+    if run["threads"]:
         # The built-in tasks' matrices are small: BLAS threads gain little on them
         # (adding, T=100: 51 s with 2 threads, 60 s with 1) and, when another process
         # is busy on the cores, spin against it (the same run took over 540 s).
         from threadpoolctl import threadpool_limits
-        with threadpool_limits(limits=args.threads, user_api="blas"):
-            return _train_run(args)
-    return _train_run(args)
+        with threadpool_limits(limits=run["threads"], user_api="blas"):
+            return _train_run(args, task, run)
+    return _train_run(args, task, run)
 
 
-def _train_run(args):
+def _train_run(args, task, run):
     from . import tasks
-    dtype = np.dtype(args.dtype)
     say = (lambda *a, **k: None) if args.json else (lambda *a, **k: print(*a, **k, flush=True))
-    progress = not args.json and not args.no_progress
-    common = dict(dtype=dtype, seed=args.seed, progress=progress, backend=args.backend)
-    if args.data:
-        say(f"Training on {args.data} ({args.backend}) ...")
-        model, summary = tasks.train_data(args.data, hidden=args.hidden or 64, layers=args.layers,
-                                          batch_size=args.batch_size, lr=args.lr or 3e-3,
-                                          optimizer=args.optimizer, epochs=args.epochs,
-                                          **common)
-    elif args.task == "adding":
-        T = args.seq_len or 100
-        say(f"The adding problem (Hochreiter & Schmidhuber 1997) at T={T}: training until all "
-            f"2560 validation sequences are within 0.03 ({args.backend}, "
-            f"{'curriculum over T' if not args.no_curriculum else 'no curriculum'}, "
-            f"at most {args.max_seconds:.0f} s) ...")
-        model, summary = tasks.train_adding(
-            seq_len=T, hidden=args.hidden or 64, layers=args.layers, batch_size=args.batch_size,
-            lr=args.lr or 3e-3, optimizer=args.optimizer, max_seconds=args.max_seconds,
-            max_steps=args.steps, curriculum=not args.no_curriculum, **common)
-    elif args.task == "sine":
-        say(f"Forecasting a noisy sum of sines, sequence to sequence ({args.backend}) ...")
-        model, summary = tasks.train_sine(
-            seq_len=args.seq_len or 50, hidden=args.hidden or 32, layers=args.layers,
-            batch_size=args.batch_size, lr=args.lr or 1e-2, optimizer=args.optimizer,
-            max_seconds=args.max_seconds, max_steps=args.steps or 1500, **common)
+    if task == "article":
+        return _train_article(args, run, say)
+    common = dict(dtype=np.dtype(run["dtype"]), seed=run["seed"], backend=run["backend"],
+                  progress=not args.json and not args.no_progress, hidden=run["hidden"],
+                  layers=run["layers"], batch_size=run["batch_size"], lr=run["lr"],
+                  optimizer=run["optimizer"], max_seconds=run["max_seconds"])
+    if task == "data":
+        say(f"Training on {args.data} ({run['backend']}) ...")
+        model, summary = tasks.train_data(args.data, epochs=run["epochs"], **common)
+    elif task == "adding":
+        say(f"The adding problem (Hochreiter & Schmidhuber 1997) at T={run['seq_len']}: "
+            f"training until all 2560 validation sequences are within 0.03 ({run['backend']}, "
+            f"{'curriculum over T' if run['curriculum'] else 'no curriculum'}, "
+            f"at most {run['max_seconds']:.0f} s) ...")
+        model, summary = tasks.train_adding(seq_len=run["seq_len"], max_steps=run["max_steps"],
+                                            curriculum=run["curriculum"], **common)
     else:
-        return _train_article(args, say)
-    if args.save:
-        model.save(args.save)
-        summary["saved"] = args.save
+        say(f"Forecasting a noisy sum of sines, sequence to sequence ({run['backend']}) ...")
+        model, summary = tasks.train_sine(seq_len=run["seq_len"], max_steps=run["max_steps"],
+                                          **common)
+    if run["save"]:
+        model.save(run["save"])
+        summary["saved"] = run["save"]
+    _report(args, summary, run)
+    return 0 if summary.get("criterion_met") in (True, None) else 1
+
+
+def _report(args, summary, run):
+    """Print the summary; the JSON carries every setting that shaped the run."""
+    summary = dict(summary, settings=run, dtype=run["dtype"])
     if args.json:
         print(json.dumps(summary))
-    else:
+    elif summary["task"] != "article":
         _print_summary(summary)
-    return 0 if summary.get("criterion_met") in (True, None) else 1
 
 
 def _print_summary(s):
@@ -70,33 +113,32 @@ def _print_summary(s):
               f"{p['test_wrong']} of {p['test_size']} wrong")
 
 
-def _train_article(args, say):
+def _train_article(args, run, say):
     from .tasks import train_article
-    dtype = np.dtype(args.dtype) if args.dtype != "float32" else np.dtype(np.float64)
-    steps = args.steps or 3000
-    lr = args.lr or 0.01
-    say(f"Training the article's example (T=3, 2 features, 3 hidden units, logistic output, "
-        f"gradient descent, lr={lr}) for {steps} steps, {dtype.name}:")
-    fast = train_article(steps=steps, lr=lr, seed=args.seed, dtype=dtype,
-                         report_every=None if args.json else max(steps // 10, 1), out=say)
-    ref = train_article(steps=min(steps, 500), lr=lr, seed=args.seed, dtype=dtype,
-                        backend="reference")
+    dtype, steps, lr = np.dtype(run["dtype"]), run["max_steps"], run["lr"]
+    say(f"Training the article's example (T=3, 2 features, {run['hidden']} hidden units, "
+        f"logistic output, gradient descent, lr={lr}) for {steps} steps, {dtype.name}, "
+        f"{run['backend']}:")
+    opts = dict(lr=lr, seed=run["seed"], dtype=dtype, hidden=run["hidden"])
+    fast = train_article(steps=steps, backend=run["backend"], out=say,
+                         report_every=None if args.json else max(steps // 10, 1), **opts)
+    # the NumPy reference's step time beside it (the same steps, fewer of them)
+    ref = train_article(steps=min(steps, 500), backend="reference", **opts)
     summary = dict(task="article", seq_len=3, steps=steps, sequences=steps * 8,
                    seconds=round(fast["step_seconds"] * steps, 3),
                    test_mse=None, test_accuracy=fast["accuracy"],
                    criterion_met=fast["accuracy"] == 1.0, loss_first=fast["losses"][0],
-                   loss_last=fast["losses"][-1], step_us_fastlstm=fast["step_seconds"] * 1e6,
+                   loss_last=fast["losses"][-1], step_us=fast["step_seconds"] * 1e6,
                    step_us_reference=ref["step_seconds"] * 1e6,
-                   speedup=ref["step_seconds"] / fast["step_seconds"])
-    if args.json:
-        print(json.dumps(summary))
-    else:
+                   speedup=ref["step_seconds"] / fast["step_seconds"], backend=run["backend"])
+    _report(args, summary, run)
+    if not args.json:
         print(f"loss {summary['loss_first']:.4f} -> {summary['loss_last']:.4f}, "
               f"accuracy {summary['test_accuracy']:.0%}")
-        print(f"median step: fastlstm {summary['step_us_fastlstm']:.1f} us, NumPy reference "
+        print(f"median step: {run['backend']} {summary['step_us']:.1f} us, NumPy reference "
               f"{summary['step_us_reference']:.1f} us ({summary['speedup']:.1f}x); whole step "
               f"including the NumPy logistic head")
-    return 0
+    return 0 if summary["criterion_met"] else 1
 
 
 def _parse_size(text):
@@ -150,31 +192,58 @@ def _bench(args):
     return 0
 
 
+def _positive(kind):
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
+        if not v > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+        return v
+    return parse
+
+
+def _nonnegative_int(text):
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
+    return v
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="fastlstm", description=__doc__)
     sub = p.add_subparsers(dest="command")
     t = sub.add_parser("train", help="train on a built-in task (default: the adding problem) "
                                      "or on your data")
-    t.add_argument("--task", choices=["adding", "article", "sine"], default="adding")
+    t.add_argument("--task", choices=["adding", "article", "sine"],
+                   help="a built-in task (default: adding)")
     t.add_argument("--data", help="an .npz with x (N, T, I), y and optional lengths")
-    t.add_argument("--seq-len", type=int, help="T (adding: 100; sine: 50)")
-    t.add_argument("--hidden", type=int, help="hidden units (adding: 64, sine: 32)")
-    t.add_argument("--layers", type=int, default=1)
-    t.add_argument("--batch-size", type=int, default=32)
-    t.add_argument("--lr", type=float, help="learning rate (adding: 3e-3, sine: 1e-2, "
-                                            "article: 0.01)")
-    t.add_argument("--optimizer", choices=["adam", "adamw", "sgd", "rmsprop"], default="adam")
-    t.add_argument("--epochs", type=int, default=10, help="epochs over --data")
-    t.add_argument("--steps", type=int, help="at most this many training steps")
-    t.add_argument("--max-seconds", type=float, default=540.0,
-                   help="stop training after this long (default 540)")
-    t.add_argument("--no-curriculum", action="store_true",
+    t.add_argument("--seq-len", type=_positive(int), help="T (adding: 100; sine: 50)")
+    t.add_argument("--hidden", type=_positive(int),
+                   help="hidden units (adding, --data: 64; sine: 32; article: 3)")
+    t.add_argument("--layers", type=_positive(int), help="stacked layers (default 1)")
+    t.add_argument("--batch-size", type=_positive(int), help="sequences per step (default 32)")
+    t.add_argument("--lr", type=_positive(float), help="learning rate (adding, --data: 3e-3; "
+                                                         "sine: 1e-2; article: 0.01)")
+    t.add_argument("--optimizer", choices=["adam", "adamw", "sgd", "rmsprop"],
+                   help="default adam (the article's run is plain gradient descent)")
+    t.add_argument("--epochs", type=_positive(int), help="epochs over --data (default 10)")
+    t.add_argument("--steps", type=_positive(int), dest="max_steps",
+                   help="at most this many training steps (sine: 1500; article: 3000)")
+    t.add_argument("--max-seconds", type=_positive(float),
+                   help="stop training after this long (adding, sine: 540)")
+    t.add_argument("--no-curriculum", action="store_const", const=False, dest="curriculum",
                    help="adding: train at the full T from the start")
-    t.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--backend", choices=["fastlstm", "reference"], default="fastlstm",
+    t.add_argument("--dtype", choices=["float32", "float64"],
+                   help="default float32 (the article's run: float64)")
+    t.add_argument("--seed", type=_nonnegative_int, help="default 0")
+    t.add_argument("--backend", choices=["fastlstm", "reference"],
                    help="'reference' trains through the NumPy reference, to compare wall time")
-    t.add_argument("--threads", type=int, default=1,
+    t.add_argument("--threads", type=_nonnegative_int,
                    help="BLAS threads while training (default 1: robust on a busy machine; "
                         "0 leaves BLAS's own default)")
     t.add_argument("--save", help="write the trained model to this .npz")
@@ -209,6 +278,8 @@ def main(argv=None):
     if args.command is None:
         parser.print_help()
         return 2
+    if args.func is _train:
+        return _train(args, parser)
     return args.func(args)
 
 

@@ -122,6 +122,14 @@ class LSTM:
         H, D = self.hidden_size, self.num_directions
         P = self.proj_size or H
         self._P = P
+        what = (f"the parameters and gradients of LSTM(input_size={self.input_size}, "
+                f"hidden_size={H}, num_layers={self.num_layers}"
+                + (", bidirectional=True" if self.bidirectional else "")
+                + (f", proj_size={self.proj_size}" if self.proj_size else "") + ")")
+        flags = (self.bias, bool(self.proj_size))
+        total = D * (_layout.param_size(self.input_size, H, P, *flags)
+                     + (self.num_layers - 1) * _layout.param_size(D * P, H, P, *flags))
+        check.affordable(2 * total, self.dtype, what)     # before any list of that size is built
         self._blocks = []      # per (layer, direction): (offset, size, input size)
         self._layout = []      # (name, shape) of every parameter, in torch's order
         offset = 0
@@ -129,16 +137,11 @@ class LSTM:
             I_k = self.input_size if k == 0 else D * P
             for d in range(D):
                 sfx = f"_l{k}" + ("_reverse" if d else "")
-                table = _layout.param_table(I_k, H, P, self.bias, bool(self.proj_size))
+                table = _layout.param_table(I_k, H, P, *flags)
                 size = sum(math.prod(shape) for _, shape in table)
                 self._blocks.append((offset, size, I_k))
                 self._layout += [(name + sfx, shape) for name, shape in table]
                 offset += size
-        what = (f"the parameters and gradients of LSTM(input_size={self.input_size}, "
-                f"hidden_size={H}, num_layers={self.num_layers}"
-                + (", bidirectional=True" if self.bidirectional else "")
-                + (f", proj_size={self.proj_size}" if self.proj_size else "") + ")")
-        check.affordable(2 * offset, self.dtype, what)
         self.bind(check.allocate(offset, self.dtype, what), np.zeros(offset, self.dtype))
         bound = 1.0 / math.sqrt(H)
         self.flat_params[:] = np.random.default_rng(self.seed).uniform(-bound, bound, offset)

@@ -75,6 +75,9 @@ def clip_grad_norm(model, max_norm):
     """Scale ``model.flat_grads`` so that its L2 norm is at most ``max_norm``
     (as ``torch.nn.utils.clip_grad_norm_``). Returns the norm before clipping."""
     max_norm = check.real("max_norm", max_norm, lo=0.0, lo_open=True)
+    if not hasattr(model, "flat_grads"):
+        raise TypeError(f"model must expose flat_grads (an LSTM or a SequenceModel), got "
+                        f"{type(model).__name__}")
     g = model.flat_grads
     total = math.sqrt(_sum_squares(g))
     coef = max_norm / (total + 1e-6)
@@ -152,6 +155,8 @@ class Adam(Optimizer):
     _decoupled = False
 
     def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         b1, b2 = betas
         super().__init__(model, lr=check.real("lr", lr, lo=0.0),
                          betas=(check.real("betas[0]", b1, lo=0.0, hi=1.0, hi_open=True),

@@ -66,7 +66,7 @@ def article_data(batch=8, seed=0, dtype=np.float64):
 
 
 def train_article(steps=3000, lr=0.01, backend="fastlstm", seed=0, dtype=np.float64,
-                  report_every=None, out=print):
+                  hidden=3, report_every=None, out=print):
     """Train the article's example by full-batch gradient descent.
 
     Returns a dict with the loss history, the final accuracy and the median
@@ -74,7 +74,7 @@ def train_article(steps=3000, lr=0.01, backend="fastlstm", seed=0, dtype=np.floa
     """
     x, labels = article_data(dtype=dtype)
     T, B, I = x.shape
-    H = 3
+    H = hidden
     cls = LSTM if backend == "fastlstm" else ReferenceLSTM
     lstm = cls(I, H, dtype=dtype, seed=seed)
     rng = np.random.default_rng(seed + 1)
@@ -229,7 +229,8 @@ def train_sine(seq_len=50, hidden=32, layers=1, batch_size=32, lr=1e-2, optimize
 
 
 def train_data(path, hidden=64, layers=1, batch_size=32, lr=3e-3, optimizer="adam", epochs=10,
-               dtype=np.float32, seed=0, progress=True, backend="fastlstm", val_fraction=0.1):
+               dtype=np.float32, seed=0, progress=True, backend="fastlstm", val_fraction=0.1,
+               max_seconds=None):
     """Train on the user's arrays in an .npz: x (N, T, I), y, optional lengths.
 
     y (N, O) floats: sequence -> vector, MSE; (N, T, O) floats: sequence ->
@@ -260,7 +261,8 @@ def train_data(path, hidden=64, layers=1, batch_size=32, lr=3e-3, optimizer="ada
     lt = None if lengths is None else lengths[tr]
     lv = None if lengths is None else lengths[val]
     hist = model.fit(x[tr], y[tr], opt, epochs=epochs, batch_size=batch_size,
-                     validation=(x[val], y[val], lv), seed=seed, progress=progress, lengths=lt)
+                     validation=(x[val], y[val], lv), seed=seed, progress=progress, lengths=lt,
+                     max_seconds=max_seconds)
     seconds = time.perf_counter() - start
     pred = model.predict(x[val], lv)
     if classify:

@@ -140,15 +140,41 @@ def test_load_state_dict_not_a_mapping(model):
         model.load_state_dict([1, 2])
 
 
-@pytest.mark.parametrize("kwargs,exc,msg", [
-    (dict(input_size=0, hidden_size=3), ValueError, "input_size must be >= 1, got 0"),
-    (dict(input_size=2, hidden_size=2.5), TypeError, "hidden_size must be an int, got float"),
-    (dict(input_size=2, hidden_size=3, dtype=np.int32), TypeError, "dtype must be float32 or float64"),
-    (dict(input_size=2, hidden_size=3, dtype=np.float16), TypeError, "dtype must be float32 or float64"),
-])
-def test_constructor_bad_input(kwargs, exc, msg):
+CONSTRUCTOR_CASES = {
+    "input-zero": (dict(input_size=0, hidden_size=3), ValueError, "input_size must be >= 1, got 0"),
+    "hidden-float": (dict(input_size=2, hidden_size=2.5), TypeError,
+                     "hidden_size must be an int, got float"),
+    "dtype-int32": (dict(input_size=2, hidden_size=3, dtype=np.int32), TypeError,
+                    "dtype must be float32 or float64"),
+    "dtype-float16": (dict(input_size=2, hidden_size=3, dtype=np.float16), TypeError,
+                      "dtype must be float32 or float64"),
+    "seed-negative": (dict(input_size=3, hidden_size=4, seed=-1), ValueError,
+                      "seed must be >= 0, got -1"),
+    "seed-float": (dict(input_size=3, hidden_size=4, seed=1.5), TypeError,
+                   "seed must be an int, got float"),
+    "hidden-huge": (dict(input_size=3, hidden_size=10 ** 9), ValueError,
+                    r"LSTM\(input_size=3, hidden_size=1000000000, num_layers=1\) would need "
+                    r"[0-9.e+]+ GiB, more than this machine's"),
+    "input-huge": (dict(input_size=10 ** 12, hidden_size=3), ValueError,
+                   r"LSTM\(input_size=1000000000000, hidden_size=3.* would need"),
+    "layers-huge": (dict(input_size=3, hidden_size=1000, num_layers=10 ** 6), ValueError,
+                    r"num_layers=1000000\) would need"),
+}
+
+
+@pytest.mark.parametrize("case", CONSTRUCTOR_CASES, ids=list(CONSTRUCTOR_CASES))
+def test_constructor_bad_input(case):
+    kwargs, exc, msg = CONSTRUCTOR_CASES[case]
     with pytest.raises(exc, match=msg):
         fastlstm.LSTM(**kwargs)
+
+
+def test_a_workspace_too_large_names_x():
+    m = fastlstm.LSTM(2, 3, seed=0)
+    x = np.broadcast_to(np.float32(1), (10 ** 6, 10 ** 5, 2))   # no memory behind it
+    with pytest.raises(ValueError, match=r"the workspace for T=1000000, B=100000 \(x's shape\) "
+                                         r"would need [0-9.e+]+ GiB"):
+        m.forward(x)
 
 
 # -- what is accepted, and how --------------------------------------------
@@ -263,27 +289,95 @@ def test_layer_backward_bad_dy(deep):
     assert_unchanged(deep, snap)
 
 
-@pytest.mark.parametrize("kwargs,exc,msg", [
-    (dict(proj_size=5), ValueError, r"proj_size must be smaller than hidden_size=5, got 5"),
-    (dict(proj_size=-1), ValueError, r"proj_size must be >= 0, got -1"),
-    (dict(dropout=1.0), ValueError, r"dropout must be a finite number in \[0.0, 1.0\), got 1.0"),
-    (dict(dropout=-0.1), ValueError, r"dropout must be a finite number in \[0.0, 1.0\)"),
-    (dict(dropout="0.5"), TypeError, r"dropout must be a real number, got str"),
-    (dict(num_layers=0), ValueError, r"num_layers must be >= 1, got 0"),
-    (dict(bidirectional=1), TypeError, r"bidirectional must be a bool, got int"),
-    (dict(cell_clip=0.0), ValueError, r"cell_clip must be a finite number in \(0.0, inf\)"),
-    (dict(cell_clip=float("nan")), ValueError, r"cell_clip must be a finite number"),
-    (dict(forget_bias=1.0, bias=False), ValueError, r"forget_bias=1.0 needs bias=True"),
-])
-def test_layer_constructor_bad_input(kwargs, exc, msg):
+LAYER_CONSTRUCTOR_CASES = {
+    "proj-equal": (dict(proj_size=5), ValueError, r"proj_size must be smaller than hidden_size=5, got 5"),
+    "proj-negative": (dict(proj_size=-1), ValueError, r"proj_size must be >= 0, got -1"),
+    "dropout-one": (dict(dropout=1.0), ValueError,
+                    r"dropout must be a finite number in \[0.0, 1.0\), got 1.0"),
+    "dropout-negative": (dict(dropout=-0.1), ValueError,
+                         r"dropout must be a finite number in \[0.0, 1.0\)"),
+    "dropout-str": (dict(dropout="0.5"), TypeError, r"dropout must be a real number, got str"),
+    "layers-zero": (dict(num_layers=0), ValueError, r"num_layers must be >= 1, got 0"),
+    "bidirectional-int": (dict(bidirectional=1), TypeError, r"bidirectional must be a bool, got int"),
+    "clip-zero": (dict(cell_clip=0.0), ValueError, r"cell_clip must be a finite number in \(0.0, inf\)"),
+    "clip-nan": (dict(cell_clip=float("nan")), ValueError, r"cell_clip must be a finite number"),
+    "forget-bias-no-bias": (dict(forget_bias=1.0, bias=False), ValueError,
+                            r"forget_bias=1.0 needs bias=True"),
+}
+
+
+@pytest.mark.parametrize("case", LAYER_CONSTRUCTOR_CASES, ids=list(LAYER_CONSTRUCTOR_CASES))
+def test_layer_constructor_bad_input(case):
+    kwargs, exc, msg = LAYER_CONSTRUCTOR_CASES[case]
     with pytest.raises(exc, match=msg):
         fastlstm.LSTM(I, H, **kwargs)
 
 
-def test_catalogue_lists_every_case():
-    """docs/errors.md names every parametrised bad-input case of this file."""
+# -- SequenceModel, fit, optimizers ---------------------------------------------
+
+SX, SY = a(4, 5, 2, dtype=np.float32), a(4, 1, dtype=np.float32)
+
+MODEL_CASES = {
+    "model-seed": (lambda m, o: fastlstm.SequenceModel(2, 3, 1, seed=-1), ValueError,
+                   r"seed must be >= 0, got -1"),
+    "model-backend": (lambda m, o: fastlstm.SequenceModel(2, 3, 1, backend="cuda"), ValueError,
+                      r"backend must be one of \('fastlstm', 'reference'\), got 'cuda'"),
+    "fit-no-sequences": (lambda m, o: m.fit(SX[:0], SY[:0], o, progress=False), ValueError,
+                         r"x must hold at least one sequence of at least one step, got shape "
+                         r"\(0, 5, 2\)"),
+    "fit-no-steps": (lambda m, o: m.fit(SX[:, :0], SY, o, progress=False), ValueError,
+                     r"at least one step, got shape \(4, 0, 2\)"),
+    "fit-seed": (lambda m, o: m.fit(SX, SY, o, seed=-1, progress=False), ValueError,
+                 r"seed must be >= 0, got -1"),
+    "fit-patience": (lambda m, o: m.fit(SX, SY, o, validation=(SX, SY), patience=0,
+                                        progress=False), ValueError, r"patience must be >= 1, got 0"),
+    "fit-max-seconds": (lambda m, o: m.fit(SX, SY, o, max_seconds=-1, progress=False), ValueError,
+                        r"max_seconds must be a finite number in \(0.0, inf\), got -1"),
+    "fit-validation": (lambda m, o: m.fit(SX, SY, o, validation=[SX], progress=False), TypeError,
+                       r"validation must be a tuple \(x_val, y_val\)"),
+    "fit-lengths": (lambda m, o: m.fit(SX, SY, o, lengths=[1, 2], progress=False), ValueError,
+                    r"lengths must have shape \(4,\)"),
+    "step-clip": (lambda m, o: m.train_step(SX, SY, o, clip_norm=-1), ValueError,
+                  r"clip_norm must be a finite number in \(0.0, inf\), got -1"),
+    "step-no-optimizer": (lambda m, o: m.train_step(SX, SY, None), ValueError,
+                          r"opt was built for another model"),
+    "adam-betas": (lambda m, o: fastlstm.Adam(m, betas=0.9), TypeError,
+                   r"betas must be a pair \(beta1, beta2\), got 0.9"),
+    "clip-no-model": (lambda m, o: fastlstm.clip_grad_norm(object(), 1.0), TypeError,
+                      r"model must expose flat_grads"),
+}
+
+
+@pytest.mark.parametrize("case", MODEL_CASES, ids=list(MODEL_CASES))
+def test_model_bad_input(case):
+    call, exc, msg = MODEL_CASES[case]
+    m = fastlstm.SequenceModel(2, 3, 1, seed=0)
+    opt = fastlstm.Adam(m)
+    m.train_step(SX, SY, opt)
+    params, grads, state = m.flat_params.copy(), m.flat_grads.copy(), opt.state_dict()
+    with pytest.raises(exc, match=msg):
+        call(m, opt)
+    assert np.array_equal(m.flat_params, params) and np.array_equal(m.flat_grads, grads)
+    after = opt.state_dict()
+    assert after["steps"] == state["steps"]
+    assert all(np.array_equal(after["state"][k], v) for k, v in state["state"].items())
+
+
+CATALOGUED = (FORWARD_CASES, BACKWARD_CASES, LOAD_CASES, LAYER_FORWARD_CASES, CONSTRUCTOR_CASES,
+              LAYER_CONSTRUCTOR_CASES, MODEL_CASES)
+
+
+def test_catalogue_lists_every_case_and_only_cases():
+    """docs/errors.md names every parametrised bad-input case of this file in brackets,
+    [id, id], and every bracketed id is a case here or a test of this file
+    (test_<id with - as _>): matched as whole ids, never as words of the prose."""
     import pathlib
+    import re
     doc = (pathlib.Path(__file__).parent.parent / "docs" / "errors.md").read_text()
-    for cases in (FORWARD_CASES, BACKWARD_CASES, LOAD_CASES, LAYER_FORWARD_CASES):
-        for name in cases:
-            assert name in doc, name
+    listed = {i.strip() for group in re.findall(r"\[([a-z][\w-]*(?:, [a-z][\w-]*)*)\]", doc,
+                                                   flags=re.I)
+              for i in group.split(",")}
+    cases = {name for table in CATALOGUED for name in table}
+    tests = {n[5:].replace("_", "-") for n in globals() if n.startswith("test_")}
+    assert cases - listed == set(), "cases missing from docs/errors.md"
+    assert listed - cases - tests == set(), "ids in docs/errors.md that no test here has"

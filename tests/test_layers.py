@@ -212,8 +212,20 @@ def test_forget_bias_added_at_initialisation():
 
 
 def test_defaults_leave_torch_behaviour_unchanged():
-    a = fastlstm.LSTM(3, 4, seed=0, dtype=np.float64)
-    b = fastlstm.LSTM(3, 4, seed=0, dtype=np.float64, forget_bias=0.0, cell_clip=None,
-                      dropout=0.0)
-    x = np.random.default_rng(0).standard_normal((5, 2, 3))
-    assert np.array_equal(a.forward(x)[0], b.forward(x)[0])
+    """The defaults add nothing beyond torch.nn.LSTM: a forget-bias shift, a cell clip
+    or dropout between layers switched on by default would each fail here."""
+    H = 4
+    deep = fastlstm.LSTM(3, H, num_layers=2, seed=0, dtype=np.float64)
+    bound = 1 / np.sqrt(H)                  # torch's U(-1/sqrt(H), 1/sqrt(H)), forget gate too
+    assert all(np.abs(v).max() <= bound for v in deep.params.values())
+    x = np.random.default_rng(0).standard_normal((6, 2, 3))
+    assert deep.training
+    assert np.array_equal(deep.forward(x)[0].copy(), deep.forward(x)[0])   # no dropout mask
+    m = fastlstm.LSTM(3, H, seed=0, dtype=np.float64)
+    m.flat_params *= 20                     # cells far past any plausible clip
+    zeros = np.zeros((2, H))
+    p = m.params
+    want, (_, c_n), _ = reference.forward(x, zeros, zeros, p["weight_ih_l0"], p["weight_hh_l0"],
+                                          p["bias_ih_l0"], p["bias_hh_l0"])
+    assert np.abs(c_n).max() > 3
+    assert rel_err(m.forward(x)[0], want) <= 1e-10

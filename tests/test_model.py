@@ -320,3 +320,17 @@ def test_fastlstm_train_on_user_data(tmp_path):
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["test_accuracy"] > 0.8
     assert fastlstm.load(tmp_path / "m.npz").loss == "ce"
+
+
+def test_checkpoint_of_a_model_built_from_numpy_scalars(tmp_path):
+    """The config keeps validated Python values: NumPy integers and floats (as
+    sizes read from arrays are) save as JSON and load back to the same model."""
+    m = fastlstm.SequenceModel(np.int64(2), np.int32(4), np.int64(1), seed=np.int64(3),
+                               num_layers=np.int64(2), dropout=np.float32(0.25),
+                               forget_bias=np.float64(1.0))
+    opt = fastlstm.Adam(m)
+    m.train_step(np.ones((3, 5, 2), np.float32), np.ones((3, 1), np.float32), opt)
+    m.save(tmp_path / "m.npz", optimizer=opt)
+    back, opt2 = fastlstm.load(tmp_path / "m.npz", with_optimizer=True)
+    assert back.config == m.config and type(back.config["hidden_size"]) is int
+    assert np.array_equal(back.flat_params, m.flat_params)

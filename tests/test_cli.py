@@ -1,0 +1,55 @@
+"""`fastlstm train`: every option either shapes the run or is refused by name."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastlstm
+
+
+def train(*args):
+    out = subprocess.run([sys.executable, "-m", "fastlstm", "train", *args], capture_output=True,
+                         text=True)
+    summary = json.loads(out.stdout.strip().splitlines()[-1]) if "--json" in args and \
+        out.returncode in (0, 1) else None
+    return out, summary
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_article_honours_dtype_and_hidden(dtype):
+    out, s = train("--task", "article", "--dtype", dtype, "--hidden", "4", "--steps", "20",
+                   "--json")
+    assert out.returncode in (0, 1), out.stderr
+    assert s["dtype"] == dtype and s["settings"]["hidden"] == 4 and s["steps"] == 20
+    # the losses were computed in that dtype: float32 values round-trip through float32
+    assert (float(np.float32(s["loss_first"])) == s["loss_first"]) == (dtype == "float32")
+
+
+@pytest.mark.parametrize("task,extra", [("sine", []), ("adding", ["--seq-len", "10"])])
+def test_saved_model_has_the_options_given(tmp_path, task, extra):
+    path = tmp_path / "m.npz"
+    out, s = train("--task", task, "--steps", "3", "--dtype", "float64", "--hidden", "6",
+                   "--layers", "2", "--optimizer", "sgd", "--backend", "fastlstm", "--save",
+                   str(path), "--json", *extra)
+    assert out.returncode in (0, 1), out.stderr
+    m = fastlstm.load(path)
+    assert m.dtype == np.float64 and m.lstm.hidden_size == 6 and m.lstm.num_layers == 2
+    assert s["settings"]["optimizer"] == "sgd" and s["dtype"] == "float64" and s["steps"] == 3
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--task", "article", "--save", "m.npz"], "--save does not apply to --task article"),
+    (["--task", "article", "--optimizer", "adam"], "--optimizer does not apply to --task article"),
+    (["--task", "article", "--layers", "2"], "--layers does not apply to --task article"),
+    (["--task", "adding", "--epochs", "3"], "--epochs does not apply to --task adding"),
+    (["--task", "sine", "--no-curriculum"], "--no-curriculum does not apply to --task sine"),
+    (["--data", "d.npz", "--steps", "4"], "--steps does not apply to --data"),
+    (["--data", "d.npz", "--task", "sine"], "give --task or --data, not both"),
+    (["--hidden", "0"], "argument --hidden: must be > 0"),
+    (["--seed", "-1"], "argument --seed: must be >= 0"),
+])
+def test_options_a_run_does_not_take_are_refused(args, message):
+    out, _ = train(*args)
+    assert out.returncode == 2 and message in out.stderr, out.stderr
