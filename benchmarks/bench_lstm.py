@@ -1,21 +1,16 @@
-"""asv suite: fastlstm, the NumPy reference and torch (when importable) at the
-sizes of fastlstm.bench.SIZES, float32 and float64."""
-
-from fastlstm.bench import SIZES, Case, TrainCase, flops, median_time, torch_available
-
-DTYPES = ["float32", "float64"]
+"""asv suite: fastlstm, the NumPy reference and torch (when importable) at every
+size and dtype. Its harness is benchmarks/common.py, not the package under test."""
+from .common import CASES, DTYPES, SIZES, FastCase, ReferenceCase, TrainCase, flops, median_time
 
 
 class _Base:
     params = [list(SIZES), DTYPES]
     param_names = ["size", "dtype"]
     impl = None
+    timeout = 300
 
     def setup(self, size, dtype):
-        if self.impl == "torch" and not torch_available():
-            raise NotImplementedError("torch is not installed")   # asv: skipped
-        B, T, I, H = SIZES[size]
-        self.case = Case(self.impl, B, T, I, H, dtype)
+        self.case = CASES[self.impl](*SIZES[size], dtype)
 
     def time_forward(self, size, dtype):
         self.case.forward()
@@ -43,24 +38,23 @@ class Torch(_Base):
 
 
 class Speedup:
-    """Ratios and rates measured side by side in one process."""
+    """Ratios and rates measured side by side in one process (fastlstm and the
+    NumPy reference share numpy's BLAS; torch is timed in its own benchmarks)."""
     params = [list(SIZES), DTYPES]
     param_names = ["size", "dtype"]
     timeout = 300
 
     def setup(self, size, dtype):
-        B, T, I, H = SIZES[size]
-        self.shape = (B, T, I, H)
-        self.fast = Case("fastlstm", B, T, I, H, dtype)
-        self.ref = Case("reference", B, T, I, H, dtype)
+        self.shape = SIZES[size]
+        self.fast = FastCase(*self.shape, dtype)
+        self.ref = ReferenceCase(*self.shape, dtype)
 
     def track_speedup_over_reference(self, size, dtype):
-        return (median_time(self.ref.fwd_bwd, min_time=0.1)
-                / median_time(self.fast.fwd_bwd, min_time=0.1))
+        return median_time(self.ref.fwd_bwd) / median_time(self.fast.fwd_bwd)
     track_speedup_over_reference.unit = "x"
 
     def track_gflops(self, size, dtype):
-        return flops(*self.shape) / median_time(self.fast.fwd_bwd, min_time=0.1) / 1e9
+        return flops(*self.shape) / median_time(self.fast.fwd_bwd) / 1e9
     track_gflops.unit = "GFLOP/s"
 
 
@@ -71,10 +65,7 @@ class Stacked:
     timeout = 300
 
     def setup(self, impl, dtype):
-        if impl == "torch" and not torch_available():
-            raise NotImplementedError("torch is not installed")
-        B, T, I, H = SIZES["medium"]
-        self.case = Case(impl, B, T, I, H, dtype, num_layers=2, bidirectional=True)
+        self.case = CASES[impl](*SIZES["medium"], dtype, num_layers=2, bidirectional=True)
 
     def time_fwd_bwd(self, impl, dtype):
         self.case.fwd_bwd()
@@ -87,8 +78,6 @@ class TrainStep:
     timeout = 300
 
     def setup(self, impl, size, dtype):
-        if impl == "torch" and not torch_available():
-            raise NotImplementedError("torch is not installed")
         self.case = TrainCase(impl, *SIZES[size], dtype)
 
     def time_train_step(self, impl, size, dtype):
