@@ -11,4 +11,4 @@ from .optim import SGD, Adam, AdamW, RMSprop, clip_grad_norm
 
 __all__ = ["LSTM", "SequenceModel", "load", "SGD", "Adam", "AdamW", "RMSprop",
            "clip_grad_norm", "reference", "__version__"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -21,7 +21,8 @@ import collections
 import math
 
 __all__ = ["PARAMS", "WORKSPACE", "DIMS", "FLAGS", "Params", "Workspace", "shape_of",
-           "param_table", "param_size", "workspace_table", "workspace_size", "carve", "carving_source"]
+           "param_table", "param_size", "workspace_table", "workspace_size", "carve",
+           "carving_source"]
 
 #: One direction of one layer's parameters, in torch.nn.LSTM's order.
 PARAMS = (

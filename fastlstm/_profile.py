@@ -33,7 +33,8 @@ def gemm_parts(impl, x, h, hs, dz, w_ih, w_hh, T, B, min_time):
     if impl == "fastlstm":
         fns = {"input GEMM": lambda: _input_gemm(x, w_ih, gates),
                "recurrent GEMMs": lambda: _recurrent_gemms(h, dz_t, w_hh, rec, dh, T),
-               "dx and weight-gradient GEMMs": lambda: _weight_gemms(dz, x, hs, w_ih, dx, g_ih, g_hh)}
+               "dx and weight-gradient GEMMs":
+                   lambda: _weight_gemms(dz, x, hs, w_ih, dx, g_ih, g_hh)}
     else:  # the reference: per step, as it is written
         xs = x.reshape(T, B, -1)
         hs3 = hs.reshape(T, B, -1)

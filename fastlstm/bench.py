@@ -3,7 +3,6 @@
 Used by ``fastlstm bench`` and by the asv suite. Every ratio is taken from
 medians measured side by side in one process.
 """
-import time
 
 import numpy as np
 
@@ -39,7 +38,7 @@ def matmul_gflops(dtype, n=2048, min_time=0.5):
 
 
 class Case:
-    """One (implementation, size, dtype) with ``forward``, ``backward`` and ``fwd_bwd`` callables."""
+    """One (implementation, size, dtype) with ``forward``, ``backward`` and ``fwd_bwd``."""
 
     def __init__(self, impl, B, T, I, H, dtype, seed=0, **layer):
         dtype = np.dtype(dtype)

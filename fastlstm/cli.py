@@ -5,7 +5,6 @@ import sys
 
 import numpy as np
 
-
 #: What each run of `fastlstm train` takes, with its defaults. An option given on the
 #: command line that its run does not take is refused, never silently ignored.
 TRAIN_DEFAULTS = {

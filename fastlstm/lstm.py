@@ -6,9 +6,9 @@ import numpy as np
 
 from . import _layout
 from . import _validate as check
-from ._shared import Buffers, OneThread, readonly
 from ._config import exact_activations
 from ._kernels import layer_backward, layer_forward, reverse_in_time, zero_padding
+from ._shared import Buffers, OneThread, readonly
 from ._threads import parallel_worthwhile, run_pair
 
 __all__ = ["LSTM"]

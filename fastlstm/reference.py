@@ -165,7 +165,7 @@ class ReferenceLSTM:
         self.num_layers, self.batch_first, self.forget_bias = 1, batch_first, float(forget_bias)
         self.dtype, self.seed = np.dtype(dtype), seed
         self.training = True
-        self._rng = np.random.default_rng(None if seed is None else [seed, 1])   # unused: no dropout
+        self._rng = np.random.default_rng(None if seed is None else [seed, 1])  # no dropout here
         self._layout = [(name + "_l0", shape)
                         for name, shape in param_table(input_size, H, H, True, False)]
         n = sum(int(np.prod(s)) for _, s in self._layout)
@@ -213,7 +213,8 @@ class ReferenceLSTM:
         if self.batch_first:
             x = x.transpose(1, 0, 2)
         T, B, H = x.shape[0], x.shape[1], self.hidden_size
-        h0, c0 = (np.zeros((B, H), self.dtype),) * 2 if state is None else (state[0][0], state[1][0])
+        h0, c0 = ((np.zeros((B, H), self.dtype),) * 2 if state is None
+                  else (state[0][0], state[1][0]))
         p = self.params
         y, (h_n, c_n), self._cache = forward(
             x.astype(self.dtype, copy=False), h0, c0, p["weight_ih_l0"], p["weight_hh_l0"],

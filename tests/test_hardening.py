@@ -9,12 +9,12 @@ import warnings
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import fastlstm
-from helpers import rel_err, run_ours, run_torch
 
-TOL = {np.float64: 1e-9, np.float32: 1e-4}
+from helpers import TOL, rel_err, run_ours, run_torch
 
 
 @st.composite
@@ -251,6 +251,7 @@ def test_sequence_model_serves_one_thread_at_a_time():
 
 def _train_in_worker(seed):
     import numpy as np
+
     import fastlstm
     m = fastlstm.SequenceModel(2, 8, 1, seed=seed)
     opt = fastlstm.Adam(m)
@@ -303,7 +304,8 @@ def test_fork_after_the_direction_pool_ran(tmp_path):
 
 def test_unwritable_cache_falls_back_with_a_warning():
     code = ("import warnings, numpy as np\nwarnings.simplefilter('always')\nimport fastlstm\n"
-            "print(float(fastlstm.LSTM(2, 3, seed=0).forward(np.ones((2, 1, 2), np.float32))[0].sum()))")
+            "x = np.ones((2, 1, 2), np.float32)\n"
+            "print(float(fastlstm.LSTM(2, 3, seed=0).forward(x)[0].sum()))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=dict(os.environ, NUMBA_CACHE_DIR="/dev/null/not-a-folder"))
     assert out.returncode == 0, out.stderr

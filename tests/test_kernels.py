@@ -2,12 +2,11 @@
 import numpy as np
 import pytest
 
-from helpers import RESULT_KEYS, random_problem, rel_err, run_fastlstm, run_reference
+from helpers import RESULT_KEYS, TOL, random_problem, rel_err, run_fastlstm, run_reference
 
 # T = 1, B = 1, H not a multiple of 8 or 16, I != H, I > H and I < H.
 SHAPES = [(1, 1, 1, 1), (1, 4, 3, 5), (7, 1, 2, 3), (3, 2, 2, 3), (10, 5, 13, 7),
           (4, 3, 20, 9), (6, 8, 16, 32), (25, 3, 5, 17)]
-TOL = {np.float64: 1e-10, np.float32: 1e-5}
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=lambda d: d.__name__)

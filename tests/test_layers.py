@@ -8,9 +8,8 @@ import pytest
 
 import fastlstm
 from fastlstm import reference
-from helpers import rel_err, run_ours, run_torch
 
-TOL = {np.float64: 1e-10, np.float32: 5e-5}
+from helpers import TOL, rel_err, run_ours, run_torch
 
 
 def make_problem(seed, T, B, I, cfg, dtype):
@@ -41,7 +40,8 @@ for L, bi, proj, bf, bias, lens in itertools.product([1, 2, 3], [False, True], [
 def cfg_id(c):
     cfg, lens = c
     return "L{num_layers}{b}{p}{f}{n}{l}".format(
-        b="-bi" if cfg["bidirectional"] else "", p=f"-proj{cfg['proj_size']}" if cfg["proj_size"] else "",
+        b="-bi" if cfg["bidirectional"] else "",
+        p=f"-proj{cfg['proj_size']}" if cfg["proj_size"] else "",
         f="-bf" if cfg["batch_first"] else "", n="" if cfg["bias"] else "-nobias",
         l="-lengths" if lens else "", **cfg)
 

@@ -8,9 +8,8 @@ import numpy as np
 import pytest
 
 import fastlstm
-from helpers import rel_err
 
-TOL = {np.float64: 1e-10, np.float32: 5e-5}
+from helpers import TOL, rel_err
 
 
 def problem(head, loss, dtype, lengths, seed=0, N=5, T=6, I=3, O=4):
@@ -129,7 +128,8 @@ print(json.dumps({"small": measure(2, 5), "large": measure(64, 200)}))
     # NRT: only Numba's per-argument wrappers, the same count at both sizes.
     assert res["small"]["nrt"] == res["large"]["nrt"], res
     # NumPy: no buffer that grows with N or T (200x64 steps of data would be ~100 KB+).
-    assert res["large"]["peak"] <= res["small"]["peak"] + 2048 and res["large"]["peak"] < 40_000, res
+    assert res["large"]["peak"] <= res["small"]["peak"] + 2048, res
+    assert res["large"]["peak"] < 40_000, res
 
 
 def test_fit_history_early_stopping_and_bptt():
@@ -206,7 +206,8 @@ def corrupt_cases(path, tmp_path):
     shape = dict(arrays, **{"param/head.weight": np.zeros((1, 3), np.float32)})
     dtype = dict(arrays, **{"param/head.weight": arrays["param/head.weight"].astype(np.float64)})
     return {
-        "truncated": (write("t.npz", raw=good[:len(good) // 2]), "not a readable fastlstm checkpoint"),
+        "truncated": (write("t.npz", raw=good[:len(good) // 2]),
+                      "not a readable fastlstm checkpoint"),
         "garbage": (write("g.npz", raw=b"\x00garbage" * 100), "not a readable fastlstm checkpoint"),
         "missing": (write("m.npz", missing), r"parameters \['param/head.bias'\] do not match"),
         "shape": (write("s.npz", shape), r"param/head.weight is float32\(1, 3\), expected"),
@@ -220,7 +221,7 @@ def test_corrupted_checkpoints_raise_and_load_nothing(tmp_path):
     m, opt, _ = trained(0)
     path = tmp_path / "ck.npz"
     m.save(path, optimizer=opt)
-    for name, (bad, msg) in corrupt_cases(path, tmp_path).items():
+    for bad, msg in corrupt_cases(path, tmp_path).values():
         with pytest.raises(ValueError, match=msg):
             fastlstm.load(bad)
     with pytest.raises(FileNotFoundError):
@@ -256,7 +257,8 @@ def test_sequence_model_bad_input():
     snap = m.flat_params.copy()
     with pytest.raises(TypeError, match="y must hold integer class indices"):
         m.train_step(x, np.zeros(4, np.float32), opt)
-    with pytest.raises(ValueError, match=r"y must hold class indices in \[0, 2\), got min 0 and max 2"):
+    with pytest.raises(ValueError,
+                       match=r"y must hold class indices in \[0, 2\), got min 0 and max 2"):
         m.train_step(x, np.array([0, 1, 2, 0]), opt)
     with pytest.raises(ValueError, match=r"y must have shape \(4,\), got \(4, 1\)"):
         m.train_step(x, np.zeros((4, 1), int), opt)
@@ -334,3 +336,8 @@ def test_checkpoint_of_a_model_built_from_numpy_scalars(tmp_path):
     back, opt2 = fastlstm.load(tmp_path / "m.npz", with_optimizer=True)
     assert back.config == m.config and type(back.config["hidden_size"]) is int
     assert np.array_equal(back.flat_params, m.flat_params)
+
+
+def test_one_version():
+    from importlib.metadata import version
+    assert version("fastlstm") == fastlstm.__version__

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 import fastlstm
+
 from helpers import rel_err
 
 TOL = {np.float64: 1e-10, np.float32: 1e-6}

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 
 from fastlstm import reference
+
 from helpers import random_problem, rel_err
 
 NAMES = ("weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0")

@@ -3,9 +3,8 @@ import numpy as np
 import pytest
 
 import fastlstm
-from helpers import RESULT_KEYS, random_problem, rel_err, run_fastlstm, run_reference
 
-TOL = {np.float64: 1e-10, np.float32: 2e-5}
+from helpers import RESULT_KEYS, TOL, random_problem, rel_err, run_fastlstm, run_reference
 
 
 def run_torch(torch, prob, dtype):
