@@ -4,6 +4,9 @@ Used by ``fastlstm bench`` and by the asv suite. Every ratio is taken from
 medians measured side by side in one process.
 """
 
+import time
+from functools import partial
+
 import numpy as np
 
 from ._profile import gemm_parts
@@ -231,4 +234,65 @@ def format_train_table(result):
         lines.append(f"{r['size']:8} {r['dtype']:8} {r['fastlstm_ms']:12.3f} "
                      f"{r['reference_ms']:13.3f} {r.get('torch_ms', nan):10.3f} "
                      f"{r['vs_reference']:7.2f} {r.get('vs_torch', nan):8.2f}")
+    return "\n".join(lines)
+
+
+def _dp_step_times(comm, dp, x, y, opt, n):
+    """Seconds per data-parallel step and, of that, in collectives, over n steps."""
+    comm.Barrier()
+    dp.allreduce_seconds = 0.0
+    t0 = time.perf_counter()
+    for _ in range(n):
+        dp.step_global(x, y, opt)
+    step = (time.perf_counter() - t0) / n
+    return step, dp.allreduce_seconds / n
+
+
+def distributed_table(sizes, dtypes, min_time=1.0, progress=None):
+    """Data-parallel training steps over the ranks of this MPI job (LSTM, linear head
+    on the last step, MSE, Adam; the global batch B split over the ranks), each rank
+    with one BLAS thread: steps per second, one Allreduce of the flat gradient alone,
+    and the share of a step spent in collectives (which includes waiting for the
+    slowest rank). Every rank must call it; rank 0 gets the figures (None elsewhere)."""
+    from threadpoolctl import threadpool_limits
+
+    from .distributed import MPI, DataParallel
+    from .model import SequenceModel
+    from .optim import Adam
+    comm = MPI.COMM_WORLD
+    rows = []
+    with threadpool_limits(limits=1, user_api="blas"):
+        for dtype in dtypes:
+            for name, (B, T, I, H) in sizes.items():
+                if progress and comm.Get_rank() == 0:
+                    progress(f"distributed train step {name} {dtype} on {comm.Get_size()} ranks")
+                rng = np.random.default_rng(0)
+                x = rng.standard_normal((B, T, I)).astype(dtype)
+                y = rng.standard_normal((B, 1)).astype(dtype)
+                dp = DataParallel(SequenceModel(I, H, 1, dtype=np.dtype(dtype), seed=0))
+                opt = Adam(dp.model, lr=1e-3)
+                _dp_step_times(comm, dp, x, y, opt, 2)                 # warm-up
+                guess = _dp_step_times(comm, dp, x, y, opt, 3)[0]
+                n = max(3, int(comm.bcast(min_time / max(guess, 1e-6), root=0)))
+                step_s, coll_s = _dp_step_times(comm, dp, x, y, opt, n)
+                grads = dp.model.flat_grads.copy()
+                comm.Barrier()
+                alone = median_time(partial(comm.Allreduce, MPI.IN_PLACE, grads, op=MPI.SUM),
+                                    min_time=min_time / 4)
+                rows.append(dict(size=name, B=B, T=T, I=I, H=H, dtype=np.dtype(dtype).name,
+                                 ranks=comm.Get_size(), params=int(grads.size),
+                                 step_ms=step_s * 1e3, steps_per_s=1 / step_s,
+                                 allreduce_ms=alone * 1e3, collective_share=coll_s / step_s))
+    return dict(rows=rows) if comm.Get_rank() == 0 else None
+
+
+def format_distributed_table(result):
+    lines = ["data-parallel training step (LSTM + linear head + MSE + Adam), global batch B "
+             "split over the ranks",
+             f"{'size':8} {'dtype':8} {'ranks':>5} {'params':>9} {'step ms':>9} {'steps/s':>8} "
+             f"{'allreduce ms':>13} {'in collectives':>15}"]
+    for r in result["rows"]:
+        lines.append(f"{r['size']:8} {r['dtype']:8} {r['ranks']:5d} {r['params']:9d} "
+                     f"{r['step_ms']:9.3f} {r['steps_per_s']:8.1f} {r['allreduce_ms']:13.4f} "
+                     f"{100 * r['collective_share']:14.1f}%")
     return "\n".join(lines)

@@ -19,11 +19,13 @@ TRAIN_DEFAULTS = {
     "article": dict(hidden=3, lr=0.01, max_steps=3000, dtype="float64"),
 }
 COMMON_DEFAULTS = dict(seed=0, backend="fastlstm", threads=1)
+for _task in ("adding", "sine", "data"):       # an MPI job: DataParallel over its ranks
+    TRAIN_DEFAULTS[_task]["distributed"] = False
 #: command-line spelling of each setting
 FLAGS = dict(seq_len="--seq-len", hidden="--hidden", layers="--layers",
              batch_size="--batch-size", lr="--lr", optimizer="--optimizer", max_steps="--steps",
              max_seconds="--max-seconds", curriculum="--no-curriculum", dtype="--dtype",
-             epochs="--epochs", save="--save")
+             epochs="--epochs", save="--save", distributed="--distributed")
 
 
 def _settings(args, parser):
@@ -50,6 +52,33 @@ def _settings(args, parser):
 
 def _train(args, parser):
     task, run = _settings(args, parser)
+    if run.get("distributed"):
+        return _distributed(args, task, run)
+    return _train_threads(args, task, run)
+
+
+def _distributed(args, task, run):
+    """Every rank trains; rank 0 alone prints and saves. An exception on any rank
+    aborts the whole job (as ``python -m mpi4py`` does) instead of leaving the
+    others waiting in a collective forever."""
+    import traceback
+
+    from .distributed import MPI
+    comm = MPI.COMM_WORLD
+    if comm.Get_rank() != 0:
+        args.json, args.no_progress = True, True          # silent: rank 0 reports
+        args.quiet = True
+    try:
+        return _train_threads(args, task, run)
+    except BaseException:
+        traceback.print_exc()
+        sys.stderr.flush()
+        if comm.Get_size() > 1:
+            comm.Abort(1)
+        raise
+
+
+def _train_threads(args, task, run):
     if run["threads"]:
         # The built-in tasks' matrices are small: BLAS threads gain little on them
         # (adding, T=100: 51 s with 2 threads, 60 s with 1) and, when another process
@@ -63,12 +92,14 @@ def _train(args, parser):
 def _train_run(args, task, run):
     from . import tasks
     say = (lambda *a, **k: None) if args.json else (lambda *a, **k: print(*a, **k, flush=True))
+    quiet = getattr(args, "quiet", False)
     if task == "article":
         return _train_article(args, run, say)
     common = dict(dtype=np.dtype(run["dtype"]), seed=run["seed"], backend=run["backend"],
                   progress=not args.json and not args.no_progress, hidden=run["hidden"],
                   layers=run["layers"], batch_size=run["batch_size"], lr=run["lr"],
-                  optimizer=run["optimizer"], max_seconds=run["max_seconds"])
+                  optimizer=run["optimizer"], max_seconds=run["max_seconds"],
+                  distributed=run["distributed"])
     if task == "data":
         say(f"Training on {args.data} ({run['backend']}) ...")
         model, summary = tasks.train_data(args.data, epochs=run["epochs"], **common)
@@ -83,10 +114,11 @@ def _train_run(args, task, run):
         say(f"Forecasting a noisy sum of sines, sequence to sequence ({run['backend']}) ...")
         model, summary = tasks.train_sine(seq_len=run["seq_len"], max_steps=run["max_steps"],
                                           **common)
-    if run["save"]:
-        model.save(run["save"])
+    if run["save"] and not quiet:
+        model.save(run["save"])               # the ranks hold the same model: rank 0 writes
         summary["saved"] = run["save"]
-    _report(args, summary, run)
+    if not quiet:
+        _report(args, summary, run)
     return 0 if summary.get("criterion_met") in (True, None) else 1
 
 
@@ -159,6 +191,12 @@ def _bench(args):
     sizes = dict(args.size) if args.size else dict(bench.SIZES)
     dtypes = ["float32", "float64"] if args.dtype == "both" else [args.dtype]
     progress = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if args.distributed:
+        result = bench.distributed_table(sizes, dtypes, min_time=max(args.min_time, 1.0),
+                                         progress=progress)
+        if result is not None:                        # rank 0 reports
+            print(json.dumps(result) if args.json else bench.format_distributed_table(result))
+        return 0
     if args.train:
         result = bench.train_table(sizes, dtypes, min_time=args.min_time, progress=progress)
         print(json.dumps(result) if args.json else bench.format_train_table(result))
@@ -246,6 +284,9 @@ def build_parser():
                    help="BLAS threads while training (default 1: robust on a busy machine; "
                         "0 leaves BLAS's own default)")
     t.add_argument("--save", help="write the trained model to this .npz")
+    t.add_argument("--distributed", action="store_const", const=True,
+                   help="data-parallel over the ranks of an MPI job: mpiexec -n N fastlstm "
+                        "train --distributed (needs pip install 'fastlstm[mpi]')")
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--json", action="store_true",
                    help="print a JSON summary as the last line")
@@ -266,6 +307,9 @@ def build_parser():
                         "GEMMs and the elementwise rest")
     b.add_argument("--train", action="store_true",
                    help="time a whole training step (LSTM + linear head + MSE + Adam) instead")
+    b.add_argument("--distributed", action="store_true",
+                   help="under mpiexec -n N: data-parallel training steps per second and "
+                        "the Allreduce's share of a step")
     b.add_argument("--json", action="store_true", help="print JSON instead of a table")
     b.set_defaults(func=_bench)
     return p

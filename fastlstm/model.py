@@ -164,6 +164,8 @@ class SequenceModel:
         """Forward, loss and backward, adding into ``grads`` (no optimizer step).
         Returns (loss, the LSTM's final state as read-only views)."""
         with self._guard("forward_backward"):
+            if isinstance(x, np.ndarray) and x.ndim == 3:    # else forward names x's problem
+                self.check_targets(y, x.shape[0], x.shape[1])
             return self._forward_backward(x, y, lengths, state)
 
     def _forward_backward(self, x, y, lengths, state):

@@ -124,6 +124,16 @@ def _optimizer(name, model, lr):
     return cls(model, lr=lr)
 
 
+def _runner(model, distributed):
+    """(step on a global batch, agree on a stop decision, DataParallel or None): one
+    process, or every rank of an MPI job training on its share of each batch."""
+    if not distributed:
+        return model.train_step, (lambda decision: decision), None
+    from .distributed import DataParallel
+    dp = DataParallel(model)
+    return dp.step_global, dp.agree, dp
+
+
 def _bar(progress, total, unit):
     if not progress:
         return None
@@ -133,7 +143,8 @@ def _bar(progress, total, unit):
 
 def train_adding(seq_len=100, hidden=64, layers=1, batch_size=32, lr=3e-3, optimizer="adam",
                  max_seconds=540.0, max_steps=None, dtype=np.float32, seed=0, curriculum=True,
-                 forget_bias=1.0, clip_norm=1.0, progress=True, backend="fastlstm"):
+                 forget_bias=1.0, clip_norm=1.0, progress=True, backend="fastlstm",
+                 distributed=False):
     """Train on the adding problem until every one of 2560 validation sequences is
     within 0.03 of its target, then report on 2560 fresh test sequences against
     the paper's criterion (at most 1 of them off by 0.04 or more). Stopping at
@@ -144,12 +155,15 @@ def train_adding(seq_len=100, hidden=64, layers=1, batch_size=32, lr=3e-3, optim
     512 fresh sequences at the current T are right, up to `seq_len`. Starting at
     T = 100 directly, the gradient carries almost no signal about the marked
     pairs and training sits on the plateau (MSE ~ 0.04, the target's variance).
+    With `distributed`, every rank of the MPI job draws the same batches and trains
+    on its share of each (``DataParallel``); the checks run on every rank alike.
     Returns (model, summary dict).
     """
     from .model import SequenceModel
     rng = np.random.default_rng(seed)
     model = SequenceModel(2, hidden, 1, head="last", loss="mse", num_layers=layers, dtype=dtype,
                           seed=seed, forget_bias=forget_bias, backend=backend)
+    step, agree, dp = _runner(model, distributed)
     opt = _optimizer(optimizer, model, lr)
     xv, yv, lv = adding_data(2560, seq_len, np.random.default_rng([seed, 10]), dtype)
     T_cur = min(10, seq_len) if curriculum else seq_len
@@ -157,9 +171,10 @@ def train_adding(seq_len=100, hidden=64, layers=1, batch_size=32, lr=3e-3, optim
     solved = False
     start = time.perf_counter()
     bar = _bar(progress, None, "step")
-    while time.perf_counter() - start < max_seconds and (max_steps is None or steps < max_steps):
+    while agree(time.perf_counter() - start < max_seconds) and (max_steps is None
+                                                                  or steps < max_steps):
         x, y, lengths = adding_data(batch_size, T_cur, rng, dtype)
-        loss = model.train_step(x, y, opt, lengths=lengths, clip_norm=clip_norm)
+        loss = step(x, y, opt, lengths=lengths, clip_norm=clip_norm)
         if not np.isfinite(loss):
             raise FloatingPointError(f"the training loss became {loss} at step {steps + 1}: "
                                      "lower the learning rate")
@@ -189,6 +204,8 @@ def train_adding(seq_len=100, hidden=64, layers=1, batch_size=32, lr=3e-3, optim
                    criterion_met=bool(wrong <= 1), validation_solved=solved,
                    curriculum=curriculum, hidden=hidden, batch_size=batch_size, lr=lr,
                    optimizer=optimizer, backend=backend)
+    if dp is not None:
+        summary["ranks"] = dp.size
     if seq_len == 100:
         summary["paper_t100"] = PAPER_ADDING_T100
     return model, summary
@@ -196,7 +213,7 @@ def train_adding(seq_len=100, hidden=64, layers=1, batch_size=32, lr=3e-3, optim
 
 def train_sine(seq_len=50, hidden=32, layers=1, batch_size=32, lr=1e-2, optimizer="adam",
                max_seconds=120.0, max_steps=1500, dtype=np.float32, seed=0, progress=True,
-               backend="fastlstm"):
+               backend="fastlstm", distributed=False):
     """Sequence -> sequence: forecast the next value of a noisy sum of sines at
     every step. A step counts as right when |error| < 0.1; the criterion is a test
     MSE at most a tenth of the persistence forecast's (next value = this value,
@@ -205,12 +222,13 @@ def train_sine(seq_len=50, hidden=32, layers=1, batch_size=32, lr=1e-2, optimize
     rng = np.random.default_rng(seed)
     model = SequenceModel(1, hidden, 1, head="all", loss="mse", num_layers=layers, dtype=dtype,
                           seed=seed, backend=backend)
+    step, agree, dp = _runner(model, distributed)
     opt = _optimizer(optimizer, model, lr)
     steps, start = 0, time.perf_counter()
     bar = _bar(progress, max_steps, "step")
-    while time.perf_counter() - start < max_seconds and steps < max_steps:
+    while agree(time.perf_counter() - start < max_seconds) and steps < max_steps:
         x, y = sine_data(batch_size, seq_len, rng, dtype)
-        loss = model.train_step(x, y, opt, clip_norm=1.0)
+        loss = step(x, y, opt, clip_norm=1.0)
         steps += 1
         if bar is not None:
             bar.update(1)
@@ -222,15 +240,18 @@ def train_sine(seq_len=50, hidden=32, layers=1, batch_size=32, lr=1e-2, optimize
     err = (model.predict(xt) - yt).astype(np.float64)
     mse = float(np.mean(err ** 2))
     persistence = float(np.mean((xt.astype(np.float64) - yt) ** 2))
-    return model, dict(task="sine", seq_len=seq_len, steps=steps, sequences=steps * batch_size,
-                       seconds=round(seconds, 2), test_mse=mse, persistence_mse=persistence,
-                       test_accuracy=float(np.mean(np.abs(err) < 0.1)),
-                       criterion_met=bool(mse <= persistence / 10), backend=backend)
+    summary = dict(task="sine", seq_len=seq_len, steps=steps, sequences=steps * batch_size,
+                   seconds=round(seconds, 2), test_mse=mse, persistence_mse=persistence,
+                   test_accuracy=float(np.mean(np.abs(err) < 0.1)),
+                   criterion_met=bool(mse <= persistence / 10), backend=backend)
+    if dp is not None:
+        summary["ranks"] = dp.size
+    return model, summary
 
 
 def train_data(path, hidden=64, layers=1, batch_size=32, lr=3e-3, optimizer="adam", epochs=10,
                dtype=np.float32, seed=0, progress=True, backend="fastlstm", val_fraction=0.1,
-               max_seconds=None):
+               max_seconds=None, distributed=False):
     """Train on the user's arrays in an .npz: x (N, T, I), y, optional lengths.
 
     y (N, O) floats: sequence -> vector, MSE; (N, T, O) floats: sequence ->
@@ -256,11 +277,12 @@ def train_data(path, hidden=64, layers=1, batch_size=32, lr=3e-3, optimizer="ada
     val, tr = order[:n_val], order[n_val:]
     model = SequenceModel(I, hidden, out, head=head, loss="ce" if classify else "mse",
                           num_layers=layers, dtype=dtype, seed=seed, backend=backend)
+    trainer = _runner(model, distributed)[2] or model
     opt = _optimizer(optimizer, model, lr)
     start = time.perf_counter()
     lt = None if lengths is None else lengths[tr]
     lv = None if lengths is None else lengths[val]
-    hist = model.fit(x[tr], y[tr], opt, epochs=epochs, batch_size=batch_size,
+    hist = trainer.fit(x[tr], y[tr], opt, epochs=epochs, batch_size=batch_size,
                      validation=(x[val], y[val], lv), seed=seed, progress=progress, lengths=lt,
                      max_seconds=max_seconds)
     seconds = time.perf_counter() - start
@@ -272,4 +294,5 @@ def train_data(path, hidden=64, layers=1, batch_size=32, lr=3e-3, optimizer="ada
     return model, dict(task="data", data=str(path), seq_len=T, steps=hist["steps"],
                        sequences=hist["steps"] * batch_size, seconds=round(seconds, 2),
                        test_mse=hist["val_loss"][-1], test_accuracy=acc, criterion_met=None,
-                       history=hist["val_loss"], backend=backend)
+                       history=hist["val_loss"], backend=backend,
+                       **({"ranks": trainer.size} if trainer is not model else {}))

@@ -14,9 +14,12 @@ __all__ = ["fit"]
 
 def fit(model, x, y, optimizer, epochs=10, batch_size=32, validation=None, shuffle=True,
         seed=0, progress=True, bptt=None, lengths=None, clip_norm=None, patience=None,
-        max_seconds=None):
+        max_seconds=None, part=None, agree=None):
     """Train `model` over minibatches of (x, y); returns a history dict.
-    ``SequenceModel.fit`` documents the arguments."""
+    ``SequenceModel.fit`` documents the arguments. `part(indices)` picks the
+    indices this process works on, of every minibatch and of the validation set
+    (data-parallel training: its share); None keeps all. `agree(decision)` makes
+    a decision of this process's (the time limit) everyone's."""
     check.float_array("x", x, model.dtype)
     if x.ndim != 3:
         raise ValueError(f"x must have shape (N, T, {model.lstm.input_size}), got {x.shape}")
@@ -46,6 +49,9 @@ def fit(model, x, y, optimizer, epochs=10, batch_size=32, validation=None, shuff
                                    or len(validation) not in (2, 3)):
         raise TypeError("validation must be a tuple (x_val, y_val) or (x_val, y_val, "
                         f"lengths_val), got {type(validation).__name__}")
+    if part is not None and validation is not None:
+        keep = part(np.arange(len(validation[0])))
+        validation = tuple(None if v is None else v[keep] for v in validation)
     rng = np.random.default_rng(seed)
     history = dict(loss=[], val_loss=[], epoch_seconds=[], steps=0)
     best, best_params, waited = math.inf, None, 0
@@ -62,6 +68,8 @@ def fit(model, x, y, optimizer, epochs=10, batch_size=32, validation=None, shuff
             losses = []
             for s in range(0, N, batch_size):
                 idx = order[s:s + batch_size]
+                if part is not None:
+                    idx = part(idx)
                 xb, yb = x[idx], y[idx]
                 lb = None if lengths is None else lengths[idx]
                 loss = (bptt_step(model, xb, yb, optimizer, bptt, clip_norm) if bptt
@@ -92,8 +100,10 @@ def fit(model, x, y, optimizer, epochs=10, batch_size=32, validation=None, shuff
                             history["epoch_seconds"].append(time.perf_counter() - t0)
                             break
             history["epoch_seconds"].append(time.perf_counter() - t0)
-            if max_seconds is not None and time.perf_counter() - start > max_seconds:
-                break
+            if max_seconds is not None:
+                late = time.perf_counter() - start > max_seconds
+                if agree(late) if agree is not None else late:
+                    break
     finally:
         if bar is not None:
             bar.close()
