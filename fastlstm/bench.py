@@ -1,7 +1,7 @@
 """Timing fastlstm against the NumPy reference and torch.nn.LSTM.
 
-Used by ``fastlstm bench`` and by the asv suite. Every ratio is taken from
-medians measured side by side in one process.
+Used by ``fastlstm bench`` (the asv suite has its own harness, benchmarks/common.py).
+Every ratio is taken from medians measured side by side in one process.
 """
 
 import time

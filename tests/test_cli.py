@@ -47,6 +47,7 @@ def test_saved_model_has_the_options_given(tmp_path, task, extra):
     (["--task", "sine", "--no-curriculum"], "--no-curriculum does not apply to --task sine"),
     (["--data", "d.npz", "--steps", "4"], "--steps does not apply to --data"),
     (["--data", "d.npz", "--task", "sine"], "give --task or --data, not both"),
+    (["--task", "article", "--distributed"], "--distributed does not apply to --task article"),
     (["--hidden", "0"], "argument --hidden: must be > 0"),
     (["--seed", "-1"], "argument --seed: must be >= 0"),
 ])

@@ -1,5 +1,6 @@
 """Data-parallel training over MPI, each case run as a job of 2 or 3 processes
 (loopback only) and bounded by a timeout, so a hang is a failure, not a stall."""
+import json
 import os
 import shutil
 import subprocess
@@ -62,3 +63,17 @@ def test_mismatched_models_are_refused_on_every_rank():
 def test_an_uncaught_exception_aborts_the_job_instead_of_hanging():
     out = mpiexec(2, "uncaught", timeout=120, module=True)
     assert out.returncode != 0 and "rank 1 fails on its own" in out.stderr
+
+
+def test_fastlstm_train_distributed_reports_its_ranks(tmp_path):
+    exe = shutil.which("mpiexec") or "mpiexec"
+    out = subprocess.run([exe, "-n", "2", sys.executable, "-m", "fastlstm", "train",
+                          "--distributed", "--task", "sine", "--steps", "20", "--json", "--save",
+                          str(tmp_path / "m.npz")], capture_output=True, text=True, timeout=300)
+    assert out.returncode in (0, 1), out.stderr
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    assert len(lines) == 1, out.stdout                    # rank 0 alone reports
+    summary = json.loads(lines[0])
+    assert summary["ranks"] == 2 and summary["steps"] == 20 and summary["settings"]["distributed"]
+    import fastlstm
+    assert fastlstm.load(tmp_path / "m.npz").lstm.hidden_size == 32
