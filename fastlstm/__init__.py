@@ -5,10 +5,12 @@ order); ``fastlstm.reference`` is the same maths in plain NumPy, the oracle and
 the speed baseline.
 """
 from . import reference
+from .interop import export_onnx, from_keras, to_keras
 from .lstm import LSTM
 from .model import SequenceModel, load
 from .optim import SGD, Adam, AdamW, RMSprop, clip_grad_norm
 
 __all__ = ["LSTM", "SequenceModel", "load", "SGD", "Adam", "AdamW", "RMSprop",
-           "clip_grad_norm", "reference", "__version__"]
+           "clip_grad_norm", "reference", "export_onnx", "from_keras", "to_keras",
+           "__version__"]
 __version__ = "0.2.0"

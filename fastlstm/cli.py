@@ -19,13 +19,14 @@ TRAIN_DEFAULTS = {
     "article": dict(hidden=3, lr=0.01, max_steps=3000, dtype="float64"),
 }
 COMMON_DEFAULTS = dict(seed=0, backend="fastlstm", threads=1)
-for _task in ("adding", "sine", "data"):       # an MPI job: DataParallel over its ranks
-    TRAIN_DEFAULTS[_task]["distributed"] = False
+for _task in ("adding", "sine", "data"):       # the runs that train a SequenceModel
+    TRAIN_DEFAULTS[_task].update(distributed=False, export_onnx=None)
 #: command-line spelling of each setting
 FLAGS = dict(seq_len="--seq-len", hidden="--hidden", layers="--layers",
              batch_size="--batch-size", lr="--lr", optimizer="--optimizer", max_steps="--steps",
              max_seconds="--max-seconds", curriculum="--no-curriculum", dtype="--dtype",
-             epochs="--epochs", save="--save", distributed="--distributed")
+             epochs="--epochs", save="--save", distributed="--distributed",
+             export_onnx="--export-onnx")
 
 
 def _settings(args, parser):
@@ -117,6 +118,10 @@ def _train_run(args, task, run):
     if run["save"] and not quiet:
         model.save(run["save"])               # the ranks hold the same model: rank 0 writes
         summary["saved"] = run["save"]
+    if run["export_onnx"] and not quiet:
+        from .interop import export_onnx
+        export_onnx(model, run["export_onnx"])
+        summary["onnx"] = run["export_onnx"]
     if not quiet:
         _report(args, summary, run)
     return 0 if summary.get("criterion_met") in (True, None) else 1
@@ -284,6 +289,9 @@ def build_parser():
                    help="BLAS threads while training (default 1: robust on a busy machine; "
                         "0 leaves BLAS's own default)")
     t.add_argument("--save", help="write the trained model to this .npz")
+    t.add_argument("--export-onnx", metavar="PATH",
+                   help="write the trained model as an ONNX graph (needs pip install "
+                        "'fastlstm[onnx]')")
     t.add_argument("--distributed", action="store_const", const=True,
                    help="data-parallel over the ranks of an MPI job: mpiexec -n N fastlstm "
                         "train --distributed (needs pip install 'fastlstm[mpi]')")
