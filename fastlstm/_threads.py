@@ -1,4 +1,12 @@
-"""Running the two directions of a bidirectional layer at once.
+"""Using the cores: a layer's batch split into parts, one thread each, or the two
+directions of a bidirectional layer at once.
+
+A batch's sequences are independent, so parts of it run the whole recurrence
+with no synchronisation per step; each part has its own workspace and the weight
+gradients are summed once at the end. Measured on 2 cores (float32 fwd+bwd) by a
+probe before this was built: small 2.92 -> 2.12 ms, long 24.4 -> 10.9 ms, medium
+114.9 -> 110.4 ms. Each thread runs BLAS single-threaded meanwhile, so the
+machine is never oversubscribed.
 
 On this kind of machine (2 cores) the two recurrences, each on one core with a
 single-threaded BLAS, beat running them one after the other with BLAS on both
@@ -27,13 +35,57 @@ def _forget_in_child():
 os.register_at_fork(after_in_child=_forget_in_child)
 
 
+#: multiply-adds of one fwd or bwd (T*B*4H*(I+P) over the layers) below which a
+#: split does not pay for handing work to another thread (tens of microseconds)
+SPLIT_WORK = 2_000_000
+
+
+def usable_cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:          # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
 def _controller():
     with _lock:
         if "controller" not in _state:
             from threadpoolctl import ThreadpoolController
-            _state["controller"] = ThreadpoolController()
-            _state["pool"] = ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastlstm")
+            controller = ThreadpoolController()
+            _state["controller"] = controller
+            _state["blas"] = controller.select(user_api="blas").lib_controllers
+            _state["pool"] = ThreadPoolExecutor(max_workers=max(usable_cores() - 1, 1),
+                                                thread_name_prefix="fastlstm")
     return _state["controller"], _state["pool"]
+
+
+def blas_limit():
+    """The fewest threads any loaded BLAS may use now (threadpoolctl's limit, or its
+    default): a user's ``threadpool_limits(1)`` keeps fastlstm on one core too."""
+    _controller()
+    return min((lib.num_threads for lib in _state["blas"]), default=usable_cores())
+
+
+def batch_parts(threads, B, work):
+    """How many parts to split a batch of B into: one per thread (`threads`, or the
+    usable cores under the BLAS limit), when the work is worth it. The limit is read
+    only then: it costs microseconds, which a small call cannot spare."""
+    if B < 2 or work < SPLIT_WORK:
+        return 1
+    return max(min(threads or min(usable_cores(), blas_limit()), B), 1)
+
+
+def run_parts(calls):
+    """Call calls[0]() here and the others on the pool, BLAS single-threaded;
+    returns their results in order."""
+    controller, pool = _controller()
+    with controller.limit(limits=1, user_api="blas"):
+        futures = [pool.submit(call) for call in calls[1:]]
+        try:
+            first = calls[0]()
+        finally:
+            rest = [f.result() for f in futures]
+    return [first, *rest]
 
 
 def parallel_worthwhile(work):

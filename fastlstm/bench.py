@@ -92,36 +92,89 @@ def torch_available():
     return True
 
 
-def bench_table(sizes, dtypes, min_time=0.2, progress=None, **layer):
-    """Median fwd+bwd seconds for every implementation at every (size, dtype),
-    with the matmul ceiling of each dtype, all measured in this process.
-    Layer options (num_layers, bidirectional, proj_size) leave the reference
-    out: it is one layer, one direction."""
+# -- each library in its own process --------------------------------------------
+# Inside one process OpenBLAS's and torch's OpenMP threads keep spinning after a call
+# and steal the cores from the other library (one torch call read 82 ms in one run and
+# 181 ms in another). So every implementation is timed by a worker process of its own,
+# `python -m fastlstm.bench SPEC`, the workers alternated A B A B over rounds, and
+# each ratio is taken round by round.
+
+def _worker(spec):
+    """Time the cases of `spec` in this process; returns {case key: median ms}."""
+    out = {}
+    if spec["kind"] == "ceiling":
+        return {dt: matmul_gflops(dt) for dt in spec["dtypes"]}
+    for key, (B, T, I, H, dtype) in spec["cases"].items():
+        if spec["kind"] == "train":
+            fn = TrainCase(spec["impl"], B, T, I, H, dtype).step
+        else:
+            fn = Case(spec["impl"], B, T, I, H, dtype, **spec["layer"]).fwd_bwd
+        out[key] = median_time(fn, min_time=spec["min_time"]) * 1e3
+    return out
+
+
+def _run_worker(spec):
+    import json
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "fastlstm.bench", json.dumps(spec)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the {spec.get('impl', spec['kind'])} worker failed:\n"
+                           f"{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _alternated(kind, impls, cases, rounds, min_time, progress, layer=None):
+    """{impl: {case: [ms per round]}}, the implementations' workers taking turns."""
+    times = {impl: {key: [] for key in cases} for impl in impls}
+    for r in range(rounds):
+        for impl in impls:
+            if progress:
+                progress(f"round {r + 1}/{rounds}: {impl} ({len(cases)} cases, own process)")
+            got = _run_worker(dict(kind=kind, impl=impl, cases=cases, min_time=min_time,
+                                   layer=layer or {}))
+            for key, ms in got.items():
+                times[impl][key].append(ms)
+    return times
+
+
+def _ratio_stats(num, den):
+    """Median, min and max of the per-round ratios num[r] / den[r]."""
+    ratios = np.array(num) / np.array(den)
+    return float(np.median(ratios)), float(ratios.min()), float(ratios.max())
+
+
+def _cases(sizes, dtypes):
+    return {f"{name} {np.dtype(dt).name}": (*shape, np.dtype(dt).name)
+            for dt in dtypes for name, shape in sizes.items()}
+
+
+def bench_table(sizes, dtypes, min_time=0.2, progress=None, rounds=3, **layer):
+    """fwd+bwd of fastlstm, the NumPy reference and torch at every (size, dtype), each
+    implementation in its own process, alternated over `rounds`: medians of the
+    per-round times and of the per-round ratios with their spread, and the matmul
+    ceiling of each dtype. Layer options (num_layers, bidirectional, proj_size)
+    leave the reference out: it is one layer, one direction."""
     layer = {k: v for k, v in layer.items() if v and not (k == "num_layers" and v == 1)}
     impls = [i for i in IMPLS if (i != "torch" or torch_available())
              and (i != "reference" or not layer)]
-    rows, ceilings = [], {}
-    total = len(sizes) * len(dtypes) * len(impls)
-    done = 0
-    for dtype in dtypes:
-        dtype = np.dtype(dtype)
-        ceilings[dtype.name] = matmul_gflops(dtype)
-        for name, (B, T, I, H) in sizes.items():
-            row = dict(size=name, B=B, T=T, I=I, H=H, dtype=dtype.name, **layer)
-            for impl in impls:
-                if progress:
-                    done += 1
-                    progress(f"[{done}/{total}] {name} {dtype.name} {impl}")
-                case = Case(impl, B, T, I, H, dtype, **layer)
-                row[f"{impl}_ms"] = median_time(case.fwd_bwd, min_time=min_time) * 1e3
-            fast = row["fastlstm_ms"]
-            row["gflops"] = flops(B, T, I, H, **layer) / (fast * 1e-3) / 1e9
-            row["ceiling_pct"] = 100 * row["gflops"] / ceilings[dtype.name]
-            if "reference_ms" in row:
-                row["vs_reference"] = row["reference_ms"] / fast
-            if "torch_ms" in row:
-                row["vs_torch"] = row["torch_ms"] / fast
-            rows.append(row)
+    cases = _cases(sizes, dtypes)
+    ceilings = _run_worker(dict(kind="ceiling", dtypes=[np.dtype(d).name for d in dtypes]))
+    times = _alternated("fwd_bwd", impls, cases, rounds, min_time, progress, layer)
+    rows = []
+    for key, (B, T, I, H, dtype) in cases.items():
+        row = dict(size=key.split()[0], B=B, T=T, I=I, H=H, dtype=dtype, rounds=rounds, **layer)
+        for impl in impls:
+            row[f"{impl}_ms"] = float(np.median(times[impl][key]))
+        fast = row["fastlstm_ms"]
+        row["gflops"] = flops(B, T, I, H, **layer) / (fast * 1e-3) / 1e9
+        row["ceiling_pct"] = 100 * row["gflops"] / ceilings[dtype]
+        for impl, col in (("reference", "vs_reference"), ("torch", "vs_torch")):
+            if impl in impls:
+                row[col], row[col + "_min"], row[col + "_max"] = _ratio_stats(
+                    times[impl][key], times["fastlstm"][key])
+        rows.append(row)
     return dict(rows=rows, matmul_gflops=ceilings)
 
 
@@ -129,15 +182,23 @@ def format_table(result):
     nan = float("nan")
     lines = ["matmul ceiling (2048x2048 a @ a): " + ", ".join(
         f"{k} {v:.0f} GF/s" for k, v in result["matmul_gflops"].items()),
+        "each library in its own process, alternated; x = the median of the per-round "
+        "ratios [min-max]",
         f"{'size':8} {'dtype':8} {'fastlstm ms':>12} {'reference ms':>13} {'torch ms':>10} "
-        f"{'x ref':>7} {'x torch':>8} {'GF/s':>7} {'% ceil':>7}"]
+        f"{'x ref':>7} {'x torch [min-max]':>20} {'GF/s':>7} {'% ceil':>7}"]
     for r in result["rows"]:
         lines.append(
             f"{r['size']:8} {r['dtype']:8} {r['fastlstm_ms']:12.3f} "
             f"{r.get('reference_ms', nan):13.3f} {r.get('torch_ms', nan):10.3f} "
-            f"{r.get('vs_reference', nan):7.2f} {r.get('vs_torch', nan):8.2f} "
+            f"{r.get('vs_reference', nan):7.2f} {_spread(r, 'vs_torch'):>20} "
             f"{r['gflops']:7.1f} {r['ceiling_pct']:7.1f}")
     return "\n".join(lines)
+
+
+def _spread(r, col):
+    if col not in r:
+        return "-"
+    return f"{r[col]:.2f} [{r[col + '_min']:.2f}-{r[col + '_max']:.2f}]"
 
 
 def profile(B, T, I, H, dtype, min_time=0.2):
@@ -203,25 +264,22 @@ class TrainCase:
             self.model.train_step(self.x, self.y, self.opt)
 
 
-def train_table(sizes, dtypes, min_time=0.2, progress=None):
-    """Median seconds of one training step, fastlstm, the reference backend and
-    torch side by side, at every (size, dtype)."""
+def train_table(sizes, dtypes, min_time=0.2, progress=None, rounds=3):
+    """One training step of fastlstm, the reference backend and torch at every
+    (size, dtype), each in its own process, alternated over `rounds`."""
     impls = [i for i in IMPLS if i != "torch" or torch_available()]
+    cases = _cases(sizes, dtypes)
+    times = _alternated("train", impls, cases, rounds, min_time, progress)
     rows = []
-    total, done = len(sizes) * len(dtypes) * len(impls), 0
-    for dtype in dtypes:
-        for name, (B, T, I, H) in sizes.items():
-            row = dict(size=name, B=B, T=T, I=I, H=H, dtype=np.dtype(dtype).name)
-            for impl in impls:
-                done += 1
-                if progress:
-                    progress(f"[{done}/{total}] train step {name} {np.dtype(dtype).name} {impl}")
-                row[f"{impl}_ms"] = median_time(TrainCase(impl, B, T, I, H, dtype).step,
-                                                min_time=min_time) * 1e3
-            row["vs_reference"] = row["reference_ms"] / row["fastlstm_ms"]
-            if "torch_ms" in row:
-                row["vs_torch"] = row["torch_ms"] / row["fastlstm_ms"]
-            rows.append(row)
+    for key, (B, T, I, H, dtype) in cases.items():
+        row = dict(size=key.split()[0], B=B, T=T, I=I, H=H, dtype=dtype, rounds=rounds)
+        for impl in impls:
+            row[f"{impl}_ms"] = float(np.median(times[impl][key]))
+        for impl, col in (("reference", "vs_reference"), ("torch", "vs_torch")):
+            if impl in impls:
+                row[col], row[col + "_min"], row[col + "_max"] = _ratio_stats(
+                    times[impl][key], times["fastlstm"][key])
+        rows.append(row)
     return dict(rows=rows)
 
 
@@ -229,11 +287,11 @@ def format_train_table(result):
     nan = float("nan")
     lines = ["one training step: LSTM + linear head on the last step + MSE + Adam",
              f"{'size':8} {'dtype':8} {'fastlstm ms':>12} {'reference ms':>13} {'torch ms':>10} "
-             f"{'x ref':>7} {'x torch':>8}"]
+             f"{'x ref':>7} {'x torch [min-max]':>20}"]
     for r in result["rows"]:
         lines.append(f"{r['size']:8} {r['dtype']:8} {r['fastlstm_ms']:12.3f} "
                      f"{r['reference_ms']:13.3f} {r.get('torch_ms', nan):10.3f} "
-                     f"{r['vs_reference']:7.2f} {r.get('vs_torch', nan):8.2f}")
+                     f"{r['vs_reference']:7.2f} {_spread(r, 'vs_torch'):>20}")
     return "\n".join(lines)
 
 
@@ -296,3 +354,9 @@ def format_distributed_table(result):
                      f"{r['step_ms']:9.3f} {r['steps_per_s']:8.1f} {r['allreduce_ms']:13.4f} "
                      f"{100 * r['collective_share']:14.1f}%")
     return "\n".join(lines)
+
+
+if __name__ == "__main__":      # a timing worker: python -m fastlstm.bench SPEC
+    import json
+    import sys
+    print(json.dumps(_worker(json.loads(sys.argv[1]))))

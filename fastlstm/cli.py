@@ -203,7 +203,8 @@ def _bench(args):
             print(json.dumps(result) if args.json else bench.format_distributed_table(result))
         return 0
     if args.train:
-        result = bench.train_table(sizes, dtypes, min_time=args.min_time, progress=progress)
+        result = bench.train_table(sizes, dtypes, min_time=args.min_time, progress=progress,
+                                   rounds=args.rounds)
         print(json.dumps(result) if args.json else bench.format_train_table(result))
         return 0
     if args.profile:
@@ -229,7 +230,7 @@ def _bench(args):
             f"{f', proj {args.proj}' if args.proj else ''} (the NumPy reference is one layer, "
             "one direction: left out)")
     result = bench.bench_table(sizes, dtypes, min_time=args.min_time, progress=progress,
-                               **layer)
+                               rounds=args.rounds, **layer)
     print(json.dumps(result) if args.json else bench.format_table(result))
     return 0
 
@@ -307,6 +308,8 @@ def build_parser():
     b.add_argument("--dtype", choices=["float32", "float64", "both"], default="both")
     b.add_argument("--min-time", type=float, default=0.3,
                    help="seconds to spend timing each case (at least 5 runs)")
+    b.add_argument("--rounds", type=_positive(int), default=3,
+                   help="rounds of alternated worker processes (default 3)")
     b.add_argument("--layers", type=int, default=1, help="stacked layers (default 1)")
     b.add_argument("--bidirectional", action="store_true")
     b.add_argument("--proj", type=int, default=0, help="proj_size (default 0: none)")

@@ -1,6 +1,7 @@
 """The public LSTM: validates, owns the buffers, calls the kernels."""
 import math
 import threading
+from functools import partial
 
 import numpy as np
 
@@ -9,7 +10,7 @@ from . import _validate as check
 from ._config import exact_activations
 from ._kernels import layer_backward, layer_forward, reverse_in_time, zero_padding
 from ._shared import Buffers, OneThread, readonly
-from ._threads import parallel_worthwhile, run_pair
+from ._threads import batch_parts, parallel_worthwhile, run_pair, run_parts
 
 __all__ = ["LSTM"]
 
@@ -44,9 +45,150 @@ class _Last:
     """What backward differentiates: the last forward's shape, lengths, dropout
     masks, and the thread that ran it."""
 
-    def __init__(self, T, B, lengths, masks):
-        self.T, self.B, self.lengths, self.masks = T, B, lengths, masks
+    def __init__(self, T, B, lengths, masks, split):
+        self.T, self.B, self.lengths, self.masks, self.split = T, B, lengths, masks, split
         self.thread = threading.get_ident()
+
+
+def _rows(state, cut):
+    """A state's batch slice, or None."""
+    return None if state is None else state[:, cut]
+
+
+class _Part:
+    """The buffers of one part of the batch: a workspace per (layer, direction),
+    scratch arrays, and where its weight gradients go. It runs the layers over its
+    sequences; the model splits the batch and joins the parts' results."""
+
+    def __init__(self, model, flat_grads):
+        self.m = model
+        self.flat_grads = flat_grads
+        self.ws = [None] * len(model._blocks)
+        self.buf = Buffers(model.dtype)
+
+    def gblock(self, j):
+        if self.flat_grads is None:
+            return self.m._gblocks[j]
+        o, n, _ = self.m._blocks[j]
+        return self.flat_grads[o:o + n]
+
+    def views(self, j, T, B):
+        ws = self.ws[j]
+        if ws is None or not ws.fits(T, B):
+            T_cap = T if ws is None else max(T, ws.T)
+            B_cap = B if ws is None else max(B, ws.B)
+            ws = self.ws[j] = _Workspace(T_cap, B_cap, self.m._blocks[j][2], self.m.hidden_size,
+                                         self.m._P, self.m.dtype)
+        return ws.views(T, B)
+
+    def _run(self, calls, work, pairs):
+        """One layer's directions: both at once when that pays and this part has the
+        machine to itself (see _threads)."""
+        if pairs and len(calls) == 2 and parallel_worthwhile(work):
+            run_pair(*calls)
+        else:
+            for call in calls:
+                call()
+
+    def forward(self, xt, h0, c0, lens, padded, masks, pairs=False):
+        m = self.m
+        T, B = xt.shape[:2]
+        L, D, H, P = m.num_layers, m.num_directions, m.hidden_size, m._P
+        lens = np.ascontiguousarray(lens)
+        src = xt
+        for k in range(L):
+            outs, calls = [], []
+            for d in range(D):
+                j = k * D + d
+                v = self.views(j, T, B)
+                if d == 0:
+                    np.copyto(v["x"], src, casting="same_kind")
+                    if padded:
+                        zero_padding(v["x"], lens)
+                else:    # the reverse direction reads each sequence last step first
+                    reverse_in_time(self.views(k * D, T, B)["x"], v["x"], lens)
+                for buf, init in ((v["h"][0], h0), (v["c"][0], c0)):
+                    if init is None:
+                        buf.fill(0)
+                    else:
+                        np.copyto(buf, init[j], casting="same_kind")
+                calls.append(partial(layer_forward, m._pblocks[j], self.ws[j].flat, lens,
+                                     m._clip, T, B, m._blocks[j][2], H, P, m.bias,
+                                     bool(m.proj_size), padded, m._exact))
+                outs.append(v["y"] if padded else v["h_out"])
+            self._run(calls, T * B * 4 * H * (m._blocks[k * D][2] + P), pairs)
+            if D == 1:
+                out = outs[0]
+            else:
+                out = self.buf.get(f"out{k}", (T, B, 2 * P))
+                out[:, :, :P] = outs[0]
+                reverse_in_time(outs[1], out[:, :, P:], lens)
+            if masks[k] is not None:
+                src = self.buf.get(f"dropped{k}", out.shape)
+                np.multiply(out, masks[k], out=src)
+            else:
+                src = out
+        if L * D == 1:
+            v = self.views(0, T, B)
+            return out, v["h"][T:], v["c"][T:]
+        h_n = self.buf.get("h_n", (L * D, B, P))
+        c_n = self.buf.get("c_n", (L * D, B, H))
+        for j in range(L * D):
+            v = self.views(j, T, B)
+            h_n[j], c_n[j] = v["h"][T], v["c"][T]
+        return out, h_n, c_n
+
+    def backward(self, grad, dh_n, dc_n, lens, masks, pairs=False):
+        m = self.m
+        T, B = grad.shape[:2]
+        L, D, H, P = m.num_layers, m.num_directions, m.hidden_size, m._P
+        lens = np.ascontiguousarray(lens)
+        single = L * D == 1
+        if not single:
+            dh0 = self.buf.get("dh0", (L * D, B, P))
+            dc0 = self.buf.get("dc0", (L * D, B, H))
+        for k in range(L - 1, -1, -1):
+            calls = []
+            for d in range(D):
+                j = k * D + d
+                v = self.views(j, T, B)
+                if D == 1:
+                    np.copyto(v["dy"], grad, casting="same_kind")
+                elif d == 0:
+                    np.copyto(v["dy"], grad[:, :, :P], casting="same_kind")
+                else:
+                    g_rev = grad[:, :, P:]
+                    if g_rev.dtype != m.dtype:
+                        g_rev = g_rev.astype(m.dtype)
+                    reverse_in_time(g_rev, v["dy"], lens)
+                for buf, init in ((v["dh"], dh_n), (v["dc"], dc_n)):
+                    if init is None:
+                        buf.fill(0)
+                    else:
+                        np.copyto(buf, init[j], casting="same_kind")
+                calls.append(partial(layer_backward, m._pblocks[j], self.gblock(j),
+                                     self.ws[j].flat, lens, m._clip, T, B, m._blocks[j][2], H,
+                                     P, m.bias, bool(m.proj_size)))
+            self._run(calls, T * B * 4 * H * (m._blocks[k * D][2] + P), pairs)
+            if not single:
+                for d in range(D):
+                    v = self.views(k * D + d, T, B)
+                    dh0[k * D + d], dc0[k * D + d] = v["dh"], v["dc"]
+            if D == 1:
+                dx = self.views(k * D, T, B)["dx"]
+            else:
+                dx = self.buf.get(f"dx{k}", self.views(k * D, T, B)["dx"].shape)
+                reverse_in_time(self.views(k * D + 1, T, B)["dx"], dx, lens)
+                dx += self.views(k * D, T, B)["dx"]
+            if k > 0 and masks[k - 1] is not None:
+                grad = self.buf.get(f"dmasked{k}", dx.shape)
+                np.multiply(dx, masks[k - 1], out=grad)
+            else:
+                grad = dx
+        if single:
+            v = self.views(0, T, B)
+            dh0, dc0 = v["dh"][None], v["dc"][None]
+        return grad, dh0, dc0
 
 
 class LSTM:
@@ -85,6 +227,12 @@ class LSTM:
     cell_clip : float or None
         Clip every c_t to [-cell_clip, cell_clip] (as TF's LSTMCell); the
         gradient through a clipped cell is zero.
+    threads : int or None
+        Threads a call may use: the batch is split into that many parts, each run
+        on its own thread with single-threaded BLAS, when the work pays for it.
+        None: the cores this process may use, capped by a threadpoolctl limit on
+        BLAS in force at the call. Results are bitwise repeatable for a fixed
+        count; another count changes the last bits (the order of sums).
 
     Notes
     -----
@@ -98,7 +246,7 @@ class LSTM:
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, proj_size=0, dtype=np.float32, seed=None,
-                 forget_bias=0.0, cell_clip=None):
+                 forget_bias=0.0, cell_clip=None, threads=None):
         self.input_size = check.positive_int("input_size", input_size)
         self.hidden_size = check.positive_int("hidden_size", hidden_size)
         self.num_layers = check.positive_int("num_layers", num_layers)
@@ -117,6 +265,7 @@ class LSTM:
         self.cell_clip = None if cell_clip is None else check.real(
             "cell_clip", cell_clip, lo=0.0, lo_open=True)
         self.seed = check.seed("seed", seed)
+        self.threads = None if threads is None else check.positive_int("threads", threads)
         self.training = True
 
         H, D = self.hidden_size, self.num_directions
@@ -152,9 +301,10 @@ class LSTM:
         self._rng = np.random.default_rng(None if self.seed is None else [self.seed, 1])
         self._clip = self.dtype.type(np.inf if self.cell_clip is None else self.cell_clip)
         self._exact = exact_activations()
-        self._ws = [None] * len(self._blocks)
+        self._parts = []       # per part of the batch: workspaces and scratch (_Part)
         self._buf = Buffers(self.dtype)
         self._full_lengths = {}
+        self._affordable = set()
         self._last = None
         self._guard = OneThread("LSTM")
 
@@ -230,15 +380,6 @@ class LSTM:
 
     # -- buffers -----------------------------------------------------------
 
-    def _views(self, j, T, B):
-        ws = self._ws[j]
-        if ws is None or not ws.fits(T, B):
-            T_cap = T if ws is None else max(T, ws.T)
-            B_cap = B if ws is None else max(B, ws.B)
-            ws = self._ws[j] = _Workspace(T_cap, B_cap, self._blocks[j][2], self.hidden_size,
-                                          self._P, self.dtype)
-        return ws.views(T, B)
-
     def _state(self, name, state, B):
         """Validated (h, c), shapes (D*L, B, P) and (D*L, B, H), or (None, None)."""
         if state is None:
@@ -254,30 +395,23 @@ class LSTM:
     def _time_major(self, a):
         return a.transpose(1, 0, 2) if self.batch_first else a
 
+    def _part(self, r):
+        """Part r of the batch's buffers; part 0 adds into ``flat_grads`` itself, the
+        others into gradient buffers of their own, summed after the backward."""
+        while len(self._parts) <= r:
+            own = len(self._parts) > 0
+            grads = np.zeros_like(self.flat_grads) if own else None
+            self._parts.append(_Part(self, grads))
+        return self._parts[r]
+
     # -- forward / backward ------------------------------------------------
 
-    def _forward_call(self, j, lens, T, B, padded):
-        def call():
-            layer_forward(self._pblocks[j], self._ws[j].flat, lens, self._clip, T, B,
-                          self._blocks[j][2], self.hidden_size, self._P, self.bias,
-                          bool(self.proj_size), padded, self._exact)
-        return call
-
-    def _backward_call(self, j, lens, T, B):
-        def call():
-            layer_backward(self._pblocks[j], self._gblocks[j], self._ws[j].flat, lens,
-                           self._clip, T, B, self._blocks[j][2], self.hidden_size, self._P,
-                           self.bias, bool(self.proj_size))
-        return call
-
-    def _run(self, calls, T, B, k):
-        """One layer's directions: both at once when that pays (see _threads)."""
-        work = T * B * 4 * self.hidden_size * (self._blocks[k * len(calls)][2] + self._P)
-        if len(calls) == 2 and parallel_worthwhile(work):
-            run_pair(*calls)
-        else:
-            for call in calls:
-                call()
+    def _split(self, T, B):
+        """[(part, first, end)] over the batch: one part per thread when the work
+        pays for the hand-off, else the whole batch as part 0 (see _threads)."""
+        n = batch_parts(self.threads, B, T * B * 4 * self.hidden_size
+                        * (self._blocks[0][2] + self._P) * self.num_layers)
+        return [(self._part(r), r * B // n, (r + 1) * B // n) for r in range(n)]
 
     def forward(self, x, state=None, lengths=None):
         """Run over whole sequences.
@@ -312,65 +446,41 @@ class LSTM:
             raise ValueError(f"x must have T >= 1 and B >= 1, got shape {x.shape}")
         h0, c0 = self._state("state", state, B)
         lens = check.lengths("lengths", lengths, B, T)
+        if (T, B) not in self._affordable:       # once per shape: the arithmetic costs
+            need = sum(_layout.workspace_size(T, B, I_k, self.hidden_size, self._P)
+                       for _, _, I_k in self._blocks)
+            check.affordable(need, self.dtype, f"the workspace for T={T}, B={B} (x's shape)")
+            self._affordable.add((T, B))
         padded = lens is not None
         if lens is None:
             lens = self._full_lengths.get((T, B))
             if lens is None:
                 lens = self._full_lengths[(T, B)] = np.full(B, T, np.int64)
-
         L, D, H, P = self.num_layers, self.num_directions, self.hidden_size, self._P
-        drop = self.training and self.dropout > 0 and L > 1
-        single = L * D == 1
-        masks = []
-        src = xt
-        for k in range(L):
-            outs, calls = [], []
-            for d in range(D):
-                j = k * D + d
-                v = self._views(j, T, B)
-                if d == 0:
-                    np.copyto(v["x"], src, casting="same_kind")
-                    if padded:
-                        zero_padding(v["x"], lens)
-                else:    # the reverse direction reads each sequence last step first
-                    reverse_in_time(self._views(k * D, T, B)["x"], v["x"], lens)
-                for buf, init in ((v["h"][0], h0), (v["c"][0], c0)):
-                    if init is None:
-                        buf.fill(0)
-                    else:
-                        np.copyto(buf, init[j], casting="same_kind")
-                calls.append(self._forward_call(j, lens, T, B, padded))
-                outs.append(v["y"] if padded else v["h_out"])
-            self._run(calls, T, B, k)
-            if D == 1:
-                out = outs[0]
-            else:
-                out = self._buf.get(f"out{k}", (T, B, 2 * P))
-                out[:, :, :P] = outs[0]
-                reverse_in_time(outs[1], out[:, :, P:], lens)
-            if drop and k < L - 1:
-                mask = self._buf.get(f"mask{k}", out.shape)
+        masks = [None] * L
+        if self.training and self.dropout > 0 and L > 1:
+            # drawn here, whole, so that the masks do not depend on how the batch is split
+            keep, p = self.dtype.type(1.0 - self.dropout), self.dtype.type(self.dropout)
+            for k in range(L - 1):
+                mask = self._buf.get(f"mask{k}", (T, B, D * P))
                 self._rng.random(out=mask, dtype=self.dtype)
-                keep = self.dtype.type(1.0 - self.dropout)
-                np.greater_equal(mask, self.dtype.type(self.dropout), out=mask)
+                np.greater_equal(mask, p, out=mask)
                 mask /= keep
-                src = self._buf.get(f"dropped{k}", out.shape)
-                np.multiply(out, mask, out=src)
-                masks.append(mask)
-            else:
-                src = out
-                masks.append(None)
-
-        if single:
-            v = self._views(0, T, B)
-            h_n, c_n = v["h"][T:], v["c"][T:]
+                masks[k] = mask
+        split = self._split(T, B)
+        if len(split) == 1:
+            out, h_n, c_n = split[0][0].forward(xt, h0, c0, lens, padded, masks, pairs=True)
         else:
+            def run(part, cut):
+                return part.forward(xt[:, cut], _rows(h0, cut), _rows(c0, cut), lens[cut],
+                                    padded, [None if m is None else m[:, cut] for m in masks])
+            results = run_parts([partial(run, part, slice(b0, b1)) for part, b0, b1 in split])
+            out = self._buf.get("y", (T, B, D * P))
             h_n = self._buf.get("h_n", (L * D, B, P))
             c_n = self._buf.get("c_n", (L * D, B, H))
-            for j in range(L * D):
-                v = self._views(j, T, B)
-                h_n[j], c_n[j] = v["h"][T], v["c"][T]
-        self._last = _Last(T, B, lens, masks)
+            for (_, b0, b1), (o, h, c) in zip(split, results):
+                out[:, b0:b1], h_n[:, b0:b1], c_n[:, b0:b1] = o, h, c
+        self._last = _Last(T, B, lens, masks, [(b0, b1) for _, b0, b1 in split])
         return readonly(self._time_major(out)), (readonly(h_n), readonly(c_n))
 
     def backward(self, dy, dstate=None):
@@ -406,52 +516,26 @@ class LSTM:
         check.float_array("dy", dy, self.dtype)
         check.shape("dy", dy, (B, T, D * P) if self.batch_first else (T, B, D * P))
         dh_n, dc_n = self._state("dstate", dstate, B)
-        single = L * D == 1
-
         grad = self._time_major(dy)
-        if not single:
+        if len(last.split) == 1:
+            dx, dh0, dc0 = self._part(0).backward(grad, dh_n, dc_n, lens, masks, pairs=True)
+        else:
+            def run(r, cut):
+                part = self._part(r)
+                if r:
+                    part.flat_grads.fill(0)
+                return part.backward(grad[:, cut], _rows(dh_n, cut), _rows(dc_n, cut),
+                                     lens[cut], [None if m is None else m[:, cut] for m in masks])
+            results = run_parts([partial(run, r, slice(b0, b1))
+                                 for r, (b0, b1) in enumerate(last.split)])
+            for r in range(1, len(last.split)):      # in order: the same sum every time
+                self.flat_grads += self._parts[r].flat_grads
+            dx = self._buf.get("dx", (T, B, self.input_size))
             dh0 = self._buf.get("dh0", (L * D, B, P))
             dc0 = self._buf.get("dc0", (L * D, B, H))
-        for k in range(L - 1, -1, -1):
-            calls = []
-            for d in range(D):
-                j = k * D + d
-                v = self._views(j, T, B)
-                if D == 1:
-                    np.copyto(v["dy"], grad, casting="same_kind")
-                elif d == 0:
-                    np.copyto(v["dy"], grad[:, :, :P], casting="same_kind")
-                else:
-                    g_rev = grad[:, :, P:]
-                    if g_rev.dtype != self.dtype:
-                        g_rev = g_rev.astype(self.dtype)
-                    reverse_in_time(g_rev, v["dy"], lens)
-                for buf, init in ((v["dh"], dh_n), (v["dc"], dc_n)):
-                    if init is None:
-                        buf.fill(0)
-                    else:
-                        np.copyto(buf, init[j], casting="same_kind")
-                calls.append(self._backward_call(j, lens, T, B))
-            self._run(calls, T, B, k)
-            if not single:
-                for d in range(D):
-                    v = self._views(k * D + d, T, B)
-                    dh0[k * D + d], dc0[k * D + d] = v["dh"], v["dc"]
-            if D == 1:
-                dx = self._views(k * D, T, B)["dx"]
-            else:
-                dx = self._buf.get(f"dx{k}", self._views(k * D, T, B)["dx"].shape)
-                reverse_in_time(self._views(k * D + 1, T, B)["dx"], dx, lens)
-                dx += self._views(k * D, T, B)["dx"]
-            if k > 0 and masks[k - 1] is not None:
-                grad = self._buf.get(f"dmasked{k}", dx.shape)
-                np.multiply(dx, masks[k - 1], out=grad)
-            else:
-                grad = dx
-        if single:
-            v = self._views(0, T, B)
-            dh0, dc0 = v["dh"][None], v["dc"][None]
-        return readonly(self._time_major(grad)), (readonly(dh0), readonly(dc0))
+            for (b0, b1), (d, h, c) in zip(last.split, results):
+                dx[:, b0:b1], dh0[:, b0:b1], dc0[:, b0:b1] = d, h, c
+        return readonly(self._time_major(dx)), (readonly(dh0), readonly(dc0))
 
     def zero_grad(self):
         """Set every gradient to zero."""

@@ -23,7 +23,8 @@ SCRIPT = textwrap.dedent("""
             m.forward(x); m.backward(dy)
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-        return dict(nrt=rtsys.get_allocation_stats().alloc - before, peak=peak)
+        return dict(nrt=rtsys.get_allocation_stats().alloc - before, peak=peak,
+                    parts=len(m._last.split))
 
     from numba import types
     from fastlstm._kernels import layer_backward, layer_forward
@@ -31,8 +32,8 @@ SCRIPT = textwrap.dedent("""
     # NRT "allocation" a call may make (it holds no data).
     wrappers = sum(isinstance(a, types.Array) for k in (layer_forward, layer_backward)
                    for a in k.signatures[0])
-    res = {f"{T}x{B}": measure(T, B) for T, B in [(5, 2), (200, 64)]}
-    res["wrappers"] = 3 * wrappers
+    res = {f"{T}x{B}": measure(T, B) for T, B in [(5, 2), (100, 16), (200, 64)]}
+    res["wrappers"] = 3 * wrappers          # per part of the batch (each calls the kernels)
     print(json.dumps(res))
 """)
 
@@ -42,9 +43,12 @@ def test_forward_backward_allocates_nothing_that_grows():
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
                          text=True, check=True).stdout
     res = json.loads(out.strip().splitlines()[-1])
-    small, large = res["5x2"], res["200x64"]
-    assert small["nrt"] == large["nrt"] == res["wrappers"], res
-    # Python-side: only the small view objects the wrapper returns (a few KB),
-    # the same at 5x2 as at 200x64 (whose arrays alone would be ~1 MB).
+    tiny, small, large = res["5x2"], res["100x16"], res["200x64"]
+    assert tiny["parts"] == 1 and large["parts"] == min(len(os.sched_getaffinity(0)), 64)
+    for r in (tiny, small, large):
+        assert r["nrt"] == res["wrappers"] * r["parts"], res
+    # Python-side: only the small objects a call makes (views, and the hand-off to a
+    # thread when the batch is split), a few KB, the same at 100x16 as at 200x64
+    # (whose arrays alone would be ~1 MB).
     assert large["peak"] < 16_000, res
-    assert large["peak"] <= small["peak"] + 1024, res
+    assert small["parts"] == large["parts"] and large["peak"] <= small["peak"] + 1024, res

@@ -229,3 +229,39 @@ def test_defaults_leave_torch_behaviour_unchanged():
                                           p["bias_ih_l0"], p["bias_hh_l0"])
     assert np.abs(c_n).max() > 3
     assert rel_err(m.forward(x)[0], want) <= 1e-10
+
+
+# -- the batch split over threads ----------------------------------------------------
+
+@pytest.mark.torch
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=lambda d: d.__name__)
+@pytest.mark.parametrize("case", CONFIGS[::3], ids=[cfg_id(c) for c in CONFIGS[::3]])
+def test_batch_split_over_threads_matches_torch_and_one_thread(torch, monkeypatch, case, dtype):
+    """Every size splits here (no work threshold): parts of 1 to 3 sequences run on
+    their own threads and their gradients are summed."""
+    from fastlstm import _threads
+    monkeypatch.setattr(_threads, "SPLIT_WORK", 0)
+    cfg, use_lengths = case
+    lengths = [3, 7, 1, 5, 7] if use_lengths else None
+    results = {}
+    for threads in (1, 2, 3):
+        m, prob = make_problem(11, 7, 5, 3, dict(cfg, threads=threads), dtype)
+        results[threads] = run_ours(m, prob, lengths)
+        assert len(m._last.split) == threads
+    want = run_torch(torch, m, prob, lengths, cfg)
+    for threads, got in results.items():
+        for k in want:
+            assert rel_err(got[k], want[k]) <= TOL[dtype], (threads, k)
+    again = run_ours(m, prob, lengths)                # a fixed count repeats bitwise
+    for k in again:
+        assert np.array_equal(again[k], results[3][k]), k
+
+
+def test_batch_split_keeps_dropout_masks(monkeypatch):
+    """The masks are drawn for the whole batch before it is split: the same at any count."""
+    from fastlstm import _threads
+    monkeypatch.setattr(_threads, "SPLIT_WORK", 0)
+    x = np.random.default_rng(0).standard_normal((6, 4, 3))
+    ys = [fastlstm.LSTM(3, 5, num_layers=3, dropout=0.5, dtype=np.float64, seed=2,
+                        threads=t).forward(x)[0].copy() for t in (1, 2)]
+    np.testing.assert_allclose(ys[0], ys[1], rtol=1e-13, atol=1e-15)

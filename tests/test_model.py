@@ -119,13 +119,16 @@ def measure(N, T):
         m.train_step(x, y, opt, lengths=lengths, clip_norm=1e-6)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
-    return dict(nrt=rtsys.get_allocation_stats().alloc - before, peak=peak)
-print(json.dumps({"small": measure(2, 5), "large": measure(64, 200)}))
+    return dict(nrt=rtsys.get_allocation_stats().alloc - before, peak=peak,
+                parts=len(m.lstm._last.split))
+# both sizes large enough to split the batch over the cores (the same calls at both)
+print(json.dumps({"small": measure(48, 150), "large": measure(64, 200)}))
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                          check=True, env=dict(os.environ, NUMBA_NRT_STATS="1")).stdout
     res = json.loads(out.strip().splitlines()[-1])
     # NRT: only Numba's per-argument wrappers, the same count at both sizes.
+    assert res["small"]["parts"] == res["large"]["parts"], res
     assert res["small"]["nrt"] == res["large"]["nrt"], res
     # NumPy: no buffer that grows with N or T (200x64 steps of data would be ~100 KB+).
     assert res["large"]["peak"] <= res["small"]["peak"] + 2048, res
