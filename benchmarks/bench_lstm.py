@@ -82,3 +82,17 @@ class TrainStep:
 
     def time_train_step(self, impl, size, dtype):
         self.case.step()
+
+
+class Threads:
+    """The batch split over threads (fastlstm.LSTM(threads=...), skipped on commits
+    that lack it): one thread against one per core, float32."""
+    params = [["small", "long", "medium"], [1, 2]]
+    param_names = ["size", "threads"]
+    timeout = 300
+
+    def setup(self, size, threads):
+        self.case = FastCase(*SIZES[size], "float32", threads=threads)
+
+    def time_fwd_bwd(self, size, threads):
+        self.case.fwd_bwd()

@@ -60,7 +60,8 @@ class FastCase:
 
     def __init__(self, B, T, I, H, dtype, **layer):
         import fastlstm
-        self.x, self.dy = data(B, T, I, H, dtype, out=(2 if layer.get("bidirectional") else 1) * H)
+        D = 2 if layer.get("bidirectional") else 1
+        self.x, self.dy = data(B, T, I, H, dtype, out=D * H)
         try:
             self.model = fastlstm.LSTM(I, H, dtype=np.dtype(dtype), seed=0, **layer)
         except TypeError:

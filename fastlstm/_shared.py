@@ -1,6 +1,5 @@
 """Helpers the public classes share: reusable scratch arrays, read-only views, and
 the one-thread-at-a-time guard."""
-import contextlib
 import math
 import threading
 
@@ -35,18 +34,21 @@ class OneThread:
     """A model's buffers serve one thread at a time: ``with guard("forward"):``
     raises RuntimeError at once when another thread is inside a guarded call of
     the same model (instead of waiting, or tearing results). The owning thread
-    may nest calls (fit -> train_step -> forward)."""
+    may nest calls (fit -> train_step -> forward). A plain class, not a
+    contextlib generator: it is entered on every call, and that costs."""
 
     def __init__(self, owner):
         self._owner = owner
         self._lock = threading.RLock()
 
-    @contextlib.contextmanager
     def __call__(self, what):
         if not self._lock.acquire(blocking=False):
             raise RuntimeError(f"{what}() called while this {self._owner} is running in "
                                "another thread; use one model per thread (or a lock)")
-        try:
-            yield
-        finally:
-            self._lock.release()
+        return self
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._lock.release()

@@ -60,10 +60,39 @@ def _controller():
 
 
 def blas_limit():
-    """The fewest threads any loaded BLAS may use now (threadpoolctl's limit, or its
-    default): a user's ``threadpool_limits(1)`` keeps fastlstm on one core too."""
+    """The fewest threads any loaded BLAS may use (threadpoolctl's limit, or its
+    default): a user's ``threadpool_limits(1)`` keeps fastlstm on one core too.
+    While fastlstm itself holds BLAS at one thread, the limit from before."""
     _controller()
-    return min((lib.num_threads for lib in _state["blas"]), default=usable_cores())
+    with _lock:
+        if _state.get("depth"):
+            return _state["limit"]
+        return min((lib.num_threads for lib in _state["blas"]), default=usable_cores())
+
+
+class _SingleThreadedBlas:
+    """BLAS at one thread while any fastlstm call that needs it runs. Counted, not
+    nested threadpoolctl contexts: with two models in two threads, the first to
+    leave would restore the limit under the other, and the last would restore the
+    one it saw, 1, for good."""
+
+    def __enter__(self):
+        _controller()
+        with _lock:
+            if not _state.get("depth"):
+                libs = _state["blas"]
+                _state["saved"] = [lib.num_threads for lib in libs]
+                _state["limit"] = min(_state["saved"], default=usable_cores())
+                for lib in libs:
+                    lib.set_num_threads(1)
+            _state["depth"] = _state.get("depth", 0) + 1
+
+    def __exit__(self, *exc):
+        with _lock:
+            _state["depth"] -= 1
+            if not _state["depth"]:
+                for lib, n in zip(_state["blas"], _state["saved"]):
+                    lib.set_num_threads(n)
 
 
 def batch_parts(threads, B, work):
@@ -78,8 +107,8 @@ def batch_parts(threads, B, work):
 def run_parts(calls):
     """Call calls[0]() here and the others on the pool, BLAS single-threaded;
     returns their results in order."""
-    controller, pool = _controller()
-    with controller.limit(limits=1, user_api="blas"):
+    _, pool = _controller()
+    with _SingleThreadedBlas():
         futures = [pool.submit(call) for call in calls[1:]]
         try:
             first = calls[0]()
@@ -96,8 +125,8 @@ def parallel_worthwhile(work):
 
 def run_pair(first, second):
     """Call first() here and second() on a worker thread, BLAS single-threaded."""
-    controller, pool = _controller()
-    with controller.limit(limits=1, user_api="blas"):
+    _, pool = _controller()
+    with _SingleThreadedBlas():
         future = pool.submit(second)
         try:
             first()

@@ -84,7 +84,9 @@ class _Part:
     def _run(self, calls, work, pairs):
         """One layer's directions: both at once when that pays and this part has the
         machine to itself (see _threads)."""
-        if pairs and len(calls) == 2 and parallel_worthwhile(work):
+        if len(calls) == 1:
+            calls[0]()
+        elif pairs and parallel_worthwhile(work):
             run_pair(*calls)
         else:
             for call in calls:
@@ -94,7 +96,6 @@ class _Part:
         m = self.m
         T, B = xt.shape[:2]
         L, D, H, P = m.num_layers, m.num_directions, m.hidden_size, m._P
-        lens = np.ascontiguousarray(lens)
         src = xt
         for k in range(L):
             outs, calls = [], []
@@ -142,7 +143,6 @@ class _Part:
         m = self.m
         T, B = grad.shape[:2]
         L, D, H, P = m.num_layers, m.num_directions, m.hidden_size, m._P
-        lens = np.ascontiguousarray(lens)
         single = L * D == 1
         if not single:
             dh0 = self.buf.get("dh0", (L * D, B, P))
@@ -305,6 +305,7 @@ class LSTM:
         self._buf = Buffers(self.dtype)
         self._full_lengths = {}
         self._affordable = set()
+        self._splits = {}
         self._last = None
         self._guard = OneThread("LSTM")
 
@@ -411,7 +412,12 @@ class LSTM:
         pays for the hand-off, else the whole batch as part 0 (see _threads)."""
         n = batch_parts(self.threads, B, T * B * 4 * self.hidden_size
                         * (self._blocks[0][2] + self._P) * self.num_layers)
-        return [(self._part(r), r * B // n, (r + 1) * B // n) for r in range(n)]
+        key = (n, B)
+        split = self._splits.get(key)          # cached: small calls cannot spare building it
+        if split is None:
+            split = self._splits[key] = [(self._part(r), r * B // n, (r + 1) * B // n)
+                                         for r in range(n)]
+        return split
 
     def forward(self, x, state=None, lengths=None):
         """Run over whole sequences.
@@ -480,7 +486,7 @@ class LSTM:
             c_n = self._buf.get("c_n", (L * D, B, H))
             for (_, b0, b1), (o, h, c) in zip(split, results):
                 out[:, b0:b1], h_n[:, b0:b1], c_n[:, b0:b1] = o, h, c
-        self._last = _Last(T, B, lens, masks, [(b0, b1) for _, b0, b1 in split])
+        self._last = _Last(T, B, lens, masks, split)
         return readonly(self._time_major(out)), (readonly(h_n), readonly(c_n))
 
     def backward(self, dy, dstate=None):
@@ -527,13 +533,13 @@ class LSTM:
                 return part.backward(grad[:, cut], _rows(dh_n, cut), _rows(dc_n, cut),
                                      lens[cut], [None if m is None else m[:, cut] for m in masks])
             results = run_parts([partial(run, r, slice(b0, b1))
-                                 for r, (b0, b1) in enumerate(last.split)])
+                                 for r, (_, b0, b1) in enumerate(last.split)])
             for r in range(1, len(last.split)):      # in order: the same sum every time
                 self.flat_grads += self._parts[r].flat_grads
             dx = self._buf.get("dx", (T, B, self.input_size))
             dh0 = self._buf.get("dh0", (L * D, B, P))
             dc0 = self._buf.get("dc0", (L * D, B, H))
-            for (b0, b1), (d, h, c) in zip(last.split, results):
+            for (_, b0, b1), (d, h, c) in zip(last.split, results):
                 dx[:, b0:b1], dh0[:, b0:b1], dc0[:, b0:b1] = d, h, c
         return readonly(self._time_major(dx)), (readonly(dh0), readonly(dc0))
 

@@ -158,7 +158,9 @@ def test_exploding_gradients_are_caught_by_clipping():
 def test_two_models_in_two_threads():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((300, 16, 8)).astype(np.float32)
-    models = [fastlstm.LSTM(8, 32, seed=s) for s in (1, 2)]
+    from threadpoolctl import threadpool_info
+    blas_before = [lib["num_threads"] for lib in threadpool_info()]
+    models = [fastlstm.LSTM(8, 32, seed=s) for s in (1, 2)]      # large enough to split
     alone = [m.forward(x)[0].copy() for m in models]
     results = [None, None]
 
@@ -172,6 +174,8 @@ def test_two_models_in_two_threads():
         t.join()
     for i in (0, 1):
         assert np.array_equal(results[i], alone[i])
+    # BLAS's thread count is what it was: the overlapping calls did not leave it at 1
+    assert [lib["num_threads"] for lib in threadpool_info()] == blas_before
 
 
 class _Blocking(np.ndarray):
