@@ -18,7 +18,7 @@ TRAIN_DEFAULTS = {
     # the article's own loop: plain gradient descent on the LSTM and a logistic output
     "article": dict(hidden=3, lr=0.01, max_steps=3000, dtype="float64"),
 }
-COMMON_DEFAULTS = dict(seed=0, backend="fastlstm", threads=1)
+COMMON_DEFAULTS = dict(seed=0, backend="fastlstm", threads=None)
 for _task in ("adding", "sine", "data"):       # the runs that train a SequenceModel
     TRAIN_DEFAULTS[_task].update(distributed=False, export_onnx=None)
 #: command-line spelling of each setting
@@ -81,9 +81,9 @@ def _distributed(args, task, run):
 
 def _train_threads(args, task, run):
     if run["threads"]:
-        # The built-in tasks' matrices are small: BLAS threads gain little on them
-        # (adding, T=100: 51 s with 2 threads, 60 s with 1) and, when another process
-        # is busy on the cores, spin against it (the same run took over 540 s).
+        # A limit on BLAS is also the LSTM's thread count (see fastlstm._threads): one
+        # knob for both. By default each LSTM call splits its batch over the cores, with
+        # BLAS single-threaded meanwhile, so no BLAS pool spins against another process.
         from threadpoolctl import threadpool_limits
         with threadpool_limits(limits=run["threads"], user_api="blas"):
             return _train_run(args, task, run)
@@ -286,9 +286,9 @@ def build_parser():
     t.add_argument("--seed", type=_nonnegative_int, help="default 0")
     t.add_argument("--backend", choices=["fastlstm", "reference"],
                    help="'reference' trains through the NumPy reference, to compare wall time")
-    t.add_argument("--threads", type=_nonnegative_int,
-                   help="BLAS threads while training (default 1: robust on a busy machine; "
-                        "0 leaves BLAS's own default)")
+    t.add_argument("--threads", type=_positive(int),
+                   help="threads while training: the LSTM's batch split and BLAS "
+                        "(default: the cores available)")
     t.add_argument("--save", help="write the trained model to this .npz")
     t.add_argument("--export-onnx", metavar="PATH",
                    help="write the trained model as an ONNX graph (needs pip install "
