@@ -135,17 +135,17 @@ class DataParallel:
         m = self.model
         m.zero_grad()
         final = [None]
+        mine = [0]
 
         def local():
             if x.shape[0] == 0:
                 return 0, 0.0
             loss, final[0] = m.forward_backward(x, y, lengths, state)
-            n = self._rows(x, lengths)
-            return n, loss * n
+            mine[0] = self._rows(x, lengths)
+            return mine[0], loss * mine[0]
 
         rows, total = self._agree(what, local)
-        local_rows = 0 if x.shape[0] == 0 else self._rows(x, lengths)
-        m.flat_grads *= m.dtype.type(local_rows / rows)     # this shard's share of the mean
+        m.flat_grads *= m.dtype.type(mine[0] / rows)     # this shard's share of the mean
         self._timed(lambda: self.comm.Allreduce(MPI.IN_PLACE, m.flat_grads, op=MPI.SUM))
         return float(total / rows), final[0]
 
