@@ -48,7 +48,8 @@ def test_forward_backward_allocates_nothing_that_grows():
     for r in (tiny, small, large):
         assert r["nrt"] == res["wrappers"] * r["parts"], res
     # Python-side: only the small objects a call makes (views, and the hand-off to a
-    # thread when the batch is split), a few KB, the same at 100x16 as at 200x64
-    # (whose arrays alone would be ~1 MB).
+    # thread when the batch is split), a few KB, about the same at 100x16 as at 200x64
+    # (whose arrays alone would be ~1 MB). With two threads the peak depends a little on
+    # which of those objects happen to be alive at once: 6-8 KB in CI, hence the slack.
     assert large["peak"] < 16_000, res
-    assert small["parts"] == large["parts"] and large["peak"] <= small["peak"] + 1024, res
+    assert small["parts"] == large["parts"] and large["peak"] <= small["peak"] + 4096, res

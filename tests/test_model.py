@@ -130,8 +130,9 @@ print(json.dumps({"small": measure(48, 150), "large": measure(64, 200)}))
     # NRT: only Numba's per-argument wrappers, the same count at both sizes.
     assert res["small"]["parts"] == res["large"]["parts"], res
     assert res["small"]["nrt"] == res["large"]["nrt"], res
-    # NumPy: no buffer that grows with N or T (200x64 steps of data would be ~100 KB+).
-    assert res["large"]["peak"] <= res["small"]["peak"] + 2048, res
+    # NumPy: no buffer that grows with N or T (200x64 steps of data would be ~100 KB+);
+    # slack for the thread hand-off's objects, whose peak varies with the interleaving.
+    assert res["large"]["peak"] <= res["small"]["peak"] + 4096, res
     assert res["large"]["peak"] < 40_000, res
 
 
