@@ -26,9 +26,13 @@ _state = {}
 def _forget_in_child():
     """A forked child inherits the pool object but not its worker thread: a task
     submitted there would wait forever. Start afresh (a new lock too: the parent's
-    may have been held by another thread at the fork)."""
+    may have been held by another thread at the fork), and give BLAS back the thread
+    count that a call running in another thread of the parent had lowered."""
     global _lock
     _lock = threading.Lock()
+    if _state.get("depth"):
+        for lib, n in zip(_state["blas"], _state["saved"]):
+            lib.set_num_threads(n)
     _state.clear()
 
 
