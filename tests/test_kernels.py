@@ -77,3 +77,28 @@ def test_state_carried_between_chunks_equals_one_pass():
     # read-only outputs are accepted as inputs, e.g. y as dy
     y, _ = m.forward(prob["x"])
     m.backward(y)
+
+
+@pytest.mark.parametrize("bias,proj", [(True, False), (False, True), (True, True)])
+def test_numba_and_python_carve_the_layout_alike(bias, proj):
+    """The kernels' carving (compiled from _layout's tables) and Python's views of
+    the same flat buffers: the same names, offsets and shapes."""
+    from fastlstm import _layout
+    from fastlstm._kernels import param_views, workspace_views
+    T, B, I, H = 3, 2, 4, 5
+    P = 2 if proj else H
+
+    def offsets(views, base):
+        return {k: (v.__array_interface__["data"][0] - base, v.shape) for k, v in views.items()}
+
+    table = _layout.param_table(I, H, P, bias, proj)
+    p = np.zeros(_layout.param_size(I, H, P, bias, proj))
+    numba = param_views(p, I, H, P, bias, proj)._asdict()
+    python = _layout.carve(p, table)
+    base = p.__array_interface__["data"][0]
+    assert {k: v for k, v in offsets(numba, base).items() if k in python} == offsets(python, base)
+    assert all(numba[k].size == 0 for k in numba if k not in python)   # absent: empty
+    ws = np.zeros(_layout.workspace_size(T, B, I, H, P))
+    base = ws.__array_interface__["data"][0]
+    assert offsets(workspace_views(ws, T, B, I, H, P)._asdict(), base) == offsets(
+        _layout.carve(ws, _layout.workspace_table(T, B, I, H, P)), base)
