@@ -121,10 +121,13 @@ def run_parts(calls):
     return [first, *rest]
 
 
-def parallel_worthwhile(work):
+def parallel_worthwhile(work, threads=None):
     """Whether `work` (multiply-adds of one direction's fwd or bwd) is large enough
-    for two threads to pay for their start-up; never on a single core."""
-    return (os.cpu_count() or 1) > 1 and work >= 50_000_000
+    for two threads to pay for their start-up, and two are allowed: the same count
+    as the batch split (`threads`, or the usable cores under the BLAS limit)."""
+    if work < 50_000_000:
+        return False
+    return (threads or min(usable_cores(), blas_limit())) > 1
 
 
 def run_pair(first, second):

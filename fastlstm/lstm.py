@@ -86,7 +86,7 @@ class _Part:
         machine to itself (see _threads)."""
         if len(calls) == 1:
             calls[0]()
-        elif pairs and parallel_worthwhile(work):
+        elif pairs and parallel_worthwhile(work, self.m.threads):
             run_pair(*calls)
         else:
             for call in calls:
