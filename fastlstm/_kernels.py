@@ -214,8 +214,21 @@ def sigmoid_array(x, out, exact):
 # Beyond the plain cell, a layer may have: a projection h_t = W_hr m_t of the
 # cell output m_t = o_t * tanh(c_t) (torch's proj_size; without it h_t = m_t);
 # per-sequence lengths (sequence b runs steps [0, lengths[b]); past them its
-# state is carried unchanged and its gradients pass straight through); and a
-# cell clip (c_t clipped to [-clip, clip]; clip = inf for none).
+# state is carried unchanged and its gradients pass straight through); a cell
+# clip (c_t clipped to [-clip, clip]; clip = inf for none); and the variants,
+# whose equations fastlstm.reference writes out:
+#
+#   peephole    i and f see w_ci * c_{t-1}, w_cf * c_{t-1}; o sees w_co * c~_t;
+#   layer_norm  LN over the 4H features of x W_ih^T and of h W_hh^T, and over
+#               the H of the new cell before its tanh (the carried cell is not
+#               normalised); the two LN biases are folded into the gates' bias;
+#   zoneout     c_t = z_c c_{t-1} + (1 - z_c) c~_t, h_t = z_h h_{t-1} + (1 - z_h) h~_t,
+#               with c~_t, h~_t the cell's own new state;
+#   rdrop       recurrent dropout: W_hh sees h_{t-1} * mask.
+#
+# The plain cell keeps its own loops, the fast path; a cell with any variant runs
+# the general step (_cell_forward_v / _cell_backward_v), whose flags do not change
+# inside a call. Its extra work is O(B H) per step beside the O(B H P) products.
 # --------------------------------------------------------------------------
 
 # The step's elementwise work is split into loops that each touch few arrays
@@ -261,31 +274,147 @@ def _cells_forward(t, gates, rec, bias, lengths, clip, c, tanh_c, m, exact):
             m[t, b] = 0
 
 
+@njit(inline="always", **JIT)
+def _layer_norm(x, xn, gain):
+    """x (n,) -> gain * xn in place, xn = (x - mean) / sqrt(var + eps) (biased
+    variance, eps 1e-5). Returns 1 / sqrt(var + eps)."""
+    n = x.shape[0]
+    s = x.dtype.type(0.0)
+    for k in range(n):
+        s += x[k]
+    mean = s / n
+    s = x.dtype.type(0.0)
+    for k in range(n):
+        d = x[k] - mean
+        s += d * d
+    rstd = x.dtype.type(1.0) / math.sqrt(s / n + x.dtype.type(1e-5))
+    for k in range(n):
+        xn[k] = (x[k] - mean) * rstd
+        x[k] = gain[k] * xn[k]
+    return rstd
+
+
+@njit(inline="always", **JIT)
+def _layer_norm_backward(dy, xn, rstd, gain, dx):
+    """dx = the gradient on LN's input, given dy on its output gain * xn + bias.
+    dx may be dy (every sum is taken before dx is written)."""
+    n = dy.shape[0]
+    s1 = dy.dtype.type(0.0)
+    s2 = dy.dtype.type(0.0)
+    for k in range(n):
+        gd = dy[k] * gain[k]
+        s1 += gd
+        s2 += gd * xn[k]
+    s1 /= n
+    s2 /= n
+    for k in range(n):
+        dx[k] = rstd * (dy[k] * gain[k] - s1 - xn[k] * s2)
+
+
+@njit(inline="always", **JIT)
+def _cell_forward_v(t, b, w, v, ct, m, clip, peep, ln, zone, exact):
+    """One sequence's step with the variants; the new cell goes to ct[t, b] (c~_t),
+    the carried one to v.c[t + 1, b]."""
+    z, r, bias = v.gates[t, b], v.rec[b], v.bias
+    c_prev, c_new, tc = v.c[t, b], ct[t, b], v.tanh_c[t, b]
+    H = c_new.shape[0]
+    if ln:
+        v.rstd[t, b, 0] = _layer_norm(z, v.xn_ih[t, b], w.ln_ih_weight)
+        v.rstd[t, b, 1] = _layer_norm(r, v.xn_hh[t, b], w.ln_hh_weight)
+    if peep:
+        for j in range(H):
+            r[j] += w.weight_ci[j] * c_prev[j]
+            r[H + j] += w.weight_cf[j] * c_prev[j]
+    for j in range(2 * H):                               # i, f
+        z[j] = _sigmoid(z[j] + r[j] + bias[j], exact)
+    for j in range(H):                                   # g
+        k = 2 * H + j
+        z[k] = _tanh(z[k] + r[k] + bias[k], exact)
+    for j in range(H):
+        cj = z[H + j] * c_prev[j] + z[j] * z[2 * H + j]
+        c_new[j] = clip if cj > clip else (-clip if cj < -clip else cj)
+    for j in range(H):                                   # o, which may see the new cell
+        k = 3 * H + j
+        zo = z[k] + r[k] + bias[k]
+        if peep:
+            zo += w.weight_co[j] * c_new[j]
+        z[k] = _sigmoid(zo, exact)
+    if ln:            # tanh(LN_c(c~)), through tc as scratch
+        for j in range(H):
+            tc[j] = c_new[j]
+        v.rstd[t, b, 2] = _layer_norm(tc, v.xn_c[t, b], w.ln_c_weight)
+        for j in range(H):
+            tc[j] = _tanh(tc[j] + w.ln_c_bias[j], exact)
+    else:
+        for j in range(H):
+            tc[j] = _tanh(c_new[j], exact)
+    for j in range(H):
+        m[t, b, j] = z[3 * H + j] * tc[j]
+    if zone:
+        one = c_new.dtype.type(1.0)
+        for j in range(H):
+            zc = v.zc[t, b, j]
+            v.c[t + 1, b, j] = zc * c_prev[j] + (one - zc) * c_new[j]
+
+
+@njit(inline="always", **JIT)
+def _cells_forward_v(t, w, v, ct, m, lengths, clip, peep, ln, zone, exact):
+    for b in range(v.gates.shape[1]):
+        if t < lengths[b]:
+            _cell_forward_v(t, b, w, v, ct, m, clip, peep, ln, zone, exact)
+        else:
+            v.c[t + 1, b] = v.c[t, b]
+            m[t, b] = 0
+
+
 @njit(**JIT)
-def lstm_forward(x, w_ih, w_hh, w_hr, bias, lengths, clip, gates, c, tanh_c, m, h, rec,
-                 exact):
+def lstm_forward(w, v, m, lengths, clip, peep, ln, zone, rdrop, exact):
     """Forward over the whole sequence.
 
-    x (T, B, I); w_ih (4H, I); w_hh (4H, P); w_hr (P, H), or (0, H) for no
-    projection; bias (4H,) = b_ih + b_hh; lengths (B,) in [1, T]; clip > 0.
-    h (T+1, B, P) and c (T+1, B, H) hold h0, c0 in entry 0; entry t+1 receives
-    step t. Writes gates (T, B, 4H) activations i, f, g, o, tanh_c (T, B, H)
-    and m (T, B, H), the cell outputs; without projection m must be h[1:].
-    rec (B, 4H) is scratch.
+    w: one direction's parameters (a ``_layout.Params``), v its workspace (a
+    ``_layout.Workspace``): x (T, B, I), and h (T+1, B, P), c (T+1, B, H) holding
+    h0, c0 in entry 0; entry t+1 receives step t. Writes gates (T, B, 4H)
+    activations i, f, g, o, tanh_c (T, B, H) and m (T, B, H), the cell outputs,
+    which must be h[1:] when there is neither projection nor zoneout. bias (4H,)
+    must hold the sum of the biases. lengths (B,) in [1, T]; clip > 0.
     """
+    x, h, c, gates, rec = v.x, v.h, v.c, v.gates, v.rec
     T, B, I = x.shape
     H = c.shape[2]
+    P = h.shape[2]
+    w_hh, w_hr = w.weight_hh, w.weight_hr
+    plain = not (peep or ln or zone)
+    ct = v.ct if zone else c[1:]
     # All input projections at once: one large GEMM instead of T small ones.
-    np.dot(x.reshape((T * B, I)), w_ih.T, out=gates.reshape((T * B, 4 * H)))
+    np.dot(x.reshape((T * B, I)), w.weight_ih.T, out=gates.reshape((T * B, 4 * H)))
     for t in range(T):
-        np.dot(h[t], w_hh.T, out=rec)
-        # `exact` becomes a literal in each inlined copy (see the activations).
-        if exact:
-            _cells_forward(t, gates, rec, bias, lengths, clip, c, tanh_c, m, True)
+        if rdrop:
+            for b in range(B):
+                for j in range(P):
+                    v.hd[t, b, j] = h[t, b, j] * v.rmask[b, j]
+            np.dot(v.hd[t], w_hh.T, out=rec)
         else:
-            _cells_forward(t, gates, rec, bias, lengths, clip, c, tanh_c, m, False)
+            np.dot(h[t], w_hh.T, out=rec)
+        # `exact` becomes a literal in each inlined copy (see the activations).
+        if plain:
+            if exact:
+                _cells_forward(t, gates, rec, v.bias, lengths, clip, c, v.tanh_c, m, True)
+            else:
+                _cells_forward(t, gates, rec, v.bias, lengths, clip, c, v.tanh_c, m, False)
+        elif exact:
+            _cells_forward_v(t, w, v, ct, m, lengths, clip, peep, ln, zone, True)
+        else:
+            _cells_forward_v(t, w, v, ct, m, lengths, clip, peep, ln, zone, False)
         if w_hr.shape[0] > 0:
             np.dot(m[t], w_hr.T, out=h[t + 1])
+        if zone:      # h~_t is in h[t + 1] (projected) or m[t]
+            one = x.dtype.type(1.0)
+            src = h[t + 1] if w_hr.shape[0] > 0 else m[t]
+            for b in range(B):
+                if t < lengths[b]:
+                    for j in range(P):
+                        zh = v.zh[t, b, j]
+                        h[t + 1, b, j] = zh * h[t, b, j] + (one - zh) * src[b, j]
         for b in range(B):
             if t >= lengths[b]:          # finished: carry the state
                 h[t + 1, b] = h[t, b]
@@ -311,6 +440,60 @@ def _cell_backward(a, dz, dm, dc, c_prev, c_t, tc, clip):
 
 
 @njit(inline="always", **JIT)
+def _cell_backward_v(t, b, w, dw, v, ct, dm, clip, peep, ln, zone):
+    """The general step's backward for one sequence: dm (H,) the gradient on m_t,
+    v.dc[b] the one on the carried c_t (on entry; c_{t-1}'s on return). Writes
+    dgates[t, b] and, with layer norm, drec[t, b]; adds into the peephole and
+    LN_c gradients."""
+    a, dz, dc = v.gates[t, b], v.dgates[t, b], v.dc[b]
+    c_prev, c_new, tc = v.c[t, b], ct[t, b], v.tanh_c[t, b]
+    H = dm.shape[0]
+    one = a.dtype.type(1.0)
+    zero = a.dtype.type(0.0)
+    if ln:            # du: the gradient on LN_c's input, through LN_c's output
+        du = v.du[b]
+        xn = v.xn_c[t, b]
+        for j in range(H):
+            d = dm[j] * a[3 * H + j] * (one - tc[j] * tc[j])
+            du[j] = d
+            dw.ln_c_weight[j] += d * xn[j]
+            dw.ln_c_bias[j] += d
+        _layer_norm_backward(du, xn, v.rstd[t, b, 2], w.ln_c_weight, du)
+    for j in range(H):
+        i, f, g, o = a[j], a[H + j], a[2 * H + j], a[3 * H + j]
+        if ln:
+            dct = du[j]
+        else:
+            dct = dm[j] * o * (one - tc[j] * tc[j])
+        dzo = dm[j] * tc[j] * o * (one - o)
+        keep = zero
+        if peep:
+            dct += dzo * w.weight_co[j]
+            dw.weight_co[j] += dzo * c_new[j]
+        if zone:
+            zc = v.zc[t, b, j]
+            dct += dc[j] * (one - zc)
+            keep = dc[j] * zc
+        else:
+            dct += dc[j]
+        dct = zero if abs(c_new[j]) >= clip else dct
+        dzi = dct * g * i * (one - i)
+        dzf = dct * c_prev[j] * f * (one - f)
+        dcp = dct * f + keep
+        if peep:
+            dcp += dzi * w.weight_ci[j] + dzf * w.weight_cf[j]
+            dw.weight_ci[j] += dzi * c_prev[j]
+            dw.weight_cf[j] += dzf * c_prev[j]
+        dz[j] = dzi
+        dz[H + j] = dzf
+        dz[2 * H + j] = dct * i * (one - g * g)
+        dz[3 * H + j] = dzo
+        dc[j] = dcp
+    if ln:            # what W_hh h_{t-1} receives, through LN_hh
+        _layer_norm_backward(dz, v.xn_hh[t, b], v.rstd[t, b, 1], w.ln_hh_weight, v.drec[t, b])
+
+
+@njit(inline="always", **JIT)
 def _accumulate(acc, src):
     """acc += src, for two arrays of one shape (BLAS's out= would overwrite)."""
     a, s = acc.reshape(acc.size), src.reshape(src.size)
@@ -319,56 +502,99 @@ def _accumulate(acc, src):
 
 
 @njit(**JIT)
-def lstm_backward(dy, dh, dc, x, w_ih, w_hh, w_hr, lengths, clip, gates, c, tanh_c, m, h,
-                  dgates, dx, dhs, dm, carry, dw_ih, dw_hh, dw_hr, db,
-                  tmp_ih, tmp_hh, tmp_hr):
+def lstm_backward(w, dw, v, m, lengths, clip, peep, ln, zone, rdrop):
     """Backward through time over the sequence ``lstm_forward`` last ran.
 
-    dy (T, B, P). dh (B, P), dc (B, H): dh_n, dc_n on entry, dh0, dc0 on return.
-    The forward's arrays as it left them. Writes dgates (T, B, 4H), the
-    pre-activation gradients, dx (T, B, I) and dhs (T, B, P), the whole gradient
-    on each h_t; adds into dw_ih, dw_hh, dw_hr and db (the gradient of either
-    bias). dm (B, H) and carry (B, P) are scratch, tmp_* the weight-gradient GEMMs'.
+    w, v and m as ``lstm_forward`` left them; dw the gradients (a
+    ``_layout.Params``), added into. v.dy (T, B, P) the output's gradient; v.dh
+    (B, P) and v.dc (B, H) hold dh_n, dc_n on entry and dh0, dc0 on return.
+    Writes v.dgates (T, B, 4H), the pre-activation gradients, v.dx (T, B, I) and
+    v.dhs (T, B, P), the gradient on each h~_t; v.db (4H,) receives the bias's
+    gradient (not added into dw: the caller adds it to each bias there is).
     """
+    dy, dh, dc, dhs, dgates = v.dy, v.dh, v.dc, v.dhs, v.dgates
+    x, h, carry = v.x, v.h, v.carry
     T, B, I = x.shape
-    H = c.shape[2]
+    H = v.c.shape[2]
+    P = h.shape[2]
+    w_hh, w_hr = w.weight_hh, w.weight_hr
     proj = w_hr.shape[0] > 0
+    plain = not (peep or ln or zone)
+    ct = v.ct if zone else v.c[1:]
+    drec = v.drec if ln else dgates      # what the recurrent product's gradient reads
+    one = x.dtype.type(1.0)
     for t in range(T - 1, -1, -1):
         for b in range(B):
             if t < lengths[b]:
-                for j in range(dh.shape[1]):
+                for j in range(P):
                     dhs[t, b, j] = dy[t, b, j] + dh[b, j]
+                if zone:        # zoneout's share goes straight to h_{t-1}
+                    for j in range(P):
+                        zh = v.zh[t, b, j]
+                        v.skip[b, j] = dhs[t, b, j] * zh
+                        dhs[t, b, j] *= one - zh
             else:        # padding: dy has no effect, the state's gradient passes through
                 dhs[t, b] = 0
                 carry[b] = dh[b]
         if proj:
-            np.dot(dhs[t], w_hr, out=dm)
-            dm_t = dm
+            np.dot(dhs[t], w_hr, out=v.dm)
+            dm_t = v.dm
         else:
             dm_t = dhs[t]
         for b in range(B):
             if t < lengths[b]:
-                _cell_backward(gates[t, b], dgates[t, b], dm_t[b], dc[b], c[t, b],
-                               c[t + 1, b], tanh_c[t, b], clip)
+                if plain:
+                    _cell_backward(v.gates[t, b], dgates[t, b], dm_t[b], dc[b], v.c[t, b],
+                                   v.c[t + 1, b], v.tanh_c[t, b], clip)
+                else:
+                    _cell_backward_v(t, b, w, dw, v, ct, dm_t[b], clip, peep, ln, zone)
             else:
                 dgates[t, b] = 0
+                drec[t, b] = 0
         # dh for step t-1 (dh0 after the last iteration).
-        np.dot(dgates[t], w_hh, out=dh)
+        np.dot(drec[t], w_hh, out=dh)
         for b in range(B):
             if t >= lengths[b]:
                 dh[b] = carry[b]
+            else:
+                if rdrop:
+                    for j in range(P):
+                        dh[b, j] *= v.rmask[b, j]
+                if zone:
+                    for j in range(P):
+                        dh[b, j] += v.skip[b, j]
 
     # Everything that does not feed the recurrence: one GEMM each over T*B rows.
-    P = h.shape[2]
     dz2 = dgates.reshape((T * B, 4 * H))
-    np.dot(dz2, w_ih, out=dx.reshape((T * B, I)))
-    np.dot(dz2.T, x.reshape((T * B, I)), out=tmp_ih)
-    np.dot(dz2.T, h.reshape(((T + 1) * B, P))[:T * B], out=tmp_hh)
-    _accumulate(dw_ih, tmp_ih)
-    _accumulate(dw_hh, tmp_hh)
+    if ln:            # through LN_ih, row by row; and the LN gains' gradients
+        for t in range(T):
+            for b in range(B):
+                if t < lengths[b]:
+                    dz = dgates[t, b]
+                    for k in range(4 * H):
+                        dw.ln_ih_weight[k] += dz[k] * v.xn_ih[t, b, k]
+                        dw.ln_hh_weight[k] += dz[k] * v.xn_hh[t, b, k]
+                    _layer_norm_backward(dz, v.xn_ih[t, b], v.rstd[t, b, 0], w.ln_ih_weight,
+                                         v.dxw[t, b])
+                else:
+                    v.dxw[t, b] = 0
+        dgin = v.dxw.reshape((T * B, 4 * H))
+    else:
+        dgin = dz2
+    np.dot(dgin, w.weight_ih, out=v.dx.reshape((T * B, I)))
+    np.dot(dgin.T, x.reshape((T * B, I)), out=v.tmp_ih)
+    if rdrop:
+        hin = v.hd.reshape((T * B, P))
+    else:
+        hin = h.reshape(((T + 1) * B, P))[:T * B]
+    np.dot(drec.reshape((T * B, 4 * H)).T, hin, out=v.tmp_hh)
+    _accumulate(dw.weight_ih, v.tmp_ih)
+    _accumulate(dw.weight_hh, v.tmp_hh)
     if proj:
-        np.dot(dhs.reshape((T * B, P)).T, m.reshape((T * B, H)), out=tmp_hr)
-        _accumulate(dw_hr, tmp_hr)
+        np.dot(dhs.reshape((T * B, P)).T, m.reshape((T * B, H)), out=v.tmp_hr)
+        _accumulate(dw.weight_hr, v.tmp_hr)
+    db = v.db
+    db[:] = 0
     for r in range(T * B):
         row = dz2[r]
         for k in range(4 * H):
@@ -400,42 +626,46 @@ _carve_workspace = _compile_carving("_carve_workspace", _layout.WORKSPACE, _layo
 
 
 @njit(**JIT)
-def param_views(p, I, H, P, has_bias, has_proj):
+def param_views(p, I, H, P, has_bias, has_proj, has_peephole, has_layer_norm):
     """The kernels' carving of one direction's parameters (a ``_layout.Params``);
     an absent parameter is empty. For tests: Python carves with ``_layout.carve``."""
-    return _carve_params(p, I, H, P, has_bias, has_proj)
+    return _carve_params(p, I, H, P, has_bias, has_proj, has_peephole, has_layer_norm)
 
 
 @njit(**JIT)
-def workspace_views(ws, T, B, I, H, P):
+def workspace_views(ws, T, B, I, H, P, has_layer_norm, has_zoneout, has_rdrop):
     """The kernels' carving of one direction's workspace (a ``_layout.Workspace``)."""
-    return _carve_workspace(ws, T, B, I, H, P)
+    return _carve_workspace(ws, T, B, I, H, P, has_layer_norm, has_zoneout, has_rdrop)
 
 
-def _entry_sigs(n_arrays, *extra):
+def _entry_sigs(n_arrays, n_flags):
+    """(n_arrays flat arrays, lengths, clip, T, B, I, H, P, n_flags booleans)."""
     out = []
     for ft in (types.float32, types.float64):
         arrays = [types.Array(ft, 1, "C")] * n_arrays
         out.append(types.void(*arrays, types.Array(types.int64, 1, "C"), ft,
-                              types.int64, types.int64, types.int64, types.int64, types.int64,
-                              types.boolean, types.boolean, *extra))
+                              *[types.int64] * 5, *[types.boolean] * n_flags))
     return out
 
 
-@njit(_entry_sigs(2, types.boolean, types.boolean), **JIT)
-def layer_forward(p, ws, lengths, clip, T, B, I, H, P, has_bias, has_proj, padded, exact):
+@njit(_entry_sigs(2, 8), **JIT)
+def layer_forward(p, ws, lengths, clip, T, B, I, H, P, has_bias, has_proj, peep, ln, zone,
+                  rdrop, padded, exact):
     """``lstm_forward`` on one direction's flat parameters and workspace.
 
-    x, h0, c0 are read from the workspace's x, h[0], c[0]. With `padded`, y
-    receives h_t with the steps past each sequence's length zeroed.
+    x, h0, c0 are read from the workspace's x, h[0], c[0] (and the variants'
+    masks from zh, zc, rmask). With `padded`, y receives h_t with the steps past
+    each sequence's length zeroed.
     """
-    w = _carve_params(p, I, H, P, has_bias, has_proj)
-    v = _carve_workspace(ws, T, B, I, H, P)
+    w = _carve_params(p, I, H, P, has_bias, has_proj, peep, ln)
+    v = _carve_workspace(ws, T, B, I, H, P, ln, zone, rdrop)
     for k in range(4 * H):
         v.bias[k] = w.bias_ih[k] + w.bias_hh[k] if has_bias else 0
-    m = v.m if has_proj else v.h[1:]
-    lstm_forward(v.x, w.weight_ih, w.weight_hh, w.weight_hr, v.bias, lengths, clip, v.gates,
-                 v.c, v.tanh_c, m, v.h, v.rec, exact)
+    if ln:            # LN_ih's and LN_hh's biases add to the gates' bias
+        for k in range(4 * H):
+            v.bias[k] += w.ln_ih_bias[k] + w.ln_hh_bias[k]
+    m = v.m if has_proj or zone else v.h[1:]
+    lstm_forward(w, v, m, lengths, clip, peep, ln, zone, rdrop, exact)
     if padded:
         for t in range(T):
             for b in range(B):
@@ -445,21 +675,22 @@ def layer_forward(p, ws, lengths, clip, T, B, I, H, P, has_bias, has_proj, padde
                     v.y[t, b] = 0
 
 
-@njit(_entry_sigs(3), **JIT)
-def layer_backward(p, g, ws, lengths, clip, T, B, I, H, P, has_bias, has_proj):
+@njit(_entry_sigs(3, 6), **JIT)
+def layer_backward(p, g, ws, lengths, clip, T, B, I, H, P, has_bias, has_proj, peep, ln, zone,
+                   rdrop):
     """``lstm_backward`` on one direction's flat buffers; dy, dh_n, dc_n are read
     from the workspace's dy, dh, dc, and the gradients are added into g."""
-    w = _carve_params(p, I, H, P, has_bias, has_proj)
-    dw = _carve_params(g, I, H, P, has_bias, has_proj)
-    v = _carve_workspace(ws, T, B, I, H, P)
-    m = v.m if has_proj else v.h[1:]
-    v.db[:] = 0
-    lstm_backward(v.dy, v.dh, v.dc, v.x, w.weight_ih, w.weight_hh, w.weight_hr, lengths, clip,
-                  v.gates, v.c, v.tanh_c, m, v.h, v.dgates, v.dx, v.dhs, v.dm, v.carry,
-                  dw.weight_ih, dw.weight_hh, dw.weight_hr, v.db, v.tmp_ih, v.tmp_hh, v.tmp_hr)
+    w = _carve_params(p, I, H, P, has_bias, has_proj, peep, ln)
+    dw = _carve_params(g, I, H, P, has_bias, has_proj, peep, ln)
+    v = _carve_workspace(ws, T, B, I, H, P, ln, zone, rdrop)
+    m = v.m if has_proj or zone else v.h[1:]
+    lstm_backward(w, dw, v, m, lengths, clip, peep, ln, zone, rdrop)
     if has_bias:
         _accumulate(dw.bias_ih, v.db)
         _accumulate(dw.bias_hh, v.db)
+    if ln:
+        _accumulate(dw.ln_ih_bias, v.db)
+        _accumulate(dw.ln_hh_bias, v.db)
 
 
 @njit(["void(float32[:, :, :], float32[:, :, :], int64[::1])",

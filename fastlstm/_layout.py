@@ -31,6 +31,15 @@ PARAMS = (
     ("bias_ih", "4 * H", "bias"),
     ("bias_hh", "4 * H", "bias"),
     ("weight_hr", "P, H", "proj"),
+    ("weight_ci", "H", "peephole"),       # peepholes: c_{t-1} into i and f, c_t into o
+    ("weight_cf", "H", "peephole"),
+    ("weight_co", "H", "peephole"),
+    ("ln_ih_weight", "4 * H", "layer_norm"),
+    ("ln_ih_bias", "4 * H", "layer_norm"),
+    ("ln_hh_weight", "4 * H", "layer_norm"),
+    ("ln_hh_bias", "4 * H", "layer_norm"),
+    ("ln_c_weight", "H", "layer_norm"),
+    ("ln_c_bias", "H", "layer_norm"),
 )
 
 #: One direction of one layer's workspace for a (T, B) call. h and c hold the
@@ -57,11 +66,32 @@ WORKSPACE = (
     ("tmp_ih", "4 * H, I", None),       # weight-gradient GEMM outputs, added into the gradients
     ("tmp_hh", "4 * H, P", None),
     ("tmp_hr", "P, H", None),
+    # layer normalisation: the normalised inputs of LN_ih, LN_hh and LN_c, and
+    # 1 / sqrt(var + eps) of each (in that order) per step and sequence
+    ("xn_ih", "T, B, 4 * H", "layer_norm"),
+    ("xn_hh", "T, B, 4 * H", "layer_norm"),
+    ("xn_c", "T, B, H", "layer_norm"),
+    ("rstd", "T, B, 3", "layer_norm"),
+    ("dxw", "T, B, 4 * H", "layer_norm"),    # gradient on x W_ih^T (LN_ih's input)
+    ("drec", "T, B, 4 * H", "layer_norm"),   # gradient on h W_hh^T (LN_hh's input)
+    ("du", "B, H", "layer_norm"),            # gradient on LN_c's output, one step
+    # zoneout: the cell's new state before zoneout, and the weight each unit of h
+    # and c gives its previous value (the 0/1 mask in training, p in evaluation)
+    ("ct", "T, B, H", "zoneout"),
+    ("zh", "T, B, P", "zoneout"),
+    ("zc", "T, B, H", "zoneout"),
+    ("skip", "B, P", "zoneout"),             # dh's share that zoneout passes to h_{t-1}
+    # recurrent dropout: the sequence's mask on h_{t-1} and what W_hh saw, h_{t-1} * mask
+    ("rmask", "B, P", "rdrop"),
+    ("hd", "T, B, P", "rdrop"),
 )
 
 DIMS = ("T", "B", "I", "H", "P")
 #: options a row may belong to, in the order the carving functions take them
-FLAGS = ("bias", "proj")
+FLAGS = ("bias", "proj", "peephole", "layer_norm", "zoneout", "rdrop")
+#: the options of each table, in that order
+PARAM_FLAGS = ("bias", "proj", "peephole", "layer_norm")
+WORKSPACE_FLAGS = ("layer_norm", "zoneout", "rdrop")
 
 Params = collections.namedtuple("Params", [r[0] for r in PARAMS])
 Workspace = collections.namedtuple("Workspace", [r[0] for r in WORKSPACE])
@@ -76,26 +106,35 @@ def shape_of(expr, **dims):
     return tuple(int(eval(t, {"__builtins__": {}}, dims)) for t in _terms(expr))
 
 
-def param_table(I, H, P, bias, proj):
-    """[(name, shape)] of the parameters present, in torch's order."""
-    flags = dict(bias=bias, proj=proj)
-    return [(name, shape_of(expr, I=I, H=H, P=P)) for name, expr, when in PARAMS
-            if when is None or flags[when]]
+def _present(table, names, flags):
+    flags = dict(zip(names, flags))
+    return [(name, expr) for name, expr, when in table if when is None or flags[when]]
 
 
-def param_size(I, H, P, bias, proj):
+def param_table(I, H, P, *flags):
+    """[(name, shape)] of the parameters present, in torch's order (torch's own
+    first). flags: bias, proj, peephole, layer_norm (missing ones are False)."""
+    flags = flags + (False,) * (len(PARAM_FLAGS) - len(flags))
+    return [(name, shape_of(expr, I=I, H=H, P=P))
+            for name, expr in _present(PARAMS, PARAM_FLAGS, flags)]
+
+
+def param_size(I, H, P, *flags):
     """Elements of one direction of one layer's parameters."""
-    return sum(math.prod(s) for _, s in param_table(I, H, P, bias, proj))
+    return sum(math.prod(s) for _, s in param_table(I, H, P, *flags))
 
 
-def workspace_table(T, B, I, H, P):
-    """[(name, shape)] of one direction's workspace for a (T, B) call."""
-    return [(name, shape_of(expr, T=T, B=B, I=I, H=H, P=P)) for name, expr, _ in WORKSPACE]
+def workspace_table(T, B, I, H, P, *flags):
+    """[(name, shape)] of one direction's workspace for a (T, B) call; absent
+    buffers are left out. flags: layer_norm, zoneout, rdrop (missing: False)."""
+    flags = flags + (False,) * (len(WORKSPACE_FLAGS) - len(flags))
+    return [(name, shape_of(expr, T=T, B=B, I=I, H=H, P=P))
+            for name, expr in _present(WORKSPACE, WORKSPACE_FLAGS, flags)]
 
 
-def workspace_size(T, B, I, H, P):
+def workspace_size(T, B, I, H, P, *flags):
     """Elements of the workspace one (T, B) call of one direction needs."""
-    return sum(math.prod(s) for _, s in workspace_table(T, B, I, H, P))
+    return sum(math.prod(s) for _, s in workspace_table(T, B, I, H, P, *flags))
 
 
 def carve(flat, table):

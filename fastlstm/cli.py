@@ -19,14 +19,19 @@ TRAIN_DEFAULTS = {
     "article": dict(hidden=3, lr=0.01, max_steps=3000, dtype="float64"),
 }
 COMMON_DEFAULTS = dict(seed=0, backend="fastlstm", threads=None)
+#: the LSTM variants (options of fastlstm.LSTM), off by default
+VARIANTS = dict(peephole=False, layer_norm=False, zoneout=0.0, zoneout_cell=0.0,
+                recurrent_dropout=0.0)
 for _task in ("adding", "sine", "data"):       # the runs that train a SequenceModel
-    TRAIN_DEFAULTS[_task].update(distributed=False, export_onnx=None)
+    TRAIN_DEFAULTS[_task].update(distributed=False, export_onnx=None, **VARIANTS)
 #: command-line spelling of each setting
 FLAGS = dict(seq_len="--seq-len", hidden="--hidden", layers="--layers",
              batch_size="--batch-size", lr="--lr", optimizer="--optimizer", max_steps="--steps",
              max_seconds="--max-seconds", curriculum="--no-curriculum", dtype="--dtype",
              epochs="--epochs", save="--save", distributed="--distributed",
-             export_onnx="--export-onnx")
+             export_onnx="--export-onnx", peephole="--peephole", layer_norm="--layer-norm",
+             zoneout="--zoneout", zoneout_cell="--zoneout-cell",
+             recurrent_dropout="--recurrent-dropout")
 
 
 def _settings(args, parser):
@@ -100,7 +105,8 @@ def _train_run(args, task, run):
                   progress=not args.json and not args.no_progress, hidden=run["hidden"],
                   layers=run["layers"], batch_size=run["batch_size"], lr=run["lr"],
                   optimizer=run["optimizer"], max_seconds=run["max_seconds"],
-                  distributed=run["distributed"])
+                  distributed=run["distributed"],
+                  lstm_options={k: run[k] for k in VARIANTS if run[k] != VARIANTS[k]})
     if task == "data":
         say(f"Training on {args.data} ({run['backend']}) ...")
         model, summary = tasks.train_data(args.data, epochs=run["epochs"], **common)
@@ -247,6 +253,16 @@ def _positive(kind):
     return parse
 
 
+def _probability(text):
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a float, got {text!r}") from None
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text!r}")
+    return v
+
+
 def _nonnegative_int(text):
     try:
         v = int(text)
@@ -289,6 +305,17 @@ def build_parser():
     t.add_argument("--threads", type=_positive(int),
                    help="threads while training: the LSTM's batch split and BLAS "
                         "(default: the cores available)")
+    t.add_argument("--peephole", action="store_const", const=True,
+                   help="peephole connections from the cell to the gates")
+    t.add_argument("--layer-norm", action="store_const", const=True,
+                   help="layer normalisation of the gates' inputs and of the cell")
+    t.add_argument("--zoneout", type=_probability, metavar="P",
+                   help="zoneout of the hidden state: each unit keeps its value with "
+                        "probability P in training")
+    t.add_argument("--zoneout-cell", type=_probability, metavar="P",
+                   help="zoneout of the cell state")
+    t.add_argument("--recurrent-dropout", type=_probability, metavar="P",
+                   help="dropout on h_{t-1} before W_hh, one mask per sequence")
     t.add_argument("--save", help="write the trained model to this .npz")
     t.add_argument("--export-onnx", metavar="PATH",
                    help="write the trained model as an ONNX graph (needs pip install "

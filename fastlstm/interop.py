@@ -4,11 +4,16 @@ torch needs no converter (parameter names and shapes are torch's). ONNX's ``LSTM
 operator expresses the layer: one node per layer (both directions in one node),
 gate blocks reordered from torch's i, f, g, o to ONNX's i, o, f, c and the two
 biases concatenated; packed-length semantics come from its ``sequence_lens``.
-Options it cannot express (``proj_size``, ``cell_clip``: ONNX's ``clip`` bounds
-the gates' inputs, not the cell) are refused by name.
+Peepholes are its ``P`` input. Options it cannot express (``proj_size``,
+``cell_clip``: ONNX's ``clip`` bounds the gates' inputs, not the cell;
+``layer_norm``; ``zoneout`` and ``zoneout_cell``, whose evaluation-mode expectation
+mixes the previous state in) are refused by name. ``recurrent_dropout`` exports: in
+evaluation, which the graph is, it is the identity.
 
 Keras 3's ``LSTM`` keeps ``kernel (I, 4H)``, ``recurrent_kernel (H, 4H)`` and one
 ``bias (4H)`` in the gate order i, f, c, o: torch's order, transposed, with one bias.
+Its ``recurrent_dropout`` is this layer's (weights only: the option is the caller's
+to pass to both); it has no peepholes, layer normalisation or zoneout.
 """
 import numpy as np
 
@@ -20,8 +25,13 @@ DEFAULT_OPSET = 17
 _ONNX_GATES = (0, 3, 1, 2)     # torch's (i, f, g, o) blocks in ONNX's order (i, o, f, c)
 
 
-def _refuse(lstm, where):
-    for option, bad in (("proj_size", lstm.proj_size), ("cell_clip", lstm.cell_clip)):
+#: options neither ONNX's LSTM operator nor Keras' LSTM can express
+_INEXPRESSIBLE = ("proj_size", "cell_clip", "layer_norm", "zoneout", "zoneout_cell")
+
+
+def _refuse(lstm, where, also=()):
+    for option in _INEXPRESSIBLE + also:
+        bad = getattr(lstm, option)
         if bad:
             raise ValueError(f"{where} cannot express {option}={bad!r}: export or convert a "
                              f"model without it")
@@ -61,10 +71,11 @@ class _Graph:
 
 
 def _onnx_weights(lstm, k):
-    """W (D, 4H, I), R (D, 4H, H), B (D, 8H) or None for layer k, in ONNX's gate order."""
+    """W (D, 4H, I), R (D, 4H, H), B (D, 8H) or None, P (D, 3H) or None for layer k,
+    in ONNX's gate order (P: i, o, f)."""
     H, D = lstm.hidden_size, lstm.num_directions
     order = np.concatenate([np.arange(g * H, (g + 1) * H) for g in _ONNX_GATES])
-    W, R, B = [], [], []
+    W, R, B, P = [], [], [], []
     for d in range(D):
         sfx = f"_l{k}" + ("_reverse" if d else "")
         p = lstm.params
@@ -72,7 +83,10 @@ def _onnx_weights(lstm, k):
         R.append(p["weight_hh" + sfx][order])
         if lstm.bias:
             B.append(np.concatenate([p["bias_ih" + sfx][order], p["bias_hh" + sfx][order]]))
-    return np.stack(W), np.stack(R), (np.stack(B) if lstm.bias else None)
+        if lstm.peephole:
+            P.append(np.concatenate([p[f"weight_c{g}" + sfx] for g in "iof"]))
+    return (np.stack(W), np.stack(R), (np.stack(B) if lstm.bias else None),
+            (np.stack(P) if lstm.peephole else None))
 
 
 def _lstm_nodes(g, lstm, x_tm, lengths, h0=None, c0=None):
@@ -81,13 +95,17 @@ def _lstm_nodes(g, lstm, x_tm, lengths, h0=None, c0=None):
     seq = g.op("Cast", [lengths], to=g.onnx.TensorProto.INT32)
     y, hs, cs = x_tm, [], []
     for k in range(L):
-        W, R, B = _onnx_weights(lstm, k)
+        W, R, B, P = _onnx_weights(lstm, k)
         inputs = [y, g.const("W", W), g.const("R", R), g.const("B", B) if B is not None else "",
                   seq]
         if h0 is not None:
             rows = dict(starts=[k * D], ends=[(k + 1) * D], axes=[0])
             sl = [g.const(n, v, np.int64) for n, v in rows.items()]
             inputs += [g.op("Slice", [h0, *sl]), g.op("Slice", [c0, *sl])]
+        elif P is not None:
+            inputs += ["", ""]                      # no initial state; P is the 8th input
+        if P is not None:
+            inputs.append(g.const("P", P))
         Y, Y_h, Y_c = g.op("LSTM", inputs, n_out=3, hidden_size=H,
                            direction="bidirectional" if D == 2 else "forward")
         hs.append(Y_h)
@@ -169,7 +187,7 @@ def to_keras(model):
     layer's three then the backward layer's. Without biases each list has two arrays
     (``use_bias=False``). Keras has one bias: it receives ``bias_ih + bias_hh``."""
     lstm = _layer(getattr(model, "lstm", model))
-    _refuse(lstm, "Keras' LSTM")
+    _refuse(lstm, "Keras' LSTM", also=("peephole",))
     out = []
     for k in range(lstm.num_layers):
         layer = []
@@ -196,7 +214,7 @@ def from_keras(weights, dtype=np.float32, batch_first=False, **options):
         As ``fastlstm.LSTM`` (``dropout``, ``seed``; ``forget_bias`` is Keras'
         ``unit_forget_bias``, an initialisation that the loaded weights replace).
     """
-    for bad in ("proj_size", "cell_clip"):
+    for bad in _INEXPRESSIBLE + ("peephole",):
         if options.get(bad):
             raise ValueError(f"Keras' LSTM has no {bad}: from_keras cannot make one")
     layers = [w.get_weights() if hasattr(w, "get_weights") else list(w) for w in weights]

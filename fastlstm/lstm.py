@@ -1,5 +1,6 @@
 """The public LSTM: validates, owns the buffers, calls the kernels."""
 import math
+import re
 import threading
 from functools import partial
 
@@ -21,9 +22,9 @@ class _Workspace:
     kernels are compiled from. ``views(T, B)`` caches its views, so a repeated
     shape costs nothing."""
 
-    def __init__(self, T, B, I, H, P, dtype):
-        self.T, self.B, self.I, self.H, self.P = T, B, I, H, P
-        n = _layout.workspace_size(T, B, I, H, P)
+    def __init__(self, T, B, I, H, P, flags, dtype):
+        self.T, self.B, self.I, self.H, self.P, self.flags = T, B, I, H, P, flags
+        n = _layout.workspace_size(T, B, I, H, P, *flags)
         self.flat = check.allocate(n, dtype, f"the workspace for T={T}, B={B} (x's shape)")
         self._cache = {}
 
@@ -33,8 +34,8 @@ class _Workspace:
     def views(self, T, B):
         v = self._cache.get((T, B))
         if v is None:
-            table = _layout.workspace_table(T, B, self.I, self.H, self.P)
-            n = _layout.workspace_size(T, B, self.I, self.H, self.P)
+            table = _layout.workspace_table(T, B, self.I, self.H, self.P, *self.flags)
+            n = _layout.workspace_size(T, B, self.I, self.H, self.P, *self.flags)
             v = _layout.carve(self.flat[:n], table)
             v["h_out"] = v["h"][1:]
             self._cache[(T, B)] = v
@@ -45,9 +46,23 @@ class _Last:
     """What backward differentiates: the last forward's shape, lengths, dropout
     masks, and the thread that ran it."""
 
-    def __init__(self, T, B, lengths, masks, split):
+    def __init__(self, T, B, lengths, masks, vmasks, split):
         self.T, self.B, self.lengths, self.masks, self.split = T, B, lengths, masks, split
+        self.vmasks = vmasks
         self.thread = threading.get_ident()
+
+
+#: how each optional parameter's option is spelled, for error messages
+_OPTION_SPELLING = {"bias": "bias=True", "proj": "proj_size > 0", "peephole": "peephole=True",
+                    "layer_norm": "layer_norm=True"}
+
+
+def _options_of(keys, lead):
+    """'; <lead> peephole=True, ...' for the options the parameter names belong to."""
+    when = {name: w for name, _, w in _layout.PARAMS}
+    bases = [re.sub(r"_l\d+(_reverse)?$", "", k) for k in keys]
+    opts = sorted({_OPTION_SPELLING[when[b]] for b in bases if when.get(b)})
+    return f"; {lead} {', '.join(opts)}" if opts else ""
 
 
 def _rows(state, cut):
@@ -78,7 +93,7 @@ class _Part:
             T_cap = T if ws is None else max(T, ws.T)
             B_cap = B if ws is None else max(B, ws.B)
             ws = self.ws[j] = _Workspace(T_cap, B_cap, self.m._blocks[j][2], self.m.hidden_size,
-                                         self.m._P, self.m.dtype)
+                                         self.m._P, self.m._wflags, self.m.dtype)
         return ws.views(T, B)
 
     def _run(self, calls, work, pairs):
@@ -92,7 +107,7 @@ class _Part:
             for call in calls:
                 call()
 
-    def forward(self, xt, h0, c0, lens, padded, masks, pairs=False):
+    def forward(self, xt, h0, c0, lens, padded, masks, vmasks, pairs=False):
         m = self.m
         T, B = xt.shape[:2]
         L, D, H, P = m.num_layers, m.num_directions, m.hidden_size, m._P
@@ -113,9 +128,11 @@ class _Part:
                         buf.fill(0)
                     else:
                         np.copyto(buf, init[j], casting="same_kind")
+                for name, a in vmasks.items():
+                    np.copyto(v[name], a[j])
                 calls.append(partial(layer_forward, m._pblocks[j], self.ws[j].flat, lens,
-                                     m._clip, T, B, m._blocks[j][2], H, P, m.bias,
-                                     bool(m.proj_size), padded, m._exact))
+                                     m._clip, T, B, m._blocks[j][2], H, P, *m._pflags,
+                                     *m._wflags[1:], padded, m._exact))
                 outs.append(v["y"] if padded else v["h_out"])
             self._run(calls, T * B * 4 * H * (m._blocks[k * D][2] + P), pairs)
             if D == 1:
@@ -168,7 +185,7 @@ class _Part:
                         np.copyto(buf, init[j], casting="same_kind")
                 calls.append(partial(layer_backward, m._pblocks[j], self.gblock(j),
                                      self.ws[j].flat, lens, m._clip, T, B, m._blocks[j][2], H,
-                                     P, m.bias, bool(m.proj_size)))
+                                     P, *m._pflags, *m._wflags[1:]))
             self._run(calls, T * B * 4 * H * (m._blocks[k * D][2] + P), pairs)
             if not single:
                 for d in range(D):
@@ -227,6 +244,25 @@ class LSTM:
     cell_clip : float or None
         Clip every c_t to [-cell_clip, cell_clip] (as TF's LSTMCell); the
         gradient through a clipped cell is zero.
+    peephole : bool
+        Peephole connections (Gers et al. 2002; ONNX's ``P``): ``i`` and ``f``
+        see ``weight_ci * c_{t-1}``, ``weight_cf * c_{t-1}``, and ``o`` sees
+        ``weight_co * c_t``. Parameters ``weight_c{i,f,o}_l{k}`` (hidden_size,),
+        initialised as the other weights.
+    layer_norm : bool
+        Layer normalisation (Ba et al. 2016, as haste's LayerNormLSTM) of
+        ``W_ih x_t`` and ``W_hh h_{t-1}`` over their 4H features, and of the
+        cell before its tanh (the carried cell is not normalised). Parameters
+        ``ln_ih_weight/bias_l{k}``, ``ln_hh_weight/bias_l{k}`` (4H,) and
+        ``ln_c_weight/bias_l{k}`` (H,), gains 1 and biases 0 at initialisation.
+    zoneout, zoneout_cell : float in [0, 1)
+        Zoneout (Krueger et al. 2017) of h and of c: in training each unit keeps
+        its previous value with this probability, drawn per step and unit; in
+        evaluation ``h_t = p h_{t-1} + (1 - p) h~_t`` (and so for c).
+    recurrent_dropout : float in [0, 1)
+        Dropout on ``h_{t-1}`` before ``W_hh`` (Gal & Ghahramani 2016, Keras'
+        ``recurrent_dropout``): one mask per sequence and layer direction, the
+        same at every step, scaled by 1/(1-p); the identity in evaluation.
     threads : int or None
         Threads a call may use: the batch is split into that many parts, each run
         on its own thread with single-threaded BLAS, when the work pays for it.
@@ -246,7 +282,8 @@ class LSTM:
 
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, proj_size=0, dtype=np.float32, seed=None,
-                 forget_bias=0.0, cell_clip=None, threads=None):
+                 forget_bias=0.0, cell_clip=None, threads=None, peephole=False,
+                 layer_norm=False, zoneout=0.0, zoneout_cell=0.0, recurrent_dropout=0.0):
         self.input_size = check.positive_int("input_size", input_size)
         self.hidden_size = check.positive_int("hidden_size", hidden_size)
         self.num_layers = check.positive_int("num_layers", num_layers)
@@ -266,6 +303,12 @@ class LSTM:
             "cell_clip", cell_clip, lo=0.0, lo_open=True)
         self.seed = check.seed("seed", seed)
         self.threads = None if threads is None else check.positive_int("threads", threads)
+        self.peephole = check.boolean("peephole", peephole)
+        self.layer_norm = check.boolean("layer_norm", layer_norm)
+        self.zoneout, self.zoneout_cell, self.recurrent_dropout = (
+            check.real(name, p, lo=0.0, hi=1.0, hi_open=True)
+            for name, p in (("zoneout", zoneout), ("zoneout_cell", zoneout_cell),
+                            ("recurrent_dropout", recurrent_dropout)))
         self.training = True
 
         H, D = self.hidden_size, self.num_directions
@@ -275,7 +318,10 @@ class LSTM:
                 f"hidden_size={H}, num_layers={self.num_layers}"
                 + (", bidirectional=True" if self.bidirectional else "")
                 + (f", proj_size={self.proj_size}" if self.proj_size else "") + ")")
-        flags = (self.bias, bool(self.proj_size))
+        flags = self._pflags = (self.bias, bool(self.proj_size), self.peephole, self.layer_norm)
+        # the workspace's options (_layout.WORKSPACE_FLAGS)
+        self._wflags = (self.layer_norm, bool(self.zoneout or self.zoneout_cell),
+                        self.recurrent_dropout > 0)
         total = D * (_layout.param_size(self.input_size, H, P, *flags)
                      + (self.num_layers - 1) * _layout.param_size(D * P, H, P, *flags))
         check.affordable(2 * total, self.dtype, what)     # before any list of that size is built
@@ -294,10 +340,11 @@ class LSTM:
         self.bind(check.allocate(offset, self.dtype, what), np.zeros(offset, self.dtype))
         bound = 1.0 / math.sqrt(H)
         self.flat_params[:] = np.random.default_rng(self.seed).uniform(-bound, bound, offset)
-        if self.forget_bias:
-            for name in self.params:
-                if name.startswith("bias_ih"):
-                    self.params[name][H:2 * H] += self.forget_bias
+        for name, a in self.params.items():
+            if name.startswith("bias_ih") and self.forget_bias:
+                a[H:2 * H] += self.forget_bias
+            elif name.startswith("ln_"):           # layer norm: gain 1, bias 0
+                a[:] = 1.0 if "_weight_" in name else 0.0
         self._rng = np.random.default_rng(None if self.seed is None else [self.seed, 1])
         self._clip = self.dtype.type(np.inf if self.cell_clip is None else self.cell_clip)
         self._exact = exact_activations()
@@ -355,7 +402,8 @@ class LSTM:
     #: the constructor's options after the two sizes, with their defaults
     OPTIONS = (("num_layers", 1), ("bias", True), ("batch_first", False), ("dropout", 0.0),
                ("bidirectional", False), ("proj_size", 0), ("forget_bias", 0.0),
-               ("cell_clip", None))
+               ("cell_clip", None), ("peephole", False), ("layer_norm", False),
+               ("zoneout", 0.0), ("zoneout_cell", 0.0), ("recurrent_dropout", 0.0))
 
     def config(self):
         """The validated constructor arguments as plain Python values (JSON-ready):
@@ -370,8 +418,26 @@ class LSTM:
                  if getattr(self, k) != default]
         return f"LSTM({', '.join(opts)}, dtype={self.dtype.name})"
 
+    @property
+    def last_masks(self):
+        """The random masks of the last forward, for tests and inspection: a dict
+        with "dropout" (per layer, the (T, B, D*P) mask on its output, or None
+        where there was none), and, with those options, "zoneout_h" (L*D, T, B, P) and
+        "zoneout_c" (L*D, T, B, H) (1 where a unit kept its previous value; the
+        probability in evaluation) and "recurrent" (L*D, B, P) (0 or 1/(1-p); 1 in
+        evaluation). Index j = layer * D + direction; a reverse direction's step s
+        is its own s-th step (the sequence's own steps last first). Read-only views,
+        valid until the next call; None before the first forward."""
+        if self._last is None:
+            return None
+        out = {"dropout": [None if a is None else readonly(a) for a in self._last.masks]}
+        names = {"zh": "zoneout_h", "zc": "zoneout_c", "rmask": "recurrent"}
+        out.update({names[k]: readonly(a) for k, a in self._last.vmasks.items()})
+        return out
+
     def train(self, mode=True):
-        """Training mode: dropout is applied. Returns self."""
+        """Training mode: dropout, zoneout's and recurrent dropout's masks are
+        applied. Returns self."""
         self.training = bool(mode)
         return self
 
@@ -419,6 +485,31 @@ class LSTM:
                                          for r in range(n)]
         return split
 
+    def _variant_masks(self, T, B):
+        """{workspace name: (L*D, ...) array} of zoneout's and recurrent dropout's
+        masks for this call, drawn whole (after dropout's) so that they do not
+        depend on how the batch is split; in evaluation, their expectations."""
+        out = {}
+        LD, H, P = self.num_layers * self.num_directions, self.hidden_size, self._P
+        dt = self.dtype.type
+        if self._wflags[1]:
+            for name, p, size in (("zh", self.zoneout, P), ("zc", self.zoneout_cell, H)):
+                a = out[name] = self._buf.get(name, (LD, T, B, size))
+                if self.training and p > 0:      # 1: the unit keeps its previous value
+                    self._rng.random(out=a, dtype=self.dtype)
+                    np.less(a, dt(p), out=a)
+                else:
+                    a.fill(0 if self.training else p)
+        if self._wflags[2]:
+            a = out["rmask"] = self._buf.get("rmask", (LD, B, P))
+            if self.training:
+                self._rng.random(out=a, dtype=self.dtype)
+                np.greater_equal(a, dt(self.recurrent_dropout), out=a)
+                a /= dt(1.0 - self.recurrent_dropout)
+            else:
+                a.fill(1)
+        return out
+
     def forward(self, x, state=None, lengths=None):
         """Run over whole sequences.
 
@@ -453,7 +544,8 @@ class LSTM:
         h0, c0 = self._state("state", state, B)
         lens = check.lengths("lengths", lengths, B, T)
         if (T, B) not in self._affordable:       # once per shape: the arithmetic costs
-            need = sum(_layout.workspace_size(T, B, I_k, self.hidden_size, self._P)
+            need = sum(_layout.workspace_size(T, B, I_k, self.hidden_size, self._P,
+                                              *self._wflags)
                        for _, _, I_k in self._blocks)
             check.affordable(need, self.dtype, f"the workspace for T={T}, B={B} (x's shape)")
             self._affordable.add((T, B))
@@ -473,20 +565,24 @@ class LSTM:
                 np.greater_equal(mask, p, out=mask)
                 mask /= keep
                 masks[k] = mask
+        vmasks = self._variant_masks(T, B)
         split = self._split(T, B)
         if len(split) == 1:
-            out, h_n, c_n = split[0][0].forward(xt, h0, c0, lens, padded, masks, pairs=True)
+            out, h_n, c_n = split[0][0].forward(xt, h0, c0, lens, padded, masks, vmasks,
+                                                pairs=True)
         else:
             def run(part, cut):
                 return part.forward(xt[:, cut], _rows(h0, cut), _rows(c0, cut), lens[cut],
-                                    padded, [None if m is None else m[:, cut] for m in masks])
+                                    padded, [None if m is None else m[:, cut] for m in masks],
+                                    {k: a[:, cut] if k == "rmask" else a[:, :, cut]
+                                     for k, a in vmasks.items()})
             results = run_parts([partial(run, part, slice(b0, b1)) for part, b0, b1 in split])
             out = self._buf.get("y", (T, B, D * P))
             h_n = self._buf.get("h_n", (L * D, B, P))
             c_n = self._buf.get("c_n", (L * D, B, H))
             for (_, b0, b1), (o, h, c) in zip(split, results):
                 out[:, b0:b1], h_n[:, b0:b1], c_n[:, b0:b1] = o, h, c
-        self._last = _Last(T, B, lens, masks, split)
+        self._last = _Last(T, B, lens, masks, vmasks, split)
         return readonly(self._time_major(out)), (readonly(h_n), readonly(c_n))
 
     def backward(self, dy, dstate=None):
@@ -565,10 +661,12 @@ class LSTM:
         missing = sorted(expected - set(state_dict.keys()))
         unexpected = sorted(set(state_dict.keys()) - expected)
         if missing:
-            raise KeyError(f"state_dict is missing {missing} (expected keys {sorted(expected)})")
+            raise KeyError(f"state_dict is missing {missing} (expected keys {sorted(expected)})"
+                           + _options_of(missing, "this model has"))
         if unexpected:
             raise KeyError(f"state_dict has unexpected keys {unexpected} "
-                           f"(expected keys {sorted(expected)})")
+                           f"(expected keys {sorted(expected)})"
+                           + _options_of(unexpected, "they belong to a model with"))
         for name, shape in self._layout:
             a = state_dict[name]
             check.float_array(f"state_dict[{name!r}]", a, self.dtype)

@@ -144,7 +144,7 @@ def _bar(progress, total, unit):
 def train_adding(seq_len=100, hidden=64, layers=1, batch_size=32, lr=3e-3, optimizer="adam",
                  max_seconds=540.0, max_steps=None, dtype=np.float32, seed=0, curriculum=True,
                  forget_bias=1.0, clip_norm=1.0, progress=True, backend="fastlstm",
-                 distributed=False):
+                 distributed=False, lstm_options=None):
     """Train on the adding problem until every one of 2560 validation sequences is
     within 0.03 of its target, then report on 2560 fresh test sequences against
     the paper's criterion (at most 1 of them off by 0.04 or more). Stopping at
@@ -157,12 +157,14 @@ def train_adding(seq_len=100, hidden=64, layers=1, batch_size=32, lr=3e-3, optim
     pairs and training sits on the plateau (MSE ~ 0.04, the target's variance).
     With `distributed`, every rank of the MPI job draws the same batches and trains
     on its share of each (``DataParallel``); the checks run on every rank alike.
+    `lstm_options` (a dict) go to the layer, e.g. the variants ``peephole=True``.
     Returns (model, summary dict).
     """
     from .model import SequenceModel
     rng = np.random.default_rng(seed)
     model = SequenceModel(2, hidden, 1, head="last", loss="mse", num_layers=layers, dtype=dtype,
-                          seed=seed, forget_bias=forget_bias, backend=backend)
+                          seed=seed, forget_bias=forget_bias, backend=backend,
+                          **(lstm_options or {}))
     step, agree, dp = _runner(model, distributed)
     opt = _optimizer(optimizer, model, lr)
     xv, yv, lv = adding_data(2560, seq_len, np.random.default_rng([seed, 10]), dtype)
@@ -213,7 +215,7 @@ def train_adding(seq_len=100, hidden=64, layers=1, batch_size=32, lr=3e-3, optim
 
 def train_sine(seq_len=50, hidden=32, layers=1, batch_size=32, lr=1e-2, optimizer="adam",
                max_seconds=120.0, max_steps=1500, dtype=np.float32, seed=0, progress=True,
-               backend="fastlstm", distributed=False):
+               backend="fastlstm", distributed=False, lstm_options=None):
     """Sequence -> sequence: forecast the next value of a noisy sum of sines at
     every step. A step counts as right when |error| < 0.1; the criterion is a test
     MSE at most a tenth of the persistence forecast's (next value = this value,
@@ -221,7 +223,7 @@ def train_sine(seq_len=50, hidden=32, layers=1, batch_size=32, lr=1e-2, optimize
     from .model import SequenceModel
     rng = np.random.default_rng(seed)
     model = SequenceModel(1, hidden, 1, head="all", loss="mse", num_layers=layers, dtype=dtype,
-                          seed=seed, backend=backend)
+                          seed=seed, backend=backend, **(lstm_options or {}))
     step, agree, dp = _runner(model, distributed)
     opt = _optimizer(optimizer, model, lr)
     steps, start = 0, time.perf_counter()
@@ -251,7 +253,7 @@ def train_sine(seq_len=50, hidden=32, layers=1, batch_size=32, lr=1e-2, optimize
 
 def train_data(path, hidden=64, layers=1, batch_size=32, lr=3e-3, optimizer="adam", epochs=10,
                dtype=np.float32, seed=0, progress=True, backend="fastlstm", val_fraction=0.1,
-               max_seconds=None, distributed=False):
+               max_seconds=None, distributed=False, lstm_options=None):
     """Train on the user's arrays in an .npz: x (N, T, I), y, optional lengths.
 
     y (N, O) floats: sequence -> vector, MSE; (N, T, O) floats: sequence ->
@@ -276,7 +278,8 @@ def train_data(path, hidden=64, layers=1, batch_size=32, lr=3e-3, optimizer="ada
     n_val = max(1, int(round(N * val_fraction)))
     val, tr = order[:n_val], order[n_val:]
     model = SequenceModel(I, hidden, out, head=head, loss="ce" if classify else "mse",
-                          num_layers=layers, dtype=dtype, seed=seed, backend=backend)
+                          num_layers=layers, dtype=dtype, seed=seed, backend=backend,
+                          **(lstm_options or {}))
     trainer = _runner(model, distributed)[2] or model
     opt = _optimizer(optimizer, model, lr)
     start = time.perf_counter()

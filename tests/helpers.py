@@ -97,3 +97,91 @@ def run_torch(torch, m, prob, lengths, cfg):
     out = dict(y=y, h_n=h_n, c_n=c_n, x=x.grad, h0=h0.grad, c0=c0.grad)
     out.update({k: p.grad for k, p in lstm.named_parameters()})
     return {k: v.detach().numpy() for k, v in out.items()}
+
+
+def torch_step_loop(torch, m, prob, lengths):
+    """The LSTM with every option and variant, written as a loop of torch autograd
+    ops over steps (what a user of torch writes for a variant torch.nn.LSTM lacks),
+    with m's parameters and the masks m's last forward used (``m.last_masks``).
+    Returns what ``run_ours`` returns: outputs, states and every gradient."""
+    tdt = torch.float64 if m.dtype == np.float64 else torch.float32
+    leaf = lambda a: torch.tensor(np.ascontiguousarray(a), dtype=tdt,  # noqa: E731
+                                  requires_grad=True)
+    t = lambda a: torch.tensor(np.ascontiguousarray(a), dtype=tdt)  # noqa: E731
+    params = {k: leaf(v) for k, v in m.state_dict().items()}
+    masks = m.last_masks
+    bf = m.batch_first
+    x = leaf(prob["x"])
+    h0, c0 = leaf(prob["h0"]), leaf(prob["c0"])
+    xt = x.transpose(0, 1) if bf else x
+    T, B = xt.shape[:2]
+    L, D = m.num_layers, m.num_directions
+    lens = np.full(B, T) if lengths is None else np.asarray(lengths)
+    steps = np.arange(T)[:, None]
+    valid = t((steps < lens[None, :])[:, :, None])                 # (T, B, 1)
+    rev = np.maximum(lens[None, :] - 1 - steps, 0)                  # (T, B): reversed time
+    cols = np.arange(B)[None, :]
+    clip = m.cell_clip
+
+    def ln(a, gain, bias):
+        mu = a.mean(-1, keepdim=True)
+        var = ((a - mu) ** 2).mean(-1, keepdim=True)
+        return (a - mu) / torch.sqrt(var + 1e-5) * gain + bias
+
+    def direction(inp, j, sfx):
+        p = lambda name: params[name + sfx]  # noqa: E731
+        h, c = h0[j], c0[j]
+        ys = []
+        for s in range(T):
+            hin = h * t(masks["recurrent"][j]) if m.recurrent_dropout else h
+            zx, zr = inp[s] @ p("weight_ih").T, hin @ p("weight_hh").T
+            if m.layer_norm:
+                zx = ln(zx, p("ln_ih_weight"), p("ln_ih_bias"))
+                zr = ln(zr, p("ln_hh_weight"), p("ln_hh_bias"))
+            z = zx + zr
+            if m.bias:
+                z = z + p("bias_ih") + p("bias_hh")
+            zi, zf, zg, zo = z.chunk(4, 1)
+            if m.peephole:
+                zi, zf = zi + p("weight_ci") * c, zf + p("weight_cf") * c
+            i, f, g = torch.sigmoid(zi), torch.sigmoid(zf), torch.tanh(zg)
+            cn = f * c + i * g
+            if clip is not None:
+                cn = torch.clamp(cn, -clip, clip)
+            if m.peephole:
+                zo = zo + p("weight_co") * cn
+            o = torch.sigmoid(zo)
+            cc = ln(cn, p("ln_c_weight"), p("ln_c_bias")) if m.layer_norm else cn
+            hn = o * torch.tanh(cc)
+            if m.proj_size:
+                hn = hn @ p("weight_hr").T
+            if m.zoneout or m.zoneout_cell:
+                zh, zc = t(masks["zoneout_h"][j, s]), t(masks["zoneout_c"][j, s])
+                hn, cn = zh * h + (1 - zh) * hn, zc * c + (1 - zc) * cn
+            h = valid[s] * hn + (1 - valid[s]) * h
+            c = valid[s] * cn + (1 - valid[s]) * c
+            ys.append(valid[s] * h)
+        return torch.stack(ys), h, c
+
+    src, hn_all, cn_all = xt, [], []
+    for k in range(L):
+        outs = []
+        for d in range(D):
+            j = k * D + d
+            sfx = f"_l{k}" + ("_reverse" if d else "")
+            inp = src if d == 0 else src[rev, cols] * valid
+            y, h, c = direction(inp, j, sfx)
+            outs.append(y if d == 0 else y[rev, cols] * valid)
+            hn_all.append(h)
+            cn_all.append(c)
+        src = torch.cat(outs, -1)
+        if k < L - 1 and masks["dropout"][k] is not None:
+            src = src * t(masks["dropout"][k])
+    y = src.transpose(0, 1) if bf else src
+    h_n, c_n = torch.stack(hn_all), torch.stack(cn_all)
+    loss = ((y * t(prob["dy"])).sum() + (h_n * t(prob["dh_n"])).sum()
+            + (c_n * t(prob["dc_n"])).sum())
+    loss.backward()
+    out = dict(y=y, h_n=h_n, c_n=c_n, x=x.grad, h0=h0.grad, c0=c0.grad)
+    out.update({k: v.grad for k, v in params.items()})
+    return {k: v.detach().numpy() for k, v in out.items()}

@@ -61,6 +61,10 @@ def session(ort, path):
 LAYER_CONFIGS = [dict(num_layers=L, bidirectional=bi, batch_first=bf, bias=bias)
                  for L in (1, 2) for bi in (False, True) for bf in (False, True)
                  for bias in (True, False) if not (bf and not bias and L == 1)]
+# peepholes map to ONNX's P; recurrent dropout is the identity in evaluation
+LAYER_CONFIGS += [dict(num_layers=2, bidirectional=True, peephole=True),
+                  dict(num_layers=1, bidirectional=False, peephole=True, batch_first=True,
+                       recurrent_dropout=0.3)]
 
 
 @pytest.mark.parametrize("cfg", LAYER_CONFIGS, ids=lambda c: "-".join(
@@ -102,7 +106,20 @@ def test_float64_graphs_pass_the_checker(tmp_path):
     onnx.checker.check_model(onnx.load(str(export_onnx(m, tmp_path / "d.onnx"))))
 
 
-@pytest.mark.parametrize("option", [dict(proj_size=2), dict(cell_clip=1.0)])
+def test_peephole_graph_without_initial_state(ort, tmp_path):
+    """A SequenceModel's graph has no h0/c0: P is then the LSTM node's 8th input
+    after two empty ones."""
+    m = trained(fastlstm.SequenceModel(3, 5, 2, peephole=True, seed=0))
+    x = np.random.default_rng(5).standard_normal((4, 6, 3)).astype(np.float32)
+    lengths = np.array([6, 1, 3, 5])
+    got = session(ort, export_onnx(m, tmp_path / "p.onnx")).run(
+        None, dict(x=x, lengths=lengths))[0]
+    assert np.abs(got - m.predict(x, lengths)).max() <= TOL
+
+
+@pytest.mark.parametrize("option", [dict(proj_size=2), dict(cell_clip=1.0),
+                                    dict(layer_norm=True), dict(zoneout=0.1),
+                                    dict(zoneout_cell=0.1)])
 def test_options_onnx_cannot_express_are_refused(tmp_path, option):
     need("onnx")
     name = next(iter(option))
@@ -150,7 +167,9 @@ def test_keras_weights_both_ways(keras, bidirectional, use_bias):
     assert np.allclose(again.forward(x)[0], back.forward(x)[0], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("option", [dict(proj_size=2), dict(cell_clip=1.0)])
+@pytest.mark.parametrize("option", [dict(proj_size=2), dict(cell_clip=1.0), dict(peephole=True),
+                                    dict(layer_norm=True), dict(zoneout=0.1),
+                                    dict(zoneout_cell=0.1)])
 def test_options_keras_lacks_are_refused(option):
     name = next(iter(option))
     with pytest.raises(ValueError, match=f"Keras' LSTM cannot express {name}="):

@@ -79,26 +79,33 @@ def test_state_carried_between_chunks_equals_one_pass():
     m.backward(y)
 
 
-@pytest.mark.parametrize("bias,proj", [(True, False), (False, True), (True, True)])
-def test_numba_and_python_carve_the_layout_alike(bias, proj):
+@pytest.mark.parametrize("flags", [(True, False, False, False, False, False),
+                                   (False, True, True, False, True, False),
+                                   (True, True, False, True, False, True),
+                                   (True, False, True, True, True, True)])
+def test_numba_and_python_carve_the_layout_alike(flags):
     """The kernels' carving (compiled from _layout's tables) and Python's views of
-    the same flat buffers: the same names, offsets and shapes."""
+    the same flat buffers: the same names, offsets and shapes, with every option."""
     from fastlstm import _layout
     from fastlstm._kernels import param_views, workspace_views
+    bias, proj, peephole, layer_norm, zoneout, rdrop = flags
+    pflags, wflags = (bias, proj, peephole, layer_norm), (layer_norm, zoneout, rdrop)
     T, B, I, H = 3, 2, 4, 5
     P = 2 if proj else H
 
     def offsets(views, base):
         return {k: (v.__array_interface__["data"][0] - base, v.shape) for k, v in views.items()}
 
-    table = _layout.param_table(I, H, P, bias, proj)
-    p = np.zeros(_layout.param_size(I, H, P, bias, proj))
-    numba = param_views(p, I, H, P, bias, proj)._asdict()
-    python = _layout.carve(p, table)
-    base = p.__array_interface__["data"][0]
-    assert {k: v for k, v in offsets(numba, base).items() if k in python} == offsets(python, base)
-    assert all(numba[k].size == 0 for k in numba if k not in python)   # absent: empty
-    ws = np.zeros(_layout.workspace_size(T, B, I, H, P))
-    base = ws.__array_interface__["data"][0]
-    assert offsets(workspace_views(ws, T, B, I, H, P)._asdict(), base) == offsets(
-        _layout.carve(ws, _layout.workspace_table(T, B, I, H, P)), base)
+    for flat, numba, python in (
+            (np.zeros(_layout.param_size(I, H, P, *pflags)),
+             lambda a: param_views(a, I, H, P, *pflags),
+             _layout.param_table(I, H, P, *pflags)),
+            (np.zeros(_layout.workspace_size(T, B, I, H, P, *wflags)),
+             lambda a: workspace_views(a, T, B, I, H, P, *wflags),
+             _layout.workspace_table(T, B, I, H, P, *wflags))):
+        base = flat.__array_interface__["data"][0]
+        ours = numba(flat)._asdict()
+        theirs = _layout.carve(flat, python)
+        assert {k: v for k, v in offsets(ours, base).items() if k in theirs} == \
+            offsets(theirs, base)
+        assert all(ours[k].size == 0 for k in ours if k not in theirs)   # absent: empty
