@@ -34,6 +34,16 @@ def flops(B, T, I, H, num_layers=1, bidirectional=False, proj_size=0):
     return total
 
 
+#: the variants `fastlstm bench --variants` times, as options of fastlstm.LSTM
+VARIANTS = {
+    "plain": {},
+    "peephole": dict(peephole=True),
+    "layer_norm": dict(layer_norm=True),
+    "zoneout": dict(zoneout=0.1, zoneout_cell=0.1),
+    "recurrent_dropout": dict(recurrent_dropout=0.25),
+}
+
+
 def matmul_gflops(dtype, n=2048, min_time=0.5):
     """The ceiling: GFLOP/s of an n x n ``a @ a`` in this process."""
     a = np.random.default_rng(0).standard_normal((n, n)).astype(dtype)
@@ -84,6 +94,65 @@ class Case:
 IMPLS = ("fastlstm", "reference", "torch")
 
 
+class TorchLoop:
+    """The same layer written with torch autograd ops, a step loop as a torch user
+    writes a variant that torch.nn.LSTM lacks (torch.nn.LSTMCell's maths, the input
+    projection of all steps in one product, functional layer_norm, masks drawn by
+    torch.bernoulli each call); training mode, one layer, one direction."""
+
+    def __init__(self, B, T, I, H, dtype, seed=0, **opts):
+        import torch
+        self.torch, self.F = torch, torch.nn.functional
+        tdt = {np.float32: torch.float32, np.float64: torch.float64}[np.dtype(dtype).type]
+        gen = torch.Generator().manual_seed(seed)
+        bound = 1.0 / np.sqrt(H)
+
+        def param(*shape, fill=None):
+            t = (torch.full(shape, float(fill), dtype=tdt) if fill is not None
+                 else (torch.rand(shape, generator=gen, dtype=tdt) * 2 - 1) * bound)
+            return t.requires_grad_(True)
+        self.w_ih, self.w_hh, self.b = param(4 * H, I), param(4 * H, H), param(4 * H)
+        self.opts, self.H = opts, H
+        if opts.get("peephole"):
+            self.w_ci, self.w_cf, self.w_co = param(H), param(H), param(H)
+        if opts.get("layer_norm"):
+            self.ln = [(param(n, fill=1.0), param(n, fill=0.0)) for n in (4 * H, 4 * H, H)]
+        self.x = torch.randn(T, B, I, generator=gen, dtype=tdt)
+        self.dy = torch.randn(T, B, H, generator=gen, dtype=tdt)
+
+    def fwd_bwd(self):
+        torch, F, o, H = self.torch, self.F, self.opts, self.H
+        T, B, I = self.x.shape
+        zx = (self.x.reshape(T * B, I) @ self.w_ih.T).reshape(T, B, 4 * H)
+        if o.get("layer_norm"):
+            zx = F.layer_norm(zx, (4 * H,), *self.ln[0])
+        p = o.get("recurrent_dropout", 0.0)
+        mask = torch.bernoulli(torch.full((B, H), 1 - p, dtype=zx.dtype)) / (1 - p) if p else None
+        pz = o.get("zoneout", 0.0), o.get("zoneout_cell", 0.0)
+        zone = [torch.bernoulli(torch.full((T, B, H), q, dtype=zx.dtype)) for q in pz] \
+            if any(pz) else None
+        h = c = torch.zeros(B, H, dtype=zx.dtype)
+        ys = []
+        for t in range(T):
+            zr = (h * mask if mask is not None else h) @ self.w_hh.T
+            if o.get("layer_norm"):
+                zr = F.layer_norm(zr, (4 * H,), *self.ln[1])
+            zi, zf, zg, zo = (zx[t] + zr + self.b).chunk(4, 1)
+            if o.get("peephole"):
+                zi, zf = zi + self.w_ci * c, zf + self.w_cf * c
+            cn = torch.sigmoid(zf) * c + torch.sigmoid(zi) * torch.tanh(zg)
+            if o.get("peephole"):
+                zo = zo + self.w_co * cn
+            cc = F.layer_norm(cn, (H,), *self.ln[2]) if o.get("layer_norm") else cn
+            hn = torch.sigmoid(zo) * torch.tanh(cc)
+            if zone is not None:
+                zh, zc = zone[0][t], zone[1][t]
+                cn, hn = zc * c + (1 - zc) * cn, zh * h + (1 - zh) * hn
+            c, h = cn, hn
+            ys.append(h)
+        torch.stack(ys).backward(self.dy)
+
+
 def torch_available():
     try:
         import torch  # noqa: F401
@@ -107,6 +176,10 @@ def _worker(spec):
     for key, (B, T, I, H, dtype) in spec["cases"].items():
         if spec["kind"] == "train":
             fn = TrainCase(spec["impl"], B, T, I, H, dtype).step
+        elif spec["kind"] == "variants":
+            opts = VARIANTS[key.split()[0]]
+            fn = (TorchLoop(B, T, I, H, dtype, **opts) if spec["impl"] == "torch_loop"
+                  else Case("fastlstm", B, T, I, H, dtype, **opts)).fwd_bwd
         else:
             fn = Case(spec["impl"], B, T, I, H, dtype, **spec["layer"]).fwd_bwd
         out[key] = median_time(fn, min_time=spec["min_time"]) * 1e3
@@ -292,6 +365,46 @@ def format_train_table(result):
         lines.append(f"{r['size']:8} {r['dtype']:8} {r['fastlstm_ms']:12.3f} "
                      f"{r['reference_ms']:13.3f} {r.get('torch_ms', nan):10.3f} "
                      f"{r['vs_reference']:7.2f} {_spread(r, 'vs_torch'):>20}")
+    return "\n".join(lines)
+
+
+def variants_table(sizes, dtypes, min_time=0.2, progress=None, rounds=3):
+    """fwd+bwd (training mode) of every variant in ``VARIANTS`` at every (size, dtype):
+    fastlstm, and the same layer as a torch-autograd step loop (``TorchLoop``), each
+    in its own process, alternated over `rounds`. Per row: the cost over the plain
+    layer (per-round ratio to fastlstm's plain row) and torch_loop / fastlstm."""
+    impls = ["fastlstm"] + (["torch_loop"] if torch_available() else [])
+    cases = {f"{v} {name} {np.dtype(dt).name}": (*shape, np.dtype(dt).name)
+             for dt in dtypes for name, shape in sizes.items() for v in VARIANTS}
+    times = _alternated("variants", impls, cases, rounds, min_time, progress)
+    rows = []
+    for key, (B, T, I, H, dtype) in cases.items():
+        variant, size, _ = key.split()
+        fast = times["fastlstm"][key]
+        row = dict(variant=variant, size=size, B=B, T=T, I=I, H=H, dtype=dtype, rounds=rounds,
+                   fastlstm_ms=float(np.median(fast)))
+        row["vs_plain"], row["vs_plain_min"], row["vs_plain_max"] = _ratio_stats(
+            fast, times["fastlstm"][f"plain {size} {dtype}"])
+        if "torch_loop" in impls:
+            row["torch_loop_ms"] = float(np.median(times["torch_loop"][key]))
+            row["vs_torch_loop"], row["vs_torch_loop_min"], row["vs_torch_loop_max"] = \
+                _ratio_stats(times["torch_loop"][key], fast)
+        rows.append(row)
+    return dict(rows=rows)
+
+
+def format_variants_table(result):
+    nan = float("nan")
+    lines = ["fwd+bwd of each variant in training mode, fastlstm against the same layer "
+             "written as a torch-autograd step loop",
+             "each in its own process, alternated; x = the median of the per-round ratios "
+             "[min-max]",
+             f"{'variant':18} {'size':7} {'dtype':8} {'fastlstm ms':>12} "
+             f"{'x plain [min-max]':>20} {'torch loop ms':>14} {'x torch loop [min-max]':>23}"]
+    for r in result["rows"]:
+        lines.append(f"{r['variant']:18} {r['size']:7} {r['dtype']:8} {r['fastlstm_ms']:12.3f} "
+                     f"{_spread(r, 'vs_plain'):>20} {r.get('torch_loop_ms', nan):14.3f} "
+                     f"{_spread(r, 'vs_torch_loop'):>23}")
     return "\n".join(lines)
 
 

@@ -208,6 +208,13 @@ def _bench(args):
         if result is not None:                        # rank 0 reports
             print(json.dumps(result) if args.json else bench.format_distributed_table(result))
         return 0
+    if args.variants:
+        sizes = dict(args.size) if args.size else {k: bench.SIZES[k] for k in ("small", "medium")}
+        result = bench.variants_table(sizes, ["float32"] if args.dtype == "both" else dtypes,
+                                      min_time=args.min_time, progress=progress,
+                                      rounds=args.rounds)
+        print(json.dumps(result) if args.json else bench.format_variants_table(result))
+        return 0
     if args.train:
         result = bench.train_table(sizes, dtypes, min_time=args.min_time, progress=progress,
                                    rounds=args.rounds)
@@ -345,6 +352,10 @@ def build_parser():
                         "GEMMs and the elementwise rest")
     b.add_argument("--train", action="store_true",
                    help="time a whole training step (LSTM + linear head + MSE + Adam) instead")
+    b.add_argument("--variants", action="store_true",
+                   help="time each LSTM variant (peephole, layer norm, zoneout, recurrent "
+                        "dropout) against the plain layer and against a torch-autograd step "
+                        "loop (default sizes: small and medium; dtype: float32)")
     b.add_argument("--distributed", action="store_true",
                    help="under mpiexec -n N: data-parallel training steps per second and "
                         "the Allreduce's share of a step")

@@ -1,5 +1,6 @@
 """No allocation per step: after a warm-up, forward+backward at the same shapes
 allocates nothing that grows with T or B (Numba's NRT and NumPy's heap)."""
+import functools
 import json
 import os
 import subprocess
@@ -12,10 +13,10 @@ SCRIPT = textwrap.dedent("""
     from numba.core.runtime import rtsys
     import fastlstm
 
-    def measure(T, B, I=8, H=16):
-        m = fastlstm.LSTM(I, H, dtype=np.float32, seed=0)
+    def measure(T, B, I=8, H=16, **opts):
+        m = fastlstm.LSTM(I, H, dtype=np.float32, seed=0, **opts)
         x = np.ones((T, B, I), np.float32)
-        dy = np.ones((T, B, H), np.float32)
+        dy = np.ones((T, B, m.output_size), np.float32)
         m.forward(x); m.backward(dy)                        # warm-up: sizes the workspace
         before = rtsys.get_allocation_stats().alloc
         tracemalloc.start()
@@ -33,16 +34,32 @@ SCRIPT = textwrap.dedent("""
     wrappers = sum(isinstance(a, types.Array) for k in (layer_forward, layer_backward)
                    for a in k.signatures[0])
     res = {f"{T}x{B}": measure(T, B) for T, B in [(5, 2), (100, 16), (200, 64)]}
+    # every variant, in training mode (its masks drawn each call) and combined
+    variants = dict(peephole=dict(peephole=True), layer_norm=dict(layer_norm=True),
+                    zoneout=dict(zoneout=0.1, zoneout_cell=0.1),
+                    rdrop=dict(recurrent_dropout=0.2),
+                    stacked=dict(num_layers=2, bidirectional=True, dropout=0.1),
+                    all=dict(peephole=True, layer_norm=True, zoneout=0.1, zoneout_cell=0.1,
+                             recurrent_dropout=0.2, num_layers=2, bidirectional=True,
+                             dropout=0.1))
+    res["variants"] = {name: {f"{T}x{B}": measure(T, B, **opts)
+                              for T, B in [(100, 16), (200, 64)]}
+                       for name, opts in variants.items()}
     res["wrappers"] = 3 * wrappers          # per part of the batch (each calls the kernels)
     print(json.dumps(res))
 """)
 
 
-def test_forward_backward_allocates_nothing_that_grows():
+@functools.lru_cache(maxsize=1)
+def _measure():
     env = dict(os.environ, NUMBA_NRT_STATS="1")
     out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True,
                          text=True, check=True).stdout
-    res = json.loads(out.strip().splitlines()[-1])
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_forward_backward_allocates_nothing_that_grows():
+    res = _measure()
     tiny, small, large = res["5x2"], res["100x16"], res["200x64"]
     assert tiny["parts"] == 1 and large["parts"] == min(len(os.sched_getaffinity(0)), 64)
     for r in (tiny, small, large):
@@ -53,3 +70,22 @@ def test_forward_backward_allocates_nothing_that_grows():
     # which of those objects happen to be alive at once: 6-8 KB in CI, hence the slack.
     assert large["peak"] < 16_000, res
     assert small["parts"] == large["parts"] and large["peak"] <= small["peak"] + 4096, res
+
+
+def test_every_variant_allocates_nothing_that_grows():
+    res = _measure()
+    for name, got in res["variants"].items():
+        small, large = got["100x16"], got["200x64"]
+        for size, r in got.items():
+            # "all" against the same stack without the variants (the reversals'
+            # kernels wrap their arrays too); the others against the plain layer
+            plain = res["variants"]["stacked"][size] if name in ("all", "stacked") else res[size]
+            assert r["nrt"] == plain["nrt"] and r["parts"] == plain["parts"], (name, res)
+        if name in ("all", "stacked"):
+            # Two layers of two directions on two threads: more small objects in flight,
+            # their peak 40-80 KB with the interleaving (measured), whatever T and B; one
+            # (T, B, 4H) buffer at 200x64 alone is 3.3 MB.
+            assert large["peak"] < 128_000, (name, res)
+        else:
+            assert large["peak"] < 24_000, (name, res)
+            assert large["peak"] <= small["peak"] + 8192, (name, res)

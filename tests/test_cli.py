@@ -39,6 +39,21 @@ def test_saved_model_has_the_options_given(tmp_path, task, extra):
     assert s["settings"]["optimizer"] == "sgd" and s["dtype"] == "float64" and s["steps"] == 3
 
 
+@pytest.mark.parametrize("backend", ["fastlstm", "reference"])
+def test_variant_options_reach_the_saved_model(tmp_path, backend):
+    path = tmp_path / "v.npz"
+    out, s = train("--task", "adding", "--seq-len", "10", "--steps", "3", "--peephole",
+                   "--layer-norm", "--zoneout", "0.1", "--zoneout-cell", "0.05",
+                   "--recurrent-dropout", "0.2", "--backend", backend, "--save", str(path),
+                   "--json")
+    assert out.returncode in (0, 1), out.stderr
+    m = fastlstm.load(path)
+    assert (m.lstm.peephole, m.lstm.layer_norm, m.lstm.zoneout, m.lstm.zoneout_cell,
+            m.lstm.recurrent_dropout) == (True, True, 0.1, 0.05, 0.2)
+    assert "weight_ci_l0" in m.lstm.params and "ln_c_bias_l0" in m.lstm.params
+    assert s["settings"]["zoneout"] == 0.1 and s["settings"]["peephole"] is True
+
+
 @pytest.mark.parametrize("args,message", [
     (["--task", "article", "--save", "m.npz"], "--save does not apply to --task article"),
     (["--task", "article", "--optimizer", "adam"], "--optimizer does not apply to --task article"),
@@ -50,6 +65,9 @@ def test_saved_model_has_the_options_given(tmp_path, task, extra):
     (["--task", "article", "--distributed"], "--distributed does not apply to --task article"),
     (["--hidden", "0"], "argument --hidden: must be > 0"),
     (["--seed", "-1"], "argument --seed: must be >= 0"),
+    (["--task", "article", "--peephole"], "--peephole does not apply to --task article"),
+    (["--zoneout", "1.5"], "argument --zoneout: must be in [0, 1), got '1.5'"),
+    (["--recurrent-dropout", "x"], "argument --recurrent-dropout: expected a float"),
 ])
 def test_options_a_run_does_not_take_are_refused(args, message):
     out, _ = train(*args)

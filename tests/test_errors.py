@@ -121,6 +121,9 @@ LOAD_CASES = {
             r"state_dict\['weight_ih_l0'\] must have a floating dtype"),
     "list": (lambda d: d.__setitem__("bias_hh_l0", [0.0] * (4 * H)), TypeError,
              r"state_dict\['bias_hh_l0'\] must be a numpy.ndarray, got list"),
+    "variant-keys": (lambda d: d.update(weight_ci_l0=a(H), weight_cf_l0=a(H), weight_co_l0=a(H)),
+                     KeyError, r"unexpected keys \['weight_cf_l0', 'weight_ci_l0', "
+                     r"'weight_co_l0'\] .*; they belong to a model with peephole=True"),
 }
 
 
@@ -303,6 +306,14 @@ LAYER_CONSTRUCTOR_CASES = {
     "clip-nan": (dict(cell_clip=float("nan")), ValueError, r"cell_clip must be a finite number"),
     "forget-bias-no-bias": (dict(forget_bias=1.0, bias=False), ValueError,
                             r"forget_bias=1.0 needs bias=True"),
+    "zoneout-one": (dict(zoneout=1.0), ValueError,
+                    r"zoneout must be a finite number in \[0.0, 1.0\), got 1.0"),
+    "zoneout-cell-negative": (dict(zoneout_cell=-0.2), ValueError,
+                              r"zoneout_cell must be a finite number in \[0.0, 1.0\), got -0.2"),
+    "recurrent-dropout-str": (dict(recurrent_dropout="0.3"), TypeError,
+                              r"recurrent_dropout must be a real number, got str"),
+    "peephole-int": (dict(peephole=1), TypeError, r"peephole must be a bool, got int"),
+    "layer-norm-str": (dict(layer_norm="yes"), TypeError, r"layer_norm must be a bool, got str"),
 }
 
 
