@@ -1,6 +1,17 @@
 """asv suite: fastlstm, the NumPy reference and torch (when importable) at every
 size and dtype. Its harness is benchmarks/common.py, not the package under test."""
-from .common import CASES, DTYPES, SIZES, FastCase, ReferenceCase, TrainCase, flops, median_time
+from .common import (
+    CASES,
+    DTYPES,
+    SIZES,
+    FastCase,
+    ReferenceCase,
+    TrainCase,
+    flops,
+    median_time,
+    need_torch,
+    skip,
+)
 
 
 class _Base:
@@ -95,4 +106,37 @@ class Threads:
         self.case = FastCase(*SIZES[size], "float32", threads=threads)
 
     def time_fwd_bwd(self, size, threads):
+        self.case.fwd_bwd()
+
+
+#: the LSTM variants, as options of fastlstm.LSTM (skipped where a commit lacks them)
+VARIANTS = {
+    "plain": {},
+    "peephole": dict(peephole=True),
+    "layer_norm": dict(layer_norm=True),
+    "zoneout": dict(zoneout=0.1, zoneout_cell=0.1),
+    "recurrent_dropout": dict(recurrent_dropout=0.25),
+}
+
+
+class Variants:
+    """Each variant's fwd+bwd in training mode, float32: fastlstm, and the same layer
+    written as a torch-autograd step loop (``fastlstm.bench.TorchLoop``, the peer a
+    torch user has for these; skipped where a commit lacks it)."""
+    params = [["fastlstm", "torch_loop"], list(VARIANTS), ["small", "medium"]]
+    param_names = ["impl", "variant", "size"]
+    timeout = 300
+
+    def setup(self, impl, variant, size):
+        if impl == "fastlstm":
+            self.case = FastCase(*SIZES[size], "float32", **VARIANTS[variant])
+            return
+        need_torch()
+        try:
+            from fastlstm.bench import TorchLoop
+        except ImportError:
+            skip("this fastlstm has no torch step loop")
+        self.case = TorchLoop(*SIZES[size], "float32", **VARIANTS[variant])
+
+    def time_fwd_bwd(self, impl, variant, size):
         self.case.fwd_bwd()

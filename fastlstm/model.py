@@ -38,7 +38,8 @@ class SequenceModel:
         As :class:`fastlstm.LSTM` (``batch_first`` is always True here).
     backend : "fastlstm" or "reference"
         "reference" runs the LSTM through the NumPy reference (one layer, one
-        direction, no options): the same training, to compare wall time.
+        direction, no options but the variants): the same training, to compare
+        wall time.
 
     Notes
     -----

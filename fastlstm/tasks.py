@@ -141,7 +141,7 @@ def _bar(progress, total, unit):
     return tqdm(total=total, unit=unit, leave=False, disable=None)   # None: off when not a terminal
 
 
-def train_adding(seq_len=100, hidden=64, layers=1, batch_size=32, lr=3e-3, optimizer="adam",
+def train_adding(seq_len=100, hidden=64, layers=1, batch_size=32, lr=1e-2, optimizer="adam",
                  max_seconds=540.0, max_steps=None, dtype=np.float32, seed=0, curriculum=True,
                  forget_bias=1.0, clip_norm=1.0, progress=True, backend="fastlstm",
                  distributed=False, lstm_options=None):
