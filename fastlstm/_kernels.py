@@ -24,8 +24,11 @@ import warnings
 
 import numpy as np
 from numba import njit, types
+from numba.core import cgutils
 from numba.core.errors import NumbaIRAssumptionWarning
-from numba.extending import overload
+from numba.core.imputils import impl_ret_borrowed
+from numba.extending import intrinsic, overload
+from numba.np.arrayobj import make_array, populate_array
 
 from . import _layout
 from ._config import JIT
@@ -44,8 +47,9 @@ def _follow_layout():
 
 _follow_layout()
 
-__all__ = ["layer_forward", "layer_backward", "reverse_in_time", "zero_padding", "param_views",
-           "workspace_views", "lstm_forward", "lstm_backward", "tanh_array", "sigmoid_array"]
+__all__ = ["layer_forward", "layer_backward", "opts_bits", "OPTS", "reverse_in_time",
+           "zero_padding", "param_views", "workspace_views", "lstm_forward", "lstm_backward",
+           "tanh_array", "sigmoid_array"]
 
 # Numba's pedantic SSA check complains about the activations once they are
 # inlined (inline="always", below); the compiled code is right (the tests
@@ -612,8 +616,34 @@ def lstm_backward(w, dw, v, m, lengths, clip, peep, ln, zone, rdrop):
 # its views and names from.
 # --------------------------------------------------------------------------
 
+@intrinsic
+def _view(typingctx, flat, offset, shape):
+    """flat[offset:offset + prod(shape)].reshape(shape), for a contiguous 1-D flat,
+    written as the array's struct directly: Numba's reshape calls a C helper on
+    every view, and carving ~50 views cost ~0.6 us per kernel call with it."""
+    ndim = len(shape)
+    retty = types.Array(flat.dtype, ndim, "C")
+
+    def codegen(context, builder, sig, args):
+        src = make_array(sig.args[0])(context, builder, args[0])
+        out = make_array(retty)(context, builder)
+        itemsize = context.get_constant(types.intp, context.get_abi_sizeof(
+            context.get_data_type(flat.dtype)))
+        dims = cgutils.unpack_tuple(builder, args[2], ndim)
+        strides, acc = [], itemsize
+        for d in reversed(dims):             # C order
+            strides.insert(0, acc)
+            acc = builder.mul(acc, d)
+        populate_array(out, data=builder.gep(src.data, [args[1]]),
+                       shape=cgutils.pack_array(builder, dims),
+                       strides=cgutils.pack_array(builder, strides), itemsize=itemsize,
+                       meminfo=src.meminfo, parent=src.parent)
+        return impl_ret_borrowed(context, builder, retty, out._getvalue())
+    return retty(flat, offset, shape), codegen
+
+
 def _compile_carving(fname, table, tuple_cls, dims):
-    ns = {tuple_cls.__name__: tuple_cls}
+    ns = {tuple_cls.__name__: tuple_cls, "_view": _view}
     exec(_layout.carving_source(fname, table, tuple_cls.__name__, dims), ns)
     # Not cached on its own (it has no source file); the cached kernels that
     # inline it carry it in their own cache entries.
@@ -638,25 +668,42 @@ def workspace_views(ws, T, B, I, H, P, has_layer_norm, has_zoneout, has_rdrop):
     return _carve_workspace(ws, T, B, I, H, P, has_layer_norm, has_zoneout, has_rdrop)
 
 
-def _entry_sigs(n_arrays, n_flags):
-    """(n_arrays flat arrays, lengths, clip, T, B, I, H, P, n_flags booleans)."""
+#: bit k of a kernel call's `opts` is option k: the layout's flags, then two of the call's
+OPTS = _layout.FLAGS + ("padded", "exact")
+BIAS, PROJ, PEEPHOLE, LAYER_NORM, ZONEOUT, RDROP, PADDED, EXACT = (1 << k for k in range(len(OPTS)))
+
+
+def opts_bits(**flags):
+    """The `opts` integer of a kernel call: opts_bits(bias=True, exact=False, ...)."""
+    unknown = set(flags) - set(OPTS)
+    if unknown:
+        raise ValueError(f"unknown kernel options {sorted(unknown)}; known: {OPTS}")
+    return sum(1 << OPTS.index(k) for k, on in flags.items() if on)
+
+
+def _entry_sigs(n_arrays):
+    """(n_arrays flat arrays, lengths, clip, T, B, I, H, P, opts): the options travel as
+    the bits of one integer, as each argument costs the dispatcher a type check per call
+    (about 0.1 us apiece: at seed size, 8 booleans per call were 5 % of a fwd+bwd)."""
     out = []
     for ft in (types.float32, types.float64):
         arrays = [types.Array(ft, 1, "C")] * n_arrays
         out.append(types.void(*arrays, types.Array(types.int64, 1, "C"), ft,
-                              *[types.int64] * 5, *[types.boolean] * n_flags))
+                              *[types.int64] * 6))
     return out
 
 
-@njit(_entry_sigs(2, 8), **JIT)
-def layer_forward(p, ws, lengths, clip, T, B, I, H, P, has_bias, has_proj, peep, ln, zone,
-                  rdrop, padded, exact):
+@njit(_entry_sigs(2), **JIT)
+def layer_forward(p, ws, lengths, clip, T, B, I, H, P, opts):
     """``lstm_forward`` on one direction's flat parameters and workspace.
 
     x, h0, c0 are read from the workspace's x, h[0], c[0] (and the variants'
-    masks from zh, zc, rmask). With `padded`, y receives h_t with the steps past
-    each sequence's length zeroed.
+    masks from zh, zc, rmask). With the PADDED bit, y receives h_t with the steps
+    past each sequence's length zeroed.
     """
+    has_bias, has_proj = opts & BIAS != 0, opts & PROJ != 0
+    peep, ln, zone, rdrop = (opts & PEEPHOLE != 0, opts & LAYER_NORM != 0, opts & ZONEOUT != 0,
+                             opts & RDROP != 0)
     w = _carve_params(p, I, H, P, has_bias, has_proj, peep, ln)
     v = _carve_workspace(ws, T, B, I, H, P, ln, zone, rdrop)
     for k in range(4 * H):
@@ -665,8 +712,8 @@ def layer_forward(p, ws, lengths, clip, T, B, I, H, P, has_bias, has_proj, peep,
         for k in range(4 * H):
             v.bias[k] += w.ln_ih_bias[k] + w.ln_hh_bias[k]
     m = v.m if has_proj or zone else v.h[1:]
-    lstm_forward(w, v, m, lengths, clip, peep, ln, zone, rdrop, exact)
-    if padded:
+    lstm_forward(w, v, m, lengths, clip, peep, ln, zone, rdrop, opts & EXACT != 0)
+    if opts & PADDED:
         for t in range(T):
             for b in range(B):
                 if t < lengths[b]:
@@ -675,11 +722,13 @@ def layer_forward(p, ws, lengths, clip, T, B, I, H, P, has_bias, has_proj, peep,
                     v.y[t, b] = 0
 
 
-@njit(_entry_sigs(3, 6), **JIT)
-def layer_backward(p, g, ws, lengths, clip, T, B, I, H, P, has_bias, has_proj, peep, ln, zone,
-                   rdrop):
+@njit(_entry_sigs(3), **JIT)
+def layer_backward(p, g, ws, lengths, clip, T, B, I, H, P, opts):
     """``lstm_backward`` on one direction's flat buffers; dy, dh_n, dc_n are read
     from the workspace's dy, dh, dc, and the gradients are added into g."""
+    has_bias, has_proj = opts & BIAS != 0, opts & PROJ != 0
+    peep, ln, zone, rdrop = (opts & PEEPHOLE != 0, opts & LAYER_NORM != 0, opts & ZONEOUT != 0,
+                             opts & RDROP != 0)
     w = _carve_params(p, I, H, P, has_bias, has_proj, peep, ln)
     dw = _carve_params(g, I, H, P, has_bias, has_proj, peep, ln)
     v = _carve_workspace(ws, T, B, I, H, P, ln, zone, rdrop)

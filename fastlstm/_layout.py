@@ -151,7 +151,9 @@ def carve(flat, table):
 
 def carving_source(fname, table, tuple_name, dims):
     """Source of a Numba-compilable ``fname(flat, *dims, has_<flag>...)`` returning the
-    named tuple of views: offsets written out, so nothing is allocated per call."""
+    named tuple of views: offsets written out, so nothing is allocated per call. The
+    namespace it runs in provides ``_view(flat, offset, shape)``, the C-ordered view
+    ``flat[offset:offset + prod(shape)].reshape(shape)``."""
     flags = [f for f in FLAGS if any(when == f for _, _, when in table)]
     args = ", ".join(["flat", *dims, *(f"has_{f}" for f in flags)])
     lines = [f"def {fname}({args}):", "    o = 0"]
@@ -162,7 +164,10 @@ def carving_source(fname, table, tuple_name, dims):
         shape = ", ".join(f"({t})" for t in terms)
         size = " * ".join(f"({t})" for t in terms)
         lines.append(f"    n = {size}")
-        lines.append(f"    {name} = flat[o:o + n].reshape(({shape},))")
+        lines.append(f"    {name} = _view(flat, o, ({shape},))")
         lines.append("    o += n")
+    lines.append("    if o > flat.shape[0]:")       # _view does not check: one compare here
+    lines.append(f"        raise ValueError('{tuple_name}: the flat buffer is smaller than "
+                 "its layout')")
     lines.append(f"    return {tuple_name}({', '.join(r[0] for r in table)})")
     return "\n".join(lines)

@@ -9,7 +9,14 @@ import numpy as np
 from . import _layout
 from . import _validate as check
 from ._config import exact_activations
-from ._kernels import layer_backward, layer_forward, reverse_in_time, zero_padding
+from ._kernels import (
+    PADDED,
+    layer_backward,
+    layer_forward,
+    opts_bits,
+    reverse_in_time,
+    zero_padding,
+)
 from ._shared import Buffers, OneThread, readonly
 from ._threads import batch_parts, parallel_worthwhile, run_pair, run_parts
 
@@ -131,8 +138,8 @@ class _Part:
                 for name, a in vmasks.items():
                     np.copyto(v[name], a[j])
                 calls.append(partial(layer_forward, m._pblocks[j], self.ws[j].flat, lens,
-                                     m._clip, T, B, m._blocks[j][2], H, P, *m._pflags,
-                                     *m._wflags[1:], padded, m._exact))
+                                     m._clip, T, B, m._blocks[j][2], H, P,
+                                     m._opts | (PADDED if padded else 0)))
                 outs.append(v["y"] if padded else v["h_out"])
             self._run(calls, T * B * 4 * H * (m._blocks[k * D][2] + P), pairs)
             if D == 1:
@@ -185,7 +192,7 @@ class _Part:
                         np.copyto(buf, init[j], casting="same_kind")
                 calls.append(partial(layer_backward, m._pblocks[j], self.gblock(j),
                                      self.ws[j].flat, lens, m._clip, T, B, m._blocks[j][2], H,
-                                     P, *m._pflags, *m._wflags[1:]))
+                                     P, m._opts))
             self._run(calls, T * B * 4 * H * (m._blocks[k * D][2] + P), pairs)
             if not single:
                 for d in range(D):
@@ -348,6 +355,10 @@ class LSTM:
         self._rng = np.random.default_rng(None if self.seed is None else [self.seed, 1])
         self._clip = self.dtype.type(np.inf if self.cell_clip is None else self.cell_clip)
         self._exact = exact_activations()
+        # the kernels' options, as the bits of one integer (see _kernels.opts_bits)
+        self._opts = opts_bits(bias=self.bias, proj=bool(self.proj_size), peephole=self.peephole,
+                               layer_norm=self.layer_norm, zoneout=self._wflags[1],
+                               rdrop=self._wflags[2], exact=self._exact)
         self._parts = []       # per part of the batch: workspaces and scratch (_Part)
         self._buf = Buffers(self.dtype)
         self._full_lengths = {}
