@@ -205,3 +205,29 @@ def test_a_state_dict_with_variants_refuses_to_load_into_a_plain_model():
         fastlstm.LSTM(2, 4).load_state_dict(src.state_dict())
     with pytest.raises(KeyError, match=r"missing .*ln_c_bias_l0.*layer_norm=True"):
         fastlstm.LSTM(2, 4, layer_norm=True).load_state_dict(fastlstm.LSTM(2, 4).state_dict())
+
+
+def test_checkpoint_round_trip_with_every_variant(tmp_path):
+    """A saved SequenceModel with the variants loads with its options, parameters and
+    generator: the next training step draws the same masks and gives the same loss."""
+    m = fastlstm.SequenceModel(2, 5, 1, num_layers=2, bidirectional=True, peephole=True,
+                               layer_norm=True, zoneout=0.2, zoneout_cell=0.1,
+                               recurrent_dropout=0.3, dtype=np.float64, seed=4)
+    rng = np.random.default_rng(0)
+    x, y = rng.standard_normal((6, 7, 2)), rng.standard_normal((6, 1))
+    opt = fastlstm.Adam(m, lr=1e-2)
+    m.train_step(x, y, opt)
+    m.save(tmp_path / "v.npz")
+    back = fastlstm.load(tmp_path / "v.npz")
+    cfg = back.lstm.config()
+    assert (cfg["peephole"], cfg["layer_norm"], cfg["zoneout"], cfg["zoneout_cell"],
+            cfg["recurrent_dropout"]) == (True, True, 0.2, 0.1, 0.3)
+    assert list(back.lstm.params) == list(m.lstm.params)
+    assert np.array_equal(back.flat_params, m.flat_params)
+    assert np.array_equal(back.predict(x), m.predict(x))       # evaluation: expectations
+    loss_a = m.train_step(x, y, fastlstm.SGD(m, lr=0.1))
+    loss_b = back.train_step(x, y, fastlstm.SGD(back, lr=0.1))
+    assert loss_a == loss_b
+    for k, a in m.lstm.last_masks.items():
+        if k != "dropout":
+            assert np.array_equal(a, back.lstm.last_masks[k]), k
