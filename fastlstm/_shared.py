@@ -9,18 +9,28 @@ __all__ = ["Buffers", "readonly", "OneThread"]
 
 
 class Buffers:
-    """Named arrays sized per call and reused; a larger request grows one once."""
+    """Named arrays sized per call and reused; a larger request grows one once. A
+    repeated (name, shape) gets the same view object back: making it anew cost about
+    0.4 us, and a seed-size training step asks for eight."""
 
     def __init__(self, dtype):
         self.dtype = dtype
         self._flat = {}
+        self._views = {}
 
     def get(self, name, shape, dtype=None):
+        key = (name, shape)
+        v = self._views.get(key)
+        if v is not None:
+            return v
         n = math.prod(shape)
         buf = self._flat.get(name)
         if buf is None or buf.size < n:
             buf = self._flat[name] = np.empty(n, dtype or self.dtype)
-        return buf[:n].reshape(shape)
+            # views of the buffer this one replaces must not be handed out again
+            self._views = {k: a for k, a in self._views.items() if k[0] != name}
+        v = self._views[key] = buf[:n].reshape(shape)
+        return v
 
 
 def readonly(a):
