@@ -248,36 +248,28 @@ def _bench(args):
     return 0
 
 
-def _positive(kind):
+def _number(kind, ok, requirement):
+    """An argparse type: `kind` parsed from the text, then held to `ok`; the error
+    names what was expected and what was given."""
     def parse(text):
         try:
             v = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__}, got {text!r}") from None
-        if not v > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+            article = "an" if kind.__name__[0] in "aeiou" else "a"
+            raise argparse.ArgumentTypeError(f"expected {article} {kind.__name__}, got {text!r}"
+                                             ) from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"must be {requirement}, got {text!r}")
         return v
     return parse
 
 
-def _probability(text):
-    try:
-        v = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a float, got {text!r}") from None
-    if not 0 <= v < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text!r}")
-    return v
+def _positive(kind):
+    return _number(kind, lambda v: v > 0, "> 0")
 
 
-def _nonnegative_int(text):
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
-    return v
+_probability = _number(float, lambda v: 0 <= v < 1, "in [0, 1)")
+_nonnegative_int = _number(int, lambda v: v >= 0, ">= 0")
 
 
 def build_parser():
