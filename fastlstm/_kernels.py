@@ -554,7 +554,8 @@ def lstm_backward(w, dw, v, m, lengths, clip, peep, ln, zone, rdrop):
                     _cell_backward_v(t, b, w, dw, v, ct, dm_t[b], clip, peep, ln, zone)
             else:
                 dgates[t, b] = 0
-                drec[t, b] = 0
+                if ln:
+                    v.drec[t, b] = 0
         # dh for step t-1 (dh0 after the last iteration).
         np.dot(drec[t], w_hh, out=dh)
         for b in range(B):
