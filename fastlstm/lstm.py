@@ -339,7 +339,7 @@ class LSTM:
                 f"hidden_size={H}, num_layers={self.num_layers}"
                 + (", bidirectional=True" if self.bidirectional else "")
                 + (f", proj_size={self.proj_size}" if self.proj_size else "") + ")")
-        flags = self._pflags = (self.bias, bool(self.proj_size), self.peephole, self.layer_norm)
+        flags = (self.bias, bool(self.proj_size), self.peephole, self.layer_norm)
         # the workspace's options (_layout.WORKSPACE_FLAGS)
         self._wflags = (self.layer_norm, bool(self.zoneout or self.zoneout_cell),
                         self.recurrent_dropout > 0)
