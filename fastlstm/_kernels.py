@@ -617,34 +617,44 @@ def lstm_backward(w, dw, v, m, lengths, clip, peep, ln, zone, rdrop):
 # its views and names from.
 # --------------------------------------------------------------------------
 
-@intrinsic
-def _view(typingctx, flat, offset, shape):
-    """flat[offset:offset + prod(shape)].reshape(shape), for a contiguous 1-D flat,
-    written as the array's struct directly: Numba's reshape calls a C helper on
-    every view, and carving ~50 views cost ~0.6 us per kernel call with it."""
-    ndim = len(shape)
-    retty = types.Array(flat.dtype, ndim, "C")
+def _make_view(counted):
+    """An intrinsic ``_view(flat, offset, shape)``: flat[offset:offset + prod(shape)]
+    .reshape(shape) for a contiguous 1-D flat, written as the array's struct directly
+    (Numba's reshape calls a C helper on every view, and carving ~50 views cost ~0.6 us
+    per kernel call with it). `counted` False leaves the view without the flat's
+    reference count: inside a kernel entry the caller holds the flat alive, and each
+    counted view costs an atomic increment and decrement on every slice taken of it
+    (hundreds per call). Views that are returned to Python must be counted."""
 
-    def codegen(context, builder, sig, args):
-        src = make_array(sig.args[0])(context, builder, args[0])
-        out = make_array(retty)(context, builder)
-        itemsize = context.get_constant(types.intp, context.get_abi_sizeof(
-            context.get_data_type(flat.dtype)))
-        dims = cgutils.unpack_tuple(builder, args[2], ndim)
-        strides, acc = [], itemsize
-        for d in reversed(dims):             # C order
-            strides.insert(0, acc)
-            acc = builder.mul(acc, d)
-        populate_array(out, data=builder.gep(src.data, [args[1]]),
-                       shape=cgutils.pack_array(builder, dims),
-                       strides=cgutils.pack_array(builder, strides), itemsize=itemsize,
-                       meminfo=src.meminfo, parent=src.parent)
-        return impl_ret_borrowed(context, builder, retty, out._getvalue())
-    return retty(flat, offset, shape), codegen
+    @intrinsic
+    def _view(typingctx, flat, offset, shape):
+        ndim = len(shape)
+        retty = types.Array(flat.dtype, ndim, "C")
+
+        def codegen(context, builder, sig, args):
+            src = make_array(sig.args[0])(context, builder, args[0])
+            out = make_array(retty)(context, builder)
+            itemsize = context.get_constant(types.intp, context.get_abi_sizeof(
+                context.get_data_type(flat.dtype)))
+            dims = cgutils.unpack_tuple(builder, args[2], ndim)
+            strides, acc = [], itemsize
+            for d in reversed(dims):             # C order
+                strides.insert(0, acc)
+                acc = builder.mul(acc, d)
+            populate_array(out, data=builder.gep(src.data, [args[1]]),
+                           shape=cgutils.pack_array(builder, dims),
+                           strides=cgutils.pack_array(builder, strides), itemsize=itemsize,
+                           meminfo=src.meminfo if counted else None,
+                           parent=src.parent if counted else None)
+            if counted:
+                return impl_ret_borrowed(context, builder, retty, out._getvalue())
+            return out._getvalue()
+        return retty(flat, offset, shape), codegen
+    return _view
 
 
-def _compile_carving(fname, table, tuple_cls, dims):
-    ns = {tuple_cls.__name__: tuple_cls, "_view": _view}
+def _compile_carving(fname, table, tuple_cls, dims, counted=False):
+    ns = {tuple_cls.__name__: tuple_cls, "_view": _make_view(counted)}
     exec(_layout.carving_source(fname, table, tuple_cls.__name__, dims), ns)
     # Not cached on its own (it has no source file); the cached kernels that
     # inline it carry it in their own cache entries.
@@ -654,24 +664,32 @@ def _compile_carving(fname, table, tuple_cls, dims):
 _carve_params = _compile_carving("_carve_params", _layout.PARAMS, _layout.Params, ("I", "H", "P"))
 _carve_workspace = _compile_carving("_carve_workspace", _layout.WORKSPACE, _layout.Workspace,
                                     _layout.DIMS)
+# for the views param_views / workspace_views return to Python
+_carve_params_counted = _compile_carving("_carve_params", _layout.PARAMS, _layout.Params,
+                                         ("I", "H", "P"), counted=True)
+_carve_workspace_counted = _compile_carving("_carve_workspace", _layout.WORKSPACE,
+                                            _layout.Workspace, _layout.DIMS, counted=True)
 
 
 @njit(**JIT)
 def param_views(p, I, H, P, has_bias, has_proj, has_peephole, has_layer_norm):
     """The kernels' carving of one direction's parameters (a ``_layout.Params``);
     an absent parameter is empty. For tests: Python carves with ``_layout.carve``."""
-    return _carve_params(p, I, H, P, has_bias, has_proj, has_peephole, has_layer_norm)
+    return _carve_params_counted(p, I, H, P, has_bias, has_proj, has_peephole, has_layer_norm)
 
 
 @njit(**JIT)
 def workspace_views(ws, T, B, I, H, P, has_layer_norm, has_zoneout, has_rdrop):
     """The kernels' carving of one direction's workspace (a ``_layout.Workspace``)."""
-    return _carve_workspace(ws, T, B, I, H, P, has_layer_norm, has_zoneout, has_rdrop)
+    return _carve_workspace_counted(ws, T, B, I, H, P, has_layer_norm, has_zoneout, has_rdrop)
 
 
-#: bit k of a kernel call's `opts` is option k: the layout's flags, then two of the call's
-OPTS = _layout.FLAGS + ("padded", "exact")
-BIAS, PROJ, PEEPHOLE, LAYER_NORM, ZONEOUT, RDROP, PADDED, EXACT = (1 << k for k in range(len(OPTS)))
+#: bit k of a kernel call's `opts` is option k: the layout's flags, then three of the call's
+#: (zero_state: the initial state, or in backward the final state's gradient, is zero;
+#: setting it here saves two NumPy calls per call, a tenth of a seed-size forward)
+OPTS = _layout.FLAGS + ("padded", "exact", "zero_state")
+BIAS, PROJ, PEEPHOLE, LAYER_NORM, ZONEOUT, RDROP, PADDED, EXACT, ZERO_STATE = (
+    1 << k for k in range(len(OPTS)))
 
 
 def opts_bits(**flags):
@@ -699,14 +717,18 @@ def layer_forward(p, ws, lengths, clip, T, B, I, H, P, opts):
     """``lstm_forward`` on one direction's flat parameters and workspace.
 
     x, h0, c0 are read from the workspace's x, h[0], c[0] (and the variants'
-    masks from zh, zc, rmask). With the PADDED bit, y receives h_t with the steps
-    past each sequence's length zeroed.
+    masks from zh, zc, rmask); with the ZERO_STATE bit, h[0] and c[0] are zeroed
+    here. With the PADDED bit, y receives h_t with the steps past each sequence's
+    length zeroed.
     """
     has_bias, has_proj = opts & BIAS != 0, opts & PROJ != 0
     peep, ln, zone, rdrop = (opts & PEEPHOLE != 0, opts & LAYER_NORM != 0, opts & ZONEOUT != 0,
                              opts & RDROP != 0)
     w = _carve_params(p, I, H, P, has_bias, has_proj, peep, ln)
     v = _carve_workspace(ws, T, B, I, H, P, ln, zone, rdrop)
+    if opts & ZERO_STATE:
+        v.h[0] = 0
+        v.c[0] = 0
     for k in range(4 * H):
         v.bias[k] = w.bias_ih[k] + w.bias_hh[k] if has_bias else 0
     if ln:            # LN_ih's and LN_hh's biases add to the gates' bias
@@ -726,13 +748,17 @@ def layer_forward(p, ws, lengths, clip, T, B, I, H, P, opts):
 @njit(_entry_sigs(3), **JIT)
 def layer_backward(p, g, ws, lengths, clip, T, B, I, H, P, opts):
     """``lstm_backward`` on one direction's flat buffers; dy, dh_n, dc_n are read
-    from the workspace's dy, dh, dc, and the gradients are added into g."""
+    from the workspace's dy, dh, dc (zeroed here with the ZERO_STATE bit), and the
+    gradients are added into g."""
     has_bias, has_proj = opts & BIAS != 0, opts & PROJ != 0
     peep, ln, zone, rdrop = (opts & PEEPHOLE != 0, opts & LAYER_NORM != 0, opts & ZONEOUT != 0,
                              opts & RDROP != 0)
     w = _carve_params(p, I, H, P, has_bias, has_proj, peep, ln)
     dw = _carve_params(g, I, H, P, has_bias, has_proj, peep, ln)
     v = _carve_workspace(ws, T, B, I, H, P, ln, zone, rdrop)
+    if opts & ZERO_STATE:
+        v.dh[:] = 0
+        v.dc[:] = 0
     m = v.m if has_proj or zone else v.h[1:]
     lstm_backward(w, dw, v, m, lengths, clip, peep, ln, zone, rdrop)
     if has_bias:

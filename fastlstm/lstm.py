@@ -11,6 +11,7 @@ from . import _validate as check
 from ._config import exact_activations
 from ._kernels import (
     PADDED,
+    ZERO_STATE,
     layer_backward,
     layer_forward,
     opts_bits,
@@ -18,7 +19,7 @@ from ._kernels import (
     zero_padding,
 )
 from ._shared import Buffers, OneThread, readonly
-from ._threads import batch_parts, parallel_worthwhile, run_pair, run_parts
+from ._threads import SPLIT_WORK, batch_parts, parallel_worthwhile, run_pair, run_parts
 
 __all__ = ["LSTM"]
 
@@ -67,10 +68,35 @@ class _Last:
     """What backward differentiates: the last forward's shape, lengths, dropout
     masks, and the thread that ran it."""
 
-    def __init__(self, T, B, lengths, masks, vmasks, split):
+    def __init__(self, T, B, lengths, masks, vmasks, split, plan=None):
         self.T, self.B, self.lengths, self.masks, self.split = T, B, lengths, masks, split
-        self.vmasks = vmasks
+        self.vmasks, self.plan = vmasks, plan
         self.thread = threading.get_ident()
+
+
+class _Plan:
+    """A repeated call, made once: a one-layer, one-direction, one-part model called at
+    one x shape without state or lengths. It holds the kernels' arguments, the
+    workspace's x and dy and the views a call returns, so that a call is a copy, the
+    kernel and a return; at seed size, building these each call was two thirds of a
+    forward+backward. Plans are dropped when the workspace or the parameters move."""
+
+    def __init__(self, model, T, B, split):
+        part = model._part(0)
+        v = part.views(0, T, B)
+        ws, bf = part.ws[0], model.batch_first
+        lens = model._full_lengths[(T, B)]
+        sizes = (lens, model._clip, T, B, model.input_size, model.hidden_size, model._P,
+                 model._opts | ZERO_STATE)
+        self.fargs = (model._pblocks[0], ws.flat) + sizes
+        self.bargs = (model._pblocks[0], part.gblock(0), ws.flat) + sizes
+        self.x, self.dy = (v["x"], v["dy"]) if not bf else (
+            v["x"].transpose(1, 0, 2), v["dy"].transpose(1, 0, 2))
+        self.out = (ws.readonly(T, B, "h_out", bf), (ws.readonly(T, B, "h_n"),
+                                                      ws.readonly(T, B, "c_n")))
+        self.grad_out = (ws.readonly(T, B, "dx", bf), (ws.readonly(T, B, "dh0"),
+                                                        ws.readonly(T, B, "dc0")))
+        self.last = _Last(T, B, lens, [None], {}, split, plan=self)
 
 
 #: how each optional parameter's option is spelled, for error messages
@@ -115,6 +141,7 @@ class _Part:
             B_cap = B if ws is None else max(B, ws.B)
             ws = self.ws[j] = _Workspace(T_cap, B_cap, self.m._blocks[j][2], self.m.hidden_size,
                                          self.m._P, self.m._wflags, self.m.dtype)
+            self.m._plans.clear()          # they hold the old workspace
         return ws.views(T, B)
 
     def _run(self, calls, work, pairs):
@@ -144,16 +171,15 @@ class _Part:
                         zero_padding(v["x"], lens)
                 else:    # the reverse direction reads each sequence last step first
                     reverse_in_time(self.views(k * D, T, B)["x"], v["x"], lens)
-                for buf, init in ((v["h"][0], h0), (v["c"][0], c0)):
-                    if init is None:
-                        buf.fill(0)
-                    else:
-                        np.copyto(buf, init[j], casting="same_kind")
+                if h0 is not None:
+                    np.copyto(v["h"][0], h0[j], casting="same_kind")
+                    np.copyto(v["c"][0], c0[j], casting="same_kind")
                 for name, a in vmasks.items():
                     np.copyto(v[name], a[j])
                 calls.append(partial(layer_forward, m._pblocks[j], self.ws[j].flat, lens,
                                      m._clip, T, B, m._blocks[j][2], H, P,
-                                     m._opts | (PADDED if padded else 0)))
+                                     m._opts | (PADDED if padded else 0)
+                                     | (ZERO_STATE if h0 is None else 0)))
                 outs.append(v["y"] if padded else v["h_out"])
             self._run(calls, T * B * 4 * H * (m._blocks[k * D][2] + P), pairs)
             if D == 1:
@@ -199,14 +225,12 @@ class _Part:
                     if g_rev.dtype != m.dtype:
                         g_rev = g_rev.astype(m.dtype)
                     reverse_in_time(g_rev, v["dy"], lens)
-                for buf, init in ((v["dh"], dh_n), (v["dc"], dc_n)):
-                    if init is None:
-                        buf.fill(0)
-                    else:
-                        np.copyto(buf, init[j], casting="same_kind")
+                if dh_n is not None:
+                    np.copyto(v["dh"], dh_n[j], casting="same_kind")
+                    np.copyto(v["dc"], dc_n[j], casting="same_kind")
                 calls.append(partial(layer_backward, m._pblocks[j], self.gblock(j),
                                      self.ws[j].flat, lens, m._clip, T, B, m._blocks[j][2], H,
-                                     P, m._opts))
+                                     P, m._opts | (ZERO_STATE if dh_n is None else 0)))
             self._run(calls, T * B * 4 * H * (m._blocks[k * D][2] + P), pairs)
             if not single:
                 for d in range(D):
@@ -378,6 +402,7 @@ class LSTM:
         self._full_lengths = {}
         self._affordable = set()
         self._splits = {}
+        self._plans = {}       # x.shape -> _Plan
         self._last = None
         self._guard = OneThread("LSTM")
 
@@ -400,6 +425,7 @@ class LSTM:
         # The kernels take one direction of one layer as one flat slice.
         self._pblocks = [flat_params[o:o + k] for o, k, _ in self._blocks]
         self._gblocks = [flat_grads[o:o + k] for o, k, _ in self._blocks]
+        self._plans = {}
 
     def get_rng_state(self):
         """The dropout generator's state (a dict, JSON-serialisable), for checkpoints."""
@@ -560,6 +586,14 @@ class LSTM:
 
     def _forward(self, x, state, lengths):
         check.float_array("x", x, self.dtype)
+        if state is None and lengths is None:
+            plan = self._plans.get(x.shape)        # a shape this model has run before
+            if plan is not None:
+                np.copyto(plan.x, x, casting="same_kind")
+                layer_forward(*plan.fargs)
+                plan.last.thread = threading.get_ident()
+                self._last = plan.last
+                return plan.out
         check.shape("x", x, ("B", "T", self.input_size) if self.batch_first
                     else ("T", "B", self.input_size))
         xt = self._time_major(x)
@@ -608,6 +642,10 @@ class LSTM:
             for (_, b0, b1), (o, h, c) in zip(split, results):
                 out[:, b0:b1], h_n[:, b0:b1], c_n[:, b0:b1] = o, h, c
         self._last = _Last(T, B, lens, masks, vmasks, split)
+        if (state is None and not padded and L * D == 1 and not vmasks and len(split) == 1
+                and (B < 2 or T * B * 4 * H * (self.input_size + P) < SPLIT_WORK)):
+            # the next call at this shape takes the plan (never split, whatever the threads)
+            self._plans[x.shape] = _Plan(self, T, B, split)
         if len(split) == 1 and L * D == 1:      # the workspace's own, cached read-only views
             ws = split[0][0].ws[0]
             return (ws.readonly(T, B, "y" if padded else "h_out", self.batch_first),
@@ -645,6 +683,11 @@ class LSTM:
         T, B, lens, masks = last.T, last.B, last.lengths, last.masks
         L, D, H, P = self.num_layers, self.num_directions, self.hidden_size, self._P
         check.float_array("dy", dy, self.dtype)
+        plan = last.plan
+        if plan is not None and dstate is None and dy.shape == plan.dy.shape:
+            np.copyto(plan.dy, dy, casting="same_kind")
+            layer_backward(*plan.bargs)
+            return plan.grad_out
         check.shape("dy", dy, (B, T, D * P) if self.batch_first else (T, B, D * P))
         dh_n, dc_n = self._state("dstate", dstate, B)
         grad = self._time_major(dy)

@@ -265,3 +265,85 @@ def test_batch_split_keeps_dropout_masks(monkeypatch):
     ys = [fastlstm.LSTM(3, 5, num_layers=3, dropout=0.5, dtype=np.float64, seed=2,
                         threads=t).forward(x)[0].copy() for t in (1, 2)]
     np.testing.assert_allclose(ys[0], ys[1], rtol=1e-13, atol=1e-15)
+
+
+# -- repeated calls take a plan (lstm._Plan): the same results as the general path --------
+
+def _fwd_bwd(m, x, dy, **kw):
+    y, (h, c) = m.forward(x, **kw)
+    out = [y.copy(), h.copy(), c.copy()]
+    dx, (dh0, dc0) = m.backward(dy)
+    return out + [dx.copy(), dh0.copy(), dc0.copy(), m.flat_grads.copy()]
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_planned_calls_equal_the_first_call(batch_first, dtype):
+    rng = np.random.default_rng(3)
+    m = fastlstm.LSTM(4, 5, batch_first=batch_first, dtype=dtype, seed=0)
+    shape = (3, 6, 4) if batch_first else (6, 3, 4)
+    x = rng.standard_normal(shape)                    # float64: cast on the way in
+    dy = rng.standard_normal(shape[:2] + (5,)).astype(dtype)
+    first = _fwd_bwd(m, x, dy)
+    assert x.shape in m._plans                         # the second call is planned
+    for _ in range(2):
+        m.zero_grad()
+        again = _fwd_bwd(m, x, dy)
+        for a, b in zip(first, again):
+            np.testing.assert_array_equal(a, b)
+    # a call with a state or lengths at the same shape takes the general path
+    m.zero_grad()
+    state = (np.zeros((1, 3, 5), dtype), np.zeros((1, 3, 5), dtype))
+    for a, b in zip(first, _fwd_bwd(m, x, dy, state=state)):
+        np.testing.assert_array_equal(a, b)
+    m.zero_grad()
+    full = [shape[0 if not batch_first else 1]] * 3
+    for a, b in zip(first, _fwd_bwd(m, x, dy, lengths=full)):
+        np.testing.assert_array_equal(a, b)
+    # a non-zero state (and dstate) must not leak into the next planned call
+    m.forward(x, state=(np.ones((1, 3, 5), dtype), np.ones((1, 3, 5), dtype)))
+    m.backward(dy, dstate=(np.ones((1, 3, 5), dtype), np.ones((1, 3, 5), dtype)))
+    m.zero_grad()
+    for a, b in zip(first, _fwd_bwd(m, x, dy)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_plans_follow_the_workspace_and_the_parameters():
+    rng = np.random.default_rng(4)
+    m = fastlstm.LSTM(2, 3, dtype=np.float64, seed=0)
+    small, big = rng.standard_normal((3, 1, 2)), rng.standard_normal((7, 4, 2))
+    ref = fastlstm.LSTM(2, 3, dtype=np.float64, seed=0)
+    for x in (small, small, big, small, small):       # the big call grows the workspace
+        dy = np.ones(x.shape[:2] + (3,))
+        m.zero_grad()
+        ref.zero_grad()
+        got, want = _fwd_bwd(m, x, dy), _fwd_bwd(ref, x, dy)
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-13)
+        ref._plans.clear()                             # ref always takes the general path
+    # moving the parameters (bind) must not leave a plan on the old buffers
+    p, g = np.empty_like(m.flat_params), np.zeros_like(m.flat_grads)
+    m.bind(p, g)
+    m.flat_params *= 0.5
+    ref.flat_params *= 0.5
+    for x in (small, small):
+        m.zero_grad()
+        ref.zero_grad()
+        got, want = _fwd_bwd(m, x, np.ones((3, 1, 3))), _fwd_bwd(ref, x, np.ones((3, 1, 3)))
+        for a, b in zip(got, want):
+            np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-13)
+        assert np.shares_memory(m.flat_grads, g)
+
+
+def test_a_planned_shape_still_refuses_bad_input():
+    m = fastlstm.LSTM(2, 3, seed=0)
+    x = np.zeros((3, 1, 2), np.float32)
+    m.forward(x)
+    m.forward(x)
+    with pytest.raises(TypeError, match="x must have a floating dtype"):
+        m.forward(np.zeros((3, 1, 2), np.int64))
+    m.forward(x)
+    with pytest.raises(ValueError, match="dy must have shape"):
+        m.backward(np.zeros((3, 1, 4), np.float32))
+    with pytest.raises(TypeError, match="dy must be a numpy.ndarray"):
+        m.backward([[0.0]])
