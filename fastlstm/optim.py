@@ -7,68 +7,11 @@ exposes ``flat_params`` and ``flat_grads`` (an ``LSTM`` or a ``SequenceModel``).
 import math
 
 import numpy as np
-from numba import njit
 
+from . import _updates
 from . import _validate as check
-from ._config import JIT
 
 __all__ = ["SGD", "Adam", "AdamW", "RMSprop", "clip_grad_norm"]
-
-
-# -- kernels ---------------------------------------------------------------------
-# Scalars arrive already in the buffers' dtype, and composite ones (1 - beta,
-# lr / bias correction, 1 - lr * weight_decay) computed in Python's double first,
-# as torch computes them, so float32 rounding matches torch's.
-
-@njit(**JIT)
-def _sgd(p, g, buf, lr, momentum, weight_decay, nesterov, first):
-    for k in range(p.size):
-        d = g[k] + weight_decay * p[k] if weight_decay != 0 else g[k]
-        if momentum != 0:
-            buf[k] = d if first else momentum * buf[k] + d
-            d = d + momentum * buf[k] if nesterov else buf[k]
-        p[k] -= lr * d
-
-
-@njit(**JIT)
-def _adam(p, g, m, v, step_size, one_m_beta1, beta2, one_m_beta2, eps, weight_decay, decay,
-          bc2_sqrt):
-    """decay = 1 - lr * weight_decay for AdamW (else 1, and weight_decay joins the
-    gradient as in Adam)."""
-    for k in range(p.size):
-        d = g[k] + weight_decay * p[k] if weight_decay != 0 else g[k]
-        if decay != 1:
-            p[k] *= decay
-        m[k] += one_m_beta1 * (d - m[k])                 # torch's lerp
-        v[k] = beta2 * v[k] + one_m_beta2 * d * d
-        p[k] -= step_size * m[k] / (math.sqrt(v[k]) / bc2_sqrt + eps)
-
-
-@njit(**JIT)
-def _rmsprop(p, g, sq, buf, lr, alpha, one_m_alpha, eps, weight_decay, momentum):
-    for k in range(p.size):
-        d = g[k] + weight_decay * p[k] if weight_decay != 0 else g[k]
-        sq[k] = alpha * sq[k] + one_m_alpha * d * d
-        avg = math.sqrt(sq[k]) + eps
-        if momentum > 0:
-            buf[k] = momentum * buf[k] + d / avg
-            p[k] -= lr * buf[k]
-        else:
-            p[k] -= lr * d / avg
-
-
-@njit(**JIT)
-def _sum_squares(g):
-    acc = 0.0                     # float64 accumulator, as torch's norm of float32
-    for k in range(g.size):
-        acc += float(g[k]) * float(g[k])
-    return acc
-
-
-@njit(**JIT)
-def _scale(g, s):
-    for k in range(g.size):
-        g[k] *= s
 
 
 def clip_grad_norm(model, max_norm):
@@ -79,10 +22,10 @@ def clip_grad_norm(model, max_norm):
         raise TypeError(f"model must expose flat_grads (an LSTM or a SequenceModel), got "
                         f"{type(model).__name__}")
     g = model.flat_grads
-    total = math.sqrt(_sum_squares(g))
+    total = math.sqrt(_updates.sum_squares(g))
     coef = max_norm / (total + 1e-6)
     if coef < 1.0:
-        _scale(g, g.dtype.type(coef))
+        _updates.scale(g, g.dtype.type(coef))
     return total
 
 
@@ -91,6 +34,8 @@ class Optimizer:
 
     #: names of the per-parameter state arrays, saved in checkpoints
     STATE = ()
+    #: the update rule, an ``_updates`` kind
+    KIND = None
 
     def __init__(self, model, **hyper):
         if not (hasattr(model, "flat_params") and hasattr(model, "flat_grads")):
@@ -100,9 +45,20 @@ class Optimizer:
         self.hyper = hyper
         self.steps = 0
         self.state = {k: np.zeros_like(model.flat_params) for k in self.STATE}
+        # the update kernel's two state arrays (SGD has one: it is passed twice)
+        self._s1, self._s2 = self.state[self.STATE[0]], self.state[self.STATE[-1]]
+        self._scalars = np.zeros(8)
 
-    def _t(self, value):
-        return self.model.flat_params.dtype.type(value)
+    def next_scalars(self, out):
+        """Count one more step and write its scalars (float64, the order the update
+        kernel reads) into `out`. For the fused training step; ``step`` uses it too."""
+        raise NotImplementedError
+
+    def step(self):
+        """Update the model's parameters from its gradients."""
+        self.next_scalars(self._scalars)
+        _updates.update(self.KIND, self.model.flat_params, self.model.flat_grads, self._s1,
+                        self._s2, self._scalars)
 
     def zero_grad(self):
         self.model.flat_grads.fill(0)
@@ -133,6 +89,7 @@ class SGD(Optimizer):
     """Stochastic gradient descent, with momentum and Nesterov as torch.optim.SGD
     (dampening 0)."""
     STATE = ("momentum_buffer",)
+    KIND = _updates.SGD
 
     def __init__(self, model, lr=0.01, momentum=0.0, nesterov=False, weight_decay=0.0):
         if nesterov and momentum <= 0:
@@ -141,17 +98,16 @@ class SGD(Optimizer):
             "momentum", momentum, lo=0.0), nesterov=bool(nesterov),
             weight_decay=check.real("weight_decay", weight_decay, lo=0.0))
 
-    def step(self):
-        h, t = self.hyper, self._t
-        _sgd(self.model.flat_params, self.model.flat_grads, self.state["momentum_buffer"],
-             t(h["lr"]), t(h["momentum"]), t(h["weight_decay"]), h["nesterov"],
-             self.steps == 0)
+    def next_scalars(self, out):
+        h = self.hyper
+        out[:5] = (h["lr"], h["momentum"], h["weight_decay"], h["nesterov"], self.steps == 0)
         self.steps += 1
 
 
 class Adam(Optimizer):
     """Adam as torch.optim.Adam (weight decay added to the gradient)."""
     STATE = ("exp_avg", "exp_avg_sq")
+    KIND = _updates.ADAM
     _decoupled = False
 
     def __init__(self, model, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
@@ -164,17 +120,16 @@ class Adam(Optimizer):
                          eps=check.real("eps", eps, lo=0.0),
                          weight_decay=check.real("weight_decay", weight_decay, lo=0.0))
 
-    def step(self):
-        h, t = self.hyper, self._t
+    def next_scalars(self, out):
+        h = self.hyper
         self.steps += 1
         b1, b2 = h["betas"]
         lr, wd = h["lr"], h["weight_decay"]
         bc1 = 1 - b1 ** self.steps
         bc2_sqrt = math.sqrt(1 - b2 ** self.steps)
         decay = 1 - lr * wd if self._decoupled else 1.0
-        _adam(self.model.flat_params, self.model.flat_grads, self.state["exp_avg"],
-              self.state["exp_avg_sq"], t(lr / bc1), t(1 - b1), t(b2), t(1 - b2), t(h["eps"]),
-              t(0.0 if self._decoupled else wd), t(decay), t(bc2_sqrt))
+        out[:] = (lr / bc1, 1 - b1, b2, 1 - b2, h["eps"], 0.0 if self._decoupled else wd,
+                  decay, bc2_sqrt)
 
 
 class AdamW(Adam):
@@ -188,6 +143,7 @@ class AdamW(Adam):
 class RMSprop(Optimizer):
     """RMSprop as torch.optim.RMSprop (not centered)."""
     STATE = ("square_avg", "momentum_buffer")
+    KIND = _updates.RMSPROP
 
     def __init__(self, model, lr=1e-2, alpha=0.99, eps=1e-8, momentum=0.0, weight_decay=0.0):
         super().__init__(model, lr=check.real("lr", lr, lo=0.0),
@@ -196,10 +152,8 @@ class RMSprop(Optimizer):
                          momentum=check.real("momentum", momentum, lo=0.0),
                          weight_decay=check.real("weight_decay", weight_decay, lo=0.0))
 
-    def step(self):
-        h, t = self.hyper, self._t
-        _rmsprop(self.model.flat_params, self.model.flat_grads, self.state["square_avg"],
-                 self.state["momentum_buffer"], t(h["lr"]), t(h["alpha"]), t(1 - h["alpha"]),
-                 t(h["eps"]),
-                 t(h["weight_decay"]), t(h["momentum"]))
+    def next_scalars(self, out):
+        h = self.hyper
+        out[:6] = (h["lr"], h["alpha"], 1 - h["alpha"], h["eps"], h["weight_decay"],
+                   h["momentum"])
         self.steps += 1
