@@ -21,6 +21,18 @@ JIT = dict(
 )
 
 
+def follow(path, *deps):
+    """Numba's on-disk cache checks only the timestamp of a cached function's own
+    file, but a kernel that calls (or inlines) kernels of other files carries
+    their code in its cache entry. Touch `path` when one of `deps` (files) is
+    newer, so that its cache is rebuilt. Call it at import, before compiling."""
+    try:
+        if max(os.stat(d).st_mtime for d in deps) > os.stat(path).st_mtime:
+            os.utime(path)
+    except OSError:          # an installed, read-only package: its files do not change
+        pass
+
+
 def exact_activations():
     """True when the environment asks for libm activations instead of the fast ones."""
     return os.environ.get("FASTLSTM_EXACT_ACTIVATIONS", "0") not in ("", "0")

@@ -19,7 +19,6 @@ The activations live here too, not in a module of their own: Numba's on-disk
 cache only notices edits to the file of the cached function itself.
 """
 import math
-import os
 import warnings
 
 import numpy as np
@@ -31,21 +30,10 @@ from numba.extending import intrinsic, overload
 from numba.np.arrayobj import make_array, populate_array
 
 from . import _layout
-from ._config import JIT
+from ._config import JIT, follow
 
-
-def _follow_layout():
-    """Numba's on-disk cache checks only this file's timestamp: when the layout
-    tables (compiled into these kernels) are newer, touch this file so that the
-    cache is rebuilt. Kernels with explicit signatures look the cache up at import."""
-    try:
-        if os.stat(_layout.__file__).st_mtime > os.stat(__file__).st_mtime:
-            os.utime(__file__)
-    except OSError:          # an installed, read-only package: its files do not change
-        pass
-
-
-_follow_layout()
+# the layout tables are compiled into these kernels
+follow(__file__, _layout.__file__)
 
 __all__ = ["layer_forward", "layer_backward", "opts_bits", "OPTS", "reverse_in_time",
            "zero_padding", "param_views", "workspace_views", "lstm_forward", "lstm_backward",

@@ -88,6 +88,7 @@ class _Plan:
         lens = model._full_lengths[(T, B)]
         sizes = (lens, model._clip, T, B, model.input_size, model.hidden_size, model._P,
                  model._opts | ZERO_STATE)
+        self.ws, self.lens, self.sizes = ws.flat, lens, sizes
         self.fargs = (model._pblocks[0], ws.flat) + sizes
         self.bargs = (model._pblocks[0], part.gblock(0), ws.flat) + sizes
         self.x, self.dy = (v["x"], v["dy"]) if not bf else (
@@ -651,6 +652,17 @@ class LSTM:
             return (ws.readonly(T, B, "y" if padded else "h_out", self.batch_first),
                     (ws.readonly(T, B, "h_n"), ws.readonly(T, B, "c_n")))
         return readonly(self._time_major(out)), (readonly(h_n), readonly(c_n))
+
+    def _enter_plan(self, x):
+        """For a caller that runs the kernels itself (SequenceModel's fused step): the
+        plan for x's shape, with x copied in and the call recorded as the last
+        forward, or None when there is none. x must be a validated float array."""
+        plan = self._plans.get(x.shape)
+        if plan is not None:
+            np.copyto(plan.x, x, casting="same_kind")
+            plan.last.thread = threading.get_ident()
+            self._last = plan.last
+        return plan
 
     def backward(self, dy, dstate=None):
         """Backpropagate through the last ``forward``; add into ``grads``.

@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 
-from . import _losses, checkpoint, training
+from . import _losses, _step, checkpoint, training
 from . import _validate as check
 from ._layout import carve
 from ._shared import Buffers, OneThread
@@ -18,6 +18,24 @@ HEADS = ("last", "all")
 LOSSES = ("mse", "bce", "ce")
 #: the layer classes a SequenceModel can be built around, by backend name
 BACKENDS = {"fastlstm": LSTM, "reference": ReferenceLSTM}
+
+
+class _StepPlan:
+    """The fused step's arrays for one x shape (see _step), around the LSTM's plan."""
+
+    def __init__(self, model, plan):
+        T, B, I, H, P, opts = plan.sizes[2:]
+        O = model.output_size
+        self.plan = plan
+        loss = {"mse": _step.MSE, "bce": _step.BCE, "ce": _step.CE}[model.loss]
+        self.ints = np.array([T, B, I, H, P, opts, model.lstm.flat_params.size, O, loss, 0],
+                             np.int64)
+        self.hyper = np.zeros(_step.N_SCALARS)
+        self.hyper[8] = model.lstm._clip
+        self.valid = np.ones(B, np.uint8)
+        self.scratch = np.empty(2 * B * (P + O), model.dtype)
+        self.target = np.empty(B, np.int64) if model.loss == "ce" else np.empty((B, O),
+                                                                                model.dtype)
 
 
 class SequenceModel:
@@ -87,6 +105,7 @@ class SequenceModel:
         self.params = dict(self.lstm.params, **head_p)
         self.grads = dict(self.lstm.grads, **head_g)
         self._buf = Buffers(self.dtype)
+        self._steps = {}       # x.shape -> _StepPlan
         self._guard = OneThread("SequenceModel")
 
     def __repr__(self):
@@ -204,12 +223,34 @@ class SequenceModel:
                 raise ValueError("opt was built for another model")
             if clip_norm is not None:
                 clip_norm = check.real("clip_norm", clip_norm, lo=0.0, lo_open=True)
+            if (lengths is None and self.head == "last" and self.backend == "fastlstm"
+                    and getattr(opt, "KIND", None) is not None):
+                check.float_array("x", x, self.dtype)
+                with self.lstm._guard("train_step"):
+                    plan = self.lstm._enter_plan(x)
+                    if plan is not None:
+                        return self._fused_step(plan, x, y, opt, clip_norm)
             self.zero_grad()
             loss, _ = self._forward_backward(x, y, lengths, None)
             if clip_norm is not None:
                 clip_grad_norm(self, clip_norm)
             opt.step()
             return float(loss)
+
+    def _fused_step(self, plan, x, y, opt, clip_norm):
+        """train_step as one kernel call (_step.train_step), x already in the plan."""
+        sp = self._steps.get(x.shape)
+        if sp is None or sp.plan is not plan:
+            sp = self._steps[x.shape] = _StepPlan(self, plan)
+        if y.dtype != sp.target.dtype or not y.flags.c_contiguous:
+            np.copyto(sp.target, y, casting="same_kind" if self.loss != "ce" else "unsafe")
+            y = sp.target
+        opt.next_scalars(sp.hyper)
+        sp.hyper[9] = 0.0 if clip_norm is None else clip_norm
+        sp.ints[9] = opt.KIND
+        return float(_step.train_step(self.flat_params, self.flat_grads, plan.ws, plan.lens, y,
+                                      sp.valid, sp.scratch, opt._s1, opt._s2, sp.hyper,
+                                      sp.ints))
 
     def evaluate(self, x, y, lengths=None):
         """The mean loss, in evaluation mode (no dropout), without gradients."""

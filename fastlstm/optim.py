@@ -128,7 +128,7 @@ class Adam(Optimizer):
         bc1 = 1 - b1 ** self.steps
         bc2_sqrt = math.sqrt(1 - b2 ** self.steps)
         decay = 1 - lr * wd if self._decoupled else 1.0
-        out[:] = (lr / bc1, 1 - b1, b2, 1 - b2, h["eps"], 0.0 if self._decoupled else wd,
+        out[:8] = (lr / bc1, 1 - b1, b2, 1 - b2, h["eps"], 0.0 if self._decoupled else wd,
                   decay, bc2_sqrt)
 
 
