@@ -37,7 +37,7 @@ follow(__file__, _layout.__file__)
 
 __all__ = ["layer_forward", "layer_backward", "opts_bits", "OPTS", "reverse_in_time",
            "zero_padding", "param_views", "workspace_views", "lstm_forward", "lstm_backward",
-           "tanh_array", "sigmoid_array"]
+           "tanh_array", "sigmoid_array", "transposed_product_pays"]
 
 # Numba's pedantic SSA check complains about the activations once they are
 # inlined (inline="always", below); the compiled code is right (the tests
@@ -359,6 +359,12 @@ def _cells_forward_v(t, w, v, ct, m, lengths, clip, peep, ln, zone, exact):
             m[t, b] = 0
 
 
+@njit(inline="always", **JIT)
+def transposed_product_pays(itemsize, H, P):
+    """Whether lstm_forward runs the recurrent product from a copy of W_hh^T (see there)."""
+    return itemsize == 8 or 4 * H * P <= 65536
+
+
 @njit(**JIT)
 def lstm_forward(w, v, m, lengths, clip, peep, ln, zone, rdrop, exact):
     """Forward over the whole sequence.
@@ -383,7 +389,7 @@ def lstm_forward(w, v, m, lengths, clip, peep, ln, zone, rdrop, exact):
     # ran it 1.5-3x slower than from a contiguous copy of W_hh^T ("NN") at H = 64,
     # B = 4..16 (both dtypes, one thread or two), 1.05-1.15x slower in float64 at
     # H = 256..512, and as fast in float32 there. The copy is made once per call.
-    nn = x.itemsize == 8 or 4 * H * P <= 65536
+    nn = transposed_product_pays(x.itemsize, H, P)
     w_hhT = v.w_hhT
     if nn:
         for j in range(4 * H):

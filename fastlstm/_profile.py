@@ -1,8 +1,14 @@
-"""The GEMMs of one fwd+bwd, timed alone (for ``fastlstm bench --profile``)."""
+"""The GEMMs of one fwd+bwd, timed alone (for ``fastlstm bench --profile``).
+
+fastlstm's are timed the way the layer runs them: each part of the batch (see
+_threads) on its own thread with single-threaded BLAS, the parts at once, the
+recurrent product from W_hh^T where the kernel makes that copy."""
 import numpy as np
 from numba import njit
 
 from ._config import JIT
+from ._kernels import transposed_product_pays
+from ._threads import run_parts
 from ._timing import median_time
 
 
@@ -12,9 +18,12 @@ def _input_gemm(x, w_ih, out):
 
 
 @njit(**JIT)
-def _recurrent_gemms(h, dz_t, w_hh, rec, dh, T):
+def _recurrent_gemms(h, dz_t, w_hh, w_hhT, rec, dh, T, nn):
     for _ in range(T):
-        np.dot(h, w_hh.T, out=rec)
+        if nn:
+            np.dot(h, w_hhT, out=rec)
+        else:
+            np.dot(h, w_hh.T, out=rec)
         np.dot(dz_t, w_hh, out=dh)
 
 
@@ -25,16 +34,37 @@ def _weight_gemms(dz, x, hs, w_ih, dx, g_ih, g_hh):
     np.dot(dz.T, hs, out=g_hh)
 
 
-def gemm_parts(impl, x, h, hs, dz, w_ih, w_hh, T, B, min_time):
-    rec, dh = np.empty((B, w_hh.shape[0]), x.dtype), np.empty_like(h)
-    dz_t = dz[:B]
-    dx, g_ih, g_hh = np.empty_like(x), np.empty_like(w_ih), np.empty_like(w_hh)
-    gates = np.empty((x.shape[0], w_ih.shape[0]), x.dtype)
+def _fastlstm_parts(x, h, hs, dz, w_ih, w_hh, T, B, parts):
+    """{part name: a call running it on every part of the batch at once}."""
+    nn = transposed_product_pays(x.itemsize, w_hh.shape[1], w_hh.shape[1])
+    w_hhT = np.ascontiguousarray(w_hh.T)
+    x3, hs3, dz3 = (a.reshape(T, B, -1) for a in (x, hs, dz))
+    groups = {"input GEMM": [], "recurrent GEMMs": [], "dx and weight-gradient GEMMs": []}
+    for r in range(parts):
+        cut = slice(r * B // parts, (r + 1) * B // parts)
+        n = cut.stop - cut.start
+        xr, hsr, dzr = (np.ascontiguousarray(a[:, cut]).reshape(T * n, -1)
+                        for a in (x3, hs3, dz3))
+        hr, dz_t = np.ascontiguousarray(h[cut]), dzr[:n]
+        gates, rec, dh = (np.empty((T * n, w_ih.shape[0]), x.dtype),
+                          np.empty((n, w_hh.shape[0]), x.dtype), np.empty_like(hr))
+        dx, g_ih, g_hh = np.empty_like(xr), np.empty_like(w_ih), np.empty_like(w_hh)
+        groups["input GEMM"].append(
+            lambda xr=xr, gates=gates: _input_gemm(xr, w_ih, gates))
+        groups["recurrent GEMMs"].append(
+            lambda hr=hr, dz_t=dz_t, rec=rec, dh=dh:
+            _recurrent_gemms(hr, dz_t, w_hh, w_hhT, rec, dh, T, nn))
+        groups["dx and weight-gradient GEMMs"].append(
+            lambda dzr=dzr, xr=xr, hsr=hsr, dx=dx, g_ih=g_ih, g_hh=g_hh:
+            _weight_gemms(dzr, xr, hsr, w_ih, dx, g_ih, g_hh))
+    return {k: (calls[0] if parts == 1 else (lambda calls=calls: run_parts(calls)))
+            for k, calls in groups.items()}
+
+
+def gemm_parts(impl, x, h, hs, dz, w_ih, w_hh, T, B, min_time, parts=1):
+    """{part: median seconds}. `parts`: how many parts fastlstm splits this batch into."""
     if impl == "fastlstm":
-        fns = {"input GEMM": lambda: _input_gemm(x, w_ih, gates),
-               "recurrent GEMMs": lambda: _recurrent_gemms(h, dz_t, w_hh, rec, dh, T),
-               "dx and weight-gradient GEMMs":
-                   lambda: _weight_gemms(dz, x, hs, w_ih, dx, g_ih, g_hh)}
+        fns = _fastlstm_parts(x, h, hs, dz, w_ih, w_hh, T, B, parts)
     else:  # the reference: per step, as it is written
         xs = x.reshape(T, B, -1)
         hs3 = hs.reshape(T, B, -1)

@@ -233,7 +233,10 @@ def _bench(args):
             for key, impls in result.items():
                 print(f"{key}: one fwd+bwd, median ms")
                 for impl, parts in impls.items():
-                    print(f"  {impl:10} " + "  ".join(f"{k} {v:.3f}" for k, v in parts.items()))
+                    print(f"  {impl:10} " + "  ".join(
+                        f"{k} {v:.3f}" if isinstance(v, float) and k != "GEMM share"
+                        else f"{k} {v:.0%}" if k == "GEMM share" else f"{k} {v}"
+                        for k, v in parts.items()))
         return 0
     layer = dict(num_layers=args.layers, bidirectional=args.bidirectional,
                  proj_size=args.proj)

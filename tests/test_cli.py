@@ -72,3 +72,19 @@ def test_variant_options_reach_the_saved_model(tmp_path, backend):
 def test_options_a_run_does_not_take_are_refused(args, message):
     out, _ = train(*args)
     assert out.returncode == 2 and message in out.stderr, out.stderr
+
+
+def test_bench_profile_splits_a_call_into_parts_that_add_up():
+    # 64 sequences of 40 steps: enough work for the layer to split the batch
+    out = subprocess.run([sys.executable, "-m", "fastlstm", "bench", "--profile", "--size",
+                          "64,40,16,32", "--dtype", "float32", "--min-time", "0.05", "--json"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout.strip().splitlines()[-1])["64,40,16,32 float32"]
+    for impl in ("fastlstm", "reference"):
+        p = res[impl]
+        parts = [v for k, v in p.items() if k not in ("total", "parts of the batch", "GEMM share")]
+        assert abs(sum(parts) - p["total"]) < 1e-9 * p["total"]
+        assert 0 < p["GEMM share"] and p["total"] > 0
+    assert res["reference"]["parts of the batch"] == 1
+    assert res["fastlstm"]["parts of the batch"] >= 1
