@@ -428,3 +428,19 @@ def test_fused_step_refuses_bad_input_and_changes_nothing():
         m.train_step(x.astype(np.int64), y, opt)
     np.testing.assert_array_equal(m.flat_params, before[0])
     assert opt.steps == before[1]
+
+
+@pytest.mark.parametrize("options", [dict(proj_size=2), dict(peephole=True, layer_norm=True),
+                                     dict(proj_size=2, peephole=True, forget_bias=1.0)])
+def test_fused_step_with_layer_options(options):
+    rng = np.random.default_rng(8)
+    x, y = rng.standard_normal((3, 5, 2)), rng.standard_normal((3, 1))
+    runs = []
+    for lengths in (None, np.full(3, 5)):
+        m = fastlstm.SequenceModel(2, 4, 1, dtype=np.float64, seed=2, **options)
+        opt = fastlstm.Adam(m, lr=1e-2)
+        losses = [m.train_step(x, y, opt, lengths=lengths, clip_norm=0.5) for _ in range(3)]
+        assert bool(m._steps) == (lengths is None)
+        runs.append((losses, m.flat_params.copy()))
+    np.testing.assert_allclose(runs[0][0], runs[1][0], rtol=1e-12)
+    np.testing.assert_allclose(runs[0][1], runs[1][1], rtol=1e-12, atol=1e-14)
