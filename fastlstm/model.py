@@ -24,14 +24,14 @@ class _StepPlan:
     """The fused step's arrays for one x shape (see _step), around the LSTM's plan."""
 
     def __init__(self, model, plan):
-        T, B, I, H, P, opts = plan.sizes[2:]
+        clip, T, B, I, H, P, opts = plan.sizes[1:]
         O = model.output_size
         self.plan = plan
         loss = {"mse": _step.MSE, "bce": _step.BCE, "ce": _step.CE}[model.loss]
         self.ints = np.array([T, B, I, H, P, opts, model.lstm.flat_params.size, O, loss, 0],
                              np.int64)
         self.hyper = np.zeros(_step.N_SCALARS)
-        self.hyper[8] = model.lstm._clip
+        self.hyper[8] = clip
         self.valid = np.ones(B, np.uint8)
         self.scratch = np.empty(2 * B * (P + O), model.dtype)
         self.target = np.empty(B, np.int64) if model.loss == "ce" else np.empty((B, O),
@@ -248,9 +248,9 @@ class SequenceModel:
         opt.next_scalars(sp.hyper)
         sp.hyper[9] = 0.0 if clip_norm is None else clip_norm
         sp.ints[9] = opt.KIND
+        s1, s2 = opt.buffers
         return float(_step.train_step(self.flat_params, self.flat_grads, plan.ws, plan.lens, y,
-                                      sp.valid, sp.scratch, opt._s1, opt._s2, sp.hyper,
-                                      sp.ints))
+                                      sp.valid, sp.scratch, s1, s2, sp.hyper, sp.ints))
 
     def evaluate(self, x, y, lengths=None):
         """The mean loss, in evaluation mode (no dropout), without gradients."""

@@ -46,7 +46,7 @@ class Optimizer:
         self.steps = 0
         self.state = {k: np.zeros_like(model.flat_params) for k in self.STATE}
         # the update kernel's two state arrays (SGD has one: it is passed twice)
-        self._s1, self._s2 = self.state[self.STATE[0]], self.state[self.STATE[-1]]
+        self.buffers = (self.state[self.STATE[0]], self.state[self.STATE[-1]])
         self._scalars = np.zeros(8)
 
     def next_scalars(self, out):
@@ -57,8 +57,8 @@ class Optimizer:
     def step(self):
         """Update the model's parameters from its gradients."""
         self.next_scalars(self._scalars)
-        _updates.update(self.KIND, self.model.flat_params, self.model.flat_grads, self._s1,
-                        self._s2, self._scalars)
+        _updates.update(self.KIND, self.model.flat_params, self.model.flat_grads,
+                        *self.buffers, self._scalars)
 
     def zero_grad(self):
         self.model.flat_grads.fill(0)
