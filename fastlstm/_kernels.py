@@ -466,15 +466,24 @@ def _cell_backward(a, dz, dm, dc, c_prev, c_t, tc, clip):
     H = dm.shape[0]
     one = a.dtype.type(1.0)
     zero = a.dtype.type(0.0)
-    for j in range(H):
-        i, f, g, o = a[j], a[H + j], a[2 * H + j], a[3 * H + j]
+    # Four loops, not one over all seven arrays: each touches at most four arrays, so
+    # LLVM's vectorised body needs fewer runtime alias checks and fewer live vector
+    # registers. Measured: the backward recurrence of one part of `long` (B=4, H=64,
+    # T=1000, float32) took 2.2-2.3 ms instead of 2.4-3.1 ms.
+    for j in range(H):                   # dc becomes dc_t, the gradient on c_t
+        o = a[3 * H + j]
         dc_t = dc[j] + dm[j] * o * (one - tc[j] * tc[j])
-        dc_t = zero if abs(c_t[j]) >= clip else dc_t     # a clipped cell passes nothing back
-        dz[j] = dc_t * g * i * (one - i)
-        dz[H + j] = dc_t * c_prev[j] * f * (one - f)
-        dz[2 * H + j] = dc_t * i * (one - g * g)
+        dc[j] = zero if abs(c_t[j]) >= clip else dc_t    # a clipped cell passes nothing back
+    for j in range(H):
+        i, f, g = a[j], a[H + j], a[2 * H + j]
+        dz[j] = dc[j] * g * i * (one - i)
+        dz[H + j] = dc[j] * c_prev[j] * f * (one - f)
+        dz[2 * H + j] = dc[j] * i * (one - g * g)
+    for j in range(H):
+        o = a[3 * H + j]
         dz[3 * H + j] = dm[j] * tc[j] * o * (one - o)
-        dc[j] = dc_t * f
+    for j in range(H):                   # dc_{t-1}
+        dc[j] *= a[H + j]
 
 
 @njit(inline="always", **JIT)
