@@ -34,12 +34,30 @@ def _weight_gemms(dz, x, hs, w_ih, dx, g_ih, g_hh):
     np.dot(dz.T, hs, out=g_hh)
 
 
+@njit(**JIT)
+def _recurrent_all_rows(hs, dz, w_hh, w_hhT, rec, dh, nn):
+    """The recurrent products' multiply-adds as two GEMMs over all T*B rows: what the
+    T per-step products would cost at the rate of one large GEMM."""
+    if nn:
+        np.dot(hs, w_hhT, out=rec)
+    else:
+        np.dot(hs, w_hh.T, out=rec)
+    np.dot(dz, w_hh, out=dh)
+
+
+#: not a part of the call: the recurrent GEMMs' time at the rate of one GEMM over all
+#: rows, beside their real time (their per-step calls pay OpenBLAS's packing of W_hh
+#: each step; a large GEMM pays it once)
+ALL_ROWS = "recurrent GEMMs at the all-rows rate"
+
+
 def _fastlstm_parts(x, h, hs, dz, w_ih, w_hh, T, B, parts):
-    """{part name: a call running it on every part of the batch at once}."""
+    """{part name: a call running it on every part of the batch at once}, and ALL_ROWS."""
     nn = transposed_product_pays(x.itemsize, w_hh.shape[1], w_hh.shape[1])
     w_hhT = np.ascontiguousarray(w_hh.T)
     x3, hs3, dz3 = (a.reshape(T, B, -1) for a in (x, hs, dz))
-    groups = {"input GEMM": [], "recurrent GEMMs": [], "dx and weight-gradient GEMMs": []}
+    groups = {"input GEMM": [], "recurrent GEMMs": [], "dx and weight-gradient GEMMs": [],
+              ALL_ROWS: []}
     for r in range(parts):
         cut = slice(r * B // parts, (r + 1) * B // parts)
         n = cut.stop - cut.start
@@ -54,6 +72,10 @@ def _fastlstm_parts(x, h, hs, dz, w_ih, w_hh, T, B, parts):
         groups["recurrent GEMMs"].append(
             lambda hr=hr, dz_t=dz_t, rec=rec, dh=dh:
             _recurrent_gemms(hr, dz_t, w_hh, w_hhT, rec, dh, T, nn))
+        hd = np.empty_like(hsr)
+        groups[ALL_ROWS].append(
+            lambda hsr=hsr, dzr=dzr, gates=gates, hd=hd:
+            _recurrent_all_rows(hsr, dzr, w_hh, w_hhT, gates, hd, nn))
         groups["dx and weight-gradient GEMMs"].append(
             lambda dzr=dzr, xr=xr, hsr=hsr, dx=dx, g_ih=g_ih, g_hh=g_hh:
             _weight_gemms(dzr, xr, hsr, w_ih, dx, g_ih, g_hh))
@@ -62,7 +84,8 @@ def _fastlstm_parts(x, h, hs, dz, w_ih, w_hh, T, B, parts):
 
 
 def gemm_parts(impl, x, h, hs, dz, w_ih, w_hh, T, B, min_time, parts=1):
-    """{part: median seconds}. `parts`: how many parts fastlstm splits this batch into."""
+    """{part: median seconds}. `parts`: how many parts fastlstm splits this batch into.
+    fastlstm's has ALL_ROWS too, which is not a part of the call."""
     if impl == "fastlstm":
         fns = _fastlstm_parts(x, h, hs, dz, w_ih, w_hh, T, B, parts)
     else:  # the reference: per step, as it is written

@@ -9,7 +9,7 @@ from functools import partial
 
 import numpy as np
 
-from ._profile import gemm_parts
+from ._profile import ALL_ROWS, gemm_parts
 from ._timing import median_time
 from .lstm import LSTM
 from .reference import ReferenceLSTM
@@ -281,6 +281,9 @@ def profile(B, T, I, H, dtype, min_time=0.2):
     (fastlstm: through Numba's BLAS, on each part of the batch at once as the layer
     splits it; the reference: NumPy's); "elementwise and the rest" is the whole
     fwd+bwd minus them (negative when the GEMMs alone ran slower than inside it).
+    fastlstm's also has "recurrent GEMMs at the all-rows rate", not a part of the call:
+    the recurrent GEMMs' multiply-adds timed as two GEMMs over all T*B rows (of each
+    part), a bound on what faster per-step products could save.
     """
     dtype = np.dtype(dtype)
     rng = np.random.default_rng(0)
@@ -295,6 +298,7 @@ def profile(B, T, I, H, dtype, min_time=0.2):
         case = Case(impl, B, T, I, H, dtype)
         split = len(case.model._last.split) if impl == "fastlstm" else 1
         parts = gemm_parts(impl, x, h, hs, dz, w_ih, w_hh, T, B, min_time, parts=split)
+        all_rows = parts.pop(ALL_ROWS, None)
         gemms = sum(parts.values())
         total = median_time(case.fwd_bwd, min_time=min_time)
         parts["elementwise and the rest"] = total - gemms
@@ -302,6 +306,8 @@ def profile(B, T, I, H, dtype, min_time=0.2):
         out[impl] = {k: v * 1e3 for k, v in parts.items()}
         out[impl]["parts of the batch"] = split
         out[impl]["GEMM share"] = gemms / total
+        if all_rows is not None:
+            out[impl][ALL_ROWS] = all_rows * 1e3
     return out
 
 
