@@ -29,11 +29,12 @@ from numba.core.imputils import impl_ret_borrowed
 from numba.extending import intrinsic, overload
 from numba.np.arrayobj import make_array, populate_array
 
-from . import _layout
+from . import _gemm, _layout
 from ._config import JIT, follow
+from ._gemm import pack_panels, pack_panels_transposed, packed_product, panel_width
 
-# the layout tables are compiled into these kernels
-follow(__file__, _layout.__file__)
+# the layout tables and the packed product are compiled into these kernels
+follow(__file__, _layout.__file__, _gemm.__file__)
 
 __all__ = ["layer_forward", "layer_backward", "opts_bits", "OPTS", "reverse_in_time",
            "zero_padding", "param_views", "workspace_views", "lstm_forward", "lstm_backward",
@@ -412,13 +413,21 @@ def lstm_forward(w, v, m, lengths, clip, peep, ln, zone, rdrop, exact):
     ct = v.ct if zone else c[1:]
     # All input projections at once: one large GEMM instead of T small ones.
     np.dot(x.reshape((T * B, I)), w.weight_ih.T, out=gates.reshape((T * B, 4 * H)))
-    # The recurrent product h (B, P) W_hh^T reads W_hh across its rows ("NT"). OpenBLAS
-    # ran it 1.5-3x slower than from a contiguous copy of W_hh^T ("NN") at H = 64,
-    # B = 4..16 (both dtypes, one thread or two), 1.05-1.15x slower in float64 at
-    # H = 256..512, and as fast in float32 there. The copy is made once per call.
-    nn = transposed_product_pays(x.itemsize, H, P)
+    # The recurrent product h (B, P) W_hh^T: from W_hh^T packed once per call into
+    # panels (see _gemm) when 4H is a whole number of panels. OpenBLAS repacks W_hh on
+    # every call: at (32, 256) x (256, 1024) float32 it ran 1.9x slower than the packed
+    # product (1.2x in float64); at B <= 16 they run alike.
+    # Otherwise BLAS, from a contiguous copy of W_hh^T ("NN") where that pays: the
+    # transposed read ("NT") ran 1.5-3x slower at H = 64, B = 4..16 (both dtypes), 1.05-
+    # 1.15x slower in float64 at H = 256..512, and as fast in float32 there.
+    NR = panel_width(x.itemsize)
+    packed = (4 * H) % NR == 0
+    nn = not packed and transposed_product_pays(x.itemsize, H, P)
     w_hhT = v.w_hhT
-    if nn:
+    panels = _uview(w_hhT.reshape(P * 4 * H), 0, (4 * H // NR if packed else 0, P, NR))
+    if packed:
+        pack_panels_transposed(w_hh, panels)
+    elif nn:
         for j in range(4 * H):
             for k in range(P):
                 w_hhT[k, j] = w_hh[j, k]
@@ -429,7 +438,9 @@ def lstm_forward(w, v, m, lengths, clip, peep, ln, zone, rdrop, exact):
                 for j in range(P):
                     v.hd[t, b, j] = h[t, b, j] * v.rmask[b, j]
             src = v.hd[t]
-        if nn:
+        if packed:
+            packed_product(src, panels, rec)
+        elif nn:
             np.dot(src, w_hhT, out=rec)
         else:
             np.dot(src, w_hh.T, out=rec)
@@ -570,6 +581,14 @@ def lstm_backward(w, dw, v, m, lengths, clip, peep, ln, zone, rdrop):
     ct = v.ct if zone else v.c[1:]
     drec = v.drec if ln else dgates      # what the recurrent product's gradient reads
     one = x.dtype.type(1.0)
+    # dh = drec_t W_hh from W_hh packed into panels, as the forward's product (see
+    # there), when P is a whole number of panels; the forward's packed W_hh^T is no
+    # longer needed, so its buffer holds them.
+    NR = panel_width(x.itemsize)
+    packed = P % NR == 0
+    panels = _uview(v.w_hhT.reshape(P * 4 * H), 0, (P // NR if packed else 0, 4 * H, NR))
+    if packed:
+        pack_panels(w_hh, panels)
     for t in range(T - 1, -1, -1):
         for b in range(B):
             if t < lengths[b]:
@@ -600,7 +619,10 @@ def lstm_backward(w, dw, v, m, lengths, clip, peep, ln, zone, rdrop):
                 if ln:
                     v.drec[t, b] = 0
         # dh for step t-1 (dh0 after the last iteration).
-        np.dot(drec[t], w_hh, out=dh)
+        if packed:
+            packed_product(drec[t], panels, dh)
+        else:
+            np.dot(drec[t], w_hh, out=dh)
         for b in range(B):
             if t >= lengths[b]:
                 dh[b] = carry[b]
@@ -703,6 +725,9 @@ def _compile_carving(fname, table, tuple_cls, dims, counted=False):
     # inline it carry it in their own cache entries.
     return njit(inline="always", **dict(JIT, cache=False))(ns[fname])
 
+
+#: a view without a reference count, for use inside kernels (see _make_view)
+_uview = _make_view(False)
 
 _carve_params = _compile_carving("_carve_params", _layout.PARAMS, _layout.Params, ("I", "H", "P"))
 _carve_workspace = _compile_carving("_carve_workspace", _layout.WORKSPACE, _layout.Workspace,

@@ -52,7 +52,7 @@ WORKSPACE = (
     ("m", "T, B, H", None),             # cell output o * tanh(c), before the projection
     ("h", "T + 1, B, P", None),
     ("rec", "B, 4 * H", None),          # h_{t-1} W_hh^T of one step
-    ("w_hhT", "P, 4 * H", None),        # W_hh^T, contiguous (see lstm_forward)
+    ("w_hhT", "P, 4 * H", None),        # W_hh^T packed or contiguous (see lstm_forward)
     ("bias", "4 * H", None),            # b_ih + b_hh
     ("y", "T, B, P", None),             # the output with padded steps zeroed
     ("dy", "T, B, P", None),

@@ -1,0 +1,166 @@
+"""A small matrix product with pre-packed weights, for the recurrent product of each step.
+
+Every step multiplies a few rows of h by the same W_hh. OpenBLAS packs its right-hand
+operand into panels on every call: at medium size (32 rows of h per part of the batch,
+W_hh^T 256 x 1024 float32) that repacking made the per-step products take 48-60 ms of a
+fwd+bwd against 37 ms for the same multiply-adds as one GEMM over all rows
+(``fastlstm bench --profile``). Here the weights are packed once per call, into panels
+of NR columns (four SIMD vectors: 64 float32 or 32 float64), k-major:
+
+    packed[p, k, :] = B[k, p * NR:(p + 1) * NR]
+
+and each step runs a register-blocked micro-kernel over them: MR (<= 4) rows of A times
+one panel, MR x 4 vector accumulators kept in registers over the whole k loop, one
+broadcast of A and one fused multiply-add per accumulator and k. It is written in LLVM
+IR (through Numba's ``intrinsic``) because Numba cannot keep an accumulator tile in
+registers across a loop: written as loops over arrays, LLVM loads and stores C on every k.
+"""
+from llvmlite import ir
+from numba import njit, types
+from numba.core import cgutils
+from numba.extending import intrinsic
+from numba.np.arrayobj import make_array
+
+from ._config import JIT
+
+__all__ = ["panel_width", "pack_panels", "pack_panels_transposed", "packed_product"]
+
+#: bytes of one SIMD vector the micro-kernel works in (AVX-512; LLVM splits the
+#: vectors on machines with narrower ones, which still computes the right thing)
+VECTOR_BYTES = 64
+#: SIMD vectors per panel, and the most rows one micro-kernel call handles
+NV, MR = 4, 4
+
+
+@njit(inline="always", **JIT)
+def panel_width(itemsize):
+    """NR: the columns of one packed panel."""
+    return NV * VECTOR_BYTES // itemsize
+
+
+@njit(inline="always", **JIT)
+def pack_panels(b, packed):
+    """packed (N // NR, K, NR) <- b (K, N), N a multiple of NR."""
+    K = b.shape[0]
+    NR = packed.shape[2]
+    for p in range(packed.shape[0]):
+        for k in range(K):
+            src = b[k, p * NR:(p + 1) * NR]
+            dst = packed[p, k]
+            for c in range(NR):
+                dst[c] = src[c]
+
+
+@njit(inline="always", **JIT)
+def pack_panels_transposed(bt, packed):
+    """packed (N // NR, K, NR) <- bt.T for bt (N, K): the panels of bt's transpose."""
+    NR = packed.shape[2]
+    K = bt.shape[1]
+    for p in range(packed.shape[0]):
+        for c in range(NR):
+            row = bt[p * NR + c]
+            for k in range(K):
+                packed[p, k, c] = row[k]
+
+
+def _micro_codegen(rows):
+    """IR for C[0:rows, 0:NR] = A[0:rows, 0:K] @ panel, A and C row-major with strides
+    lda and ldc (in elements), the panel (K, NR) contiguous."""
+
+    def codegen(context, builder, sig, args):
+        a_ty, _, _, p_ty, _, c_ty, _, _, _ = sig.args
+        a_arr, a_off, lda, p_arr, p_off, c_arr, c_off, ldc, K = args
+        a = make_array(a_ty)(context, builder, a_arr)
+        p = make_array(p_ty)(context, builder, p_arr)
+        c = make_array(c_ty)(context, builder, c_arr)
+        fty = context.get_data_type(a_ty.dtype)
+        width = VECTOR_BYTES // context.get_abi_sizeof(fty)
+        vty = ir.VectorType(fty, width)
+        i64 = ir.IntType(64)
+        a_ptr = builder.gep(a.data, [a_off])
+        p_ptr = builder.gep(p.data, [p_off])
+        c_ptr = builder.gep(c.data, [c_off])
+        suffix = f"v{width}f{context.get_abi_sizeof(fty) * 8}"        # e.g. v16f32
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
+                                             f"llvm.fma.{suffix}")
+        zero = ir.Constant(vty, [ir.Constant(fty, 0.0)] * width)
+        splat_mask = ir.Constant(ir.VectorType(ir.IntType(32), width), [0] * width)
+        nr = ir.Constant(i64, NV * width)
+
+        entry = builder.basic_block
+        loop = builder.append_basic_block("panel_k")
+        done = builder.append_basic_block("panel_done")
+        builder.cbranch(builder.icmp_signed(">", K, ir.Constant(i64, 0)), loop, done)
+
+        builder.position_at_end(loop)
+        k = builder.phi(i64)
+        accs = [[builder.phi(vty) for _ in range(NV)] for _ in range(rows)]
+        row = builder.gep(p_ptr, [builder.mul(k, nr)])
+        bs = [builder.load(builder.bitcast(builder.gep(row, [ir.Constant(i64, v * width)]),
+                                           vty.as_pointer()), align=4)
+              for v in range(NV)]
+        new = []
+        for r in range(rows):
+            x = builder.load(builder.gep(a_ptr, [builder.add(builder.mul(ir.Constant(i64, r),
+                                                                          lda), k)]))
+            xs = builder.shuffle_vector(builder.insert_element(ir.Constant(vty, ir.Undefined),
+                                                               x, ir.Constant(i64, 0)),
+                                        ir.Constant(vty, ir.Undefined), splat_mask)
+            new.append([builder.call(fma, [xs, bs[v], accs[r][v]]) for v in range(NV)])
+        k_next = builder.add(k, ir.Constant(i64, 1))
+        body_end = builder.basic_block
+        builder.cbranch(builder.icmp_signed("<", k_next, K), loop, done)
+        k.add_incoming(ir.Constant(i64, 0), entry)
+        k.add_incoming(k_next, body_end)
+        for r in range(rows):
+            for v in range(NV):
+                accs[r][v].add_incoming(zero, entry)
+                accs[r][v].add_incoming(new[r][v], body_end)
+
+        builder.position_at_end(done)
+        outs = [[builder.phi(vty) for _ in range(NV)] for _ in range(rows)]   # phis first
+        for r in range(rows):
+            for v in range(NV):
+                outs[r][v].add_incoming(zero, entry)
+                outs[r][v].add_incoming(new[r][v], body_end)
+        for r in range(rows):
+            c_row = builder.gep(c_ptr, [builder.mul(ir.Constant(i64, r), ldc)])
+            for v in range(NV):
+                builder.store(outs[r][v], builder.bitcast(
+                    builder.gep(c_row, [ir.Constant(i64, v * width)]), vty.as_pointer()),
+                    align=4)
+        return context.get_dummy_value()
+    return codegen
+
+
+def _make_micro(rows):
+    @intrinsic
+    def micro(typingctx, a, a_off, lda, packed, p_off, c, c_off, ldc, K):
+        return types.void(a, types.int64, types.int64, packed, types.int64, c, types.int64,
+                          types.int64, types.int64), _micro_codegen(rows)
+    return micro
+
+
+_micro1, _micro2, _micro3, _micro4 = (_make_micro(r) for r in (1, 2, 3, 4))
+
+
+@njit(inline="always", **JIT)
+def packed_product(a, packed, c):
+    """c (M, N) = a (M, K) @ b, for b packed by ``pack_panels`` (N // NR, K, NR); a and c
+    C-contiguous."""
+    M, K = a.shape
+    NR = packed.shape[2]
+    N = c.shape[1]
+    for p in range(packed.shape[0]):
+        p_off = p * K * NR
+        i = 0
+        while i + MR <= M:
+            _micro4(a, i * K, K, packed, p_off, c, i * N + p * NR, N, K)
+            i += MR
+        rest = M - i
+        if rest == 3:
+            _micro3(a, i * K, K, packed, p_off, c, i * N + p * NR, N, K)
+        elif rest == 2:
+            _micro2(a, i * K, K, packed, p_off, c, i * N + p * NR, N, K)
+        elif rest == 1:
+            _micro1(a, i * K, K, packed, p_off, c, i * N + p * NR, N, K)
