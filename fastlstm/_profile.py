@@ -2,11 +2,12 @@
 
 fastlstm's are timed the way the layer runs them: each part of the batch (see
 _threads) on its own thread with single-threaded BLAS, the parts at once, the
-recurrent product from W_hh^T where the kernel makes that copy."""
+recurrent products from packed panels (_gemm) or from W_hh^T where the kernels do."""
 import numpy as np
 from numba import njit
 
 from ._config import JIT
+from ._gemm import NV, VECTOR_BYTES, packed_product
 from ._kernels import transposed_product_pays
 from ._threads import run_parts
 from ._timing import median_time
@@ -18,13 +19,26 @@ def _input_gemm(x, w_ih, out):
 
 
 @njit(**JIT)
-def _recurrent_gemms(h, dz_t, w_hh, w_hhT, rec, dh, T, nn):
+def _recurrent_gemms(h, dz_t, w_hh, w_hhT, fwd_panels, bwd_panels, rec, dh, T, nn):
     for _ in range(T):
-        if nn:
+        if fwd_panels.shape[0] > 0:
+            packed_product(h, fwd_panels, rec)
+        elif nn:
             np.dot(h, w_hhT, out=rec)
         else:
             np.dot(h, w_hh.T, out=rec)
-        np.dot(dz_t, w_hh, out=dh)
+        if bwd_panels.shape[0] > 0:
+            packed_product(dz_t, bwd_panels, dh)
+        else:
+            np.dot(dz_t, w_hh, out=dh)
+
+
+def _panels(b, nr):
+    """b (K, N) as the kernels pack it: (N // nr, K, nr), or none when N % nr."""
+    K, N = b.shape
+    if N % nr:
+        return np.empty((0, K, nr), b.dtype)
+    return np.ascontiguousarray(b.reshape(K, N // nr, nr).transpose(1, 0, 2))
 
 
 @njit(**JIT)
@@ -55,6 +69,8 @@ def _fastlstm_parts(x, h, hs, dz, w_ih, w_hh, T, B, parts):
     """{part name: a call running it on every part of the batch at once}, and ALL_ROWS."""
     nn = transposed_product_pays(x.itemsize, w_hh.shape[1], w_hh.shape[1])
     w_hhT = np.ascontiguousarray(w_hh.T)
+    nr = NV * VECTOR_BYTES // x.itemsize          # _gemm's panel width
+    fwd_panels, bwd_panels = _panels(w_hhT, nr), _panels(w_hh, nr)
     x3, hs3, dz3 = (a.reshape(T, B, -1) for a in (x, hs, dz))
     groups = {"input GEMM": [], "recurrent GEMMs": [], "dx and weight-gradient GEMMs": [],
               ALL_ROWS: []}
@@ -71,7 +87,7 @@ def _fastlstm_parts(x, h, hs, dz, w_ih, w_hh, T, B, parts):
             lambda xr=xr, gates=gates: _input_gemm(xr, w_ih, gates))
         groups["recurrent GEMMs"].append(
             lambda hr=hr, dz_t=dz_t, rec=rec, dh=dh:
-            _recurrent_gemms(hr, dz_t, w_hh, w_hhT, rec, dh, T, nn))
+            _recurrent_gemms(hr, dz_t, w_hh, w_hhT, fwd_panels, bwd_panels, rec, dh, T, nn))
         hd = np.empty_like(hsr)
         groups[ALL_ROWS].append(
             lambda hsr=hsr, dzr=dzr, gates=gates, hd=hd:
