@@ -10,6 +10,7 @@ from . import _layout
 from . import _validate as check
 from ._config import exact_activations
 from ._kernels import (
+    ONE_THREAD,
     PADDED,
     ZERO_STATE,
     layer_backward,
@@ -19,7 +20,7 @@ from ._kernels import (
     zero_padding,
 )
 from ._shared import Buffers, OneThread, readonly
-from ._threads import SPLIT_WORK, batch_parts, parallel_worthwhile, run_pair, run_parts
+from ._threads import SPLIT_WORK, batch_parts, blas_limit, parallel_worthwhile, run_pair, run_parts
 
 __all__ = ["LSTM"]
 
@@ -68,9 +69,9 @@ class _Last:
     """What backward differentiates: the last forward's shape, lengths, dropout
     masks, and the thread that ran it."""
 
-    def __init__(self, T, B, lengths, masks, vmasks, split, plan=None):
+    def __init__(self, T, B, lengths, masks, vmasks, split, plan=None, one_thread=True):
         self.T, self.B, self.lengths, self.masks, self.split = T, B, lengths, masks, split
-        self.vmasks, self.plan = vmasks, plan
+        self.vmasks, self.plan, self.one_thread = vmasks, plan, one_thread
         self.thread = threading.get_ident()
 
 
@@ -87,7 +88,7 @@ class _Plan:
         ws, bf = part.ws[0], model.batch_first
         lens = model._full_lengths[(T, B)]
         sizes = (lens, model._clip, T, B, model.input_size, model.hidden_size, model._P,
-                 model._opts | ZERO_STATE)
+                 model._opts | ZERO_STATE | ONE_THREAD)
         self.ws, self.lens, self.sizes = ws.flat, lens, sizes
         self.fargs = (model._pblocks[0], ws.flat) + sizes
         self.bargs = (model._pblocks[0], part.gblock(0), ws.flat) + sizes
@@ -145,24 +146,30 @@ class _Part:
             self.m._plans.clear()          # they hold the old workspace
         return ws.views(T, B)
 
-    def _run(self, calls, work, pairs):
-        """One layer's directions: both at once when that pays and this part has the
-        machine to itself (see _threads)."""
-        if len(calls) == 1:
-            calls[0]()
-        elif pairs and parallel_worthwhile(work, self.m.threads):
+    def _paired(self, D, work, pairs):
+        """Whether a layer's two directions run at once, one thread each: when that pays
+        and this part has the machine to itself (see _threads)."""
+        return D == 2 and pairs and parallel_worthwhile(work, self.m.threads)
+
+    @staticmethod
+    def _run(calls, paired):
+        if paired:
             run_pair(*calls)
         else:
             for call in calls:
                 call()
 
-    def forward(self, xt, h0, c0, lens, padded, masks, vmasks, pairs=False):
+    def forward(self, xt, h0, c0, lens, padded, masks, vmasks, pairs=False, one_thread=True):
+        """one_thread: each kernel call has one thread (BLAS too), so its products may
+        run packed (see _gemm); a pair of directions run at once always has."""
         m = self.m
         T, B = xt.shape[:2]
         L, D, H, P = m.num_layers, m.num_directions, m.hidden_size, m._P
         src = xt
         for k in range(L):
             outs, calls = [], []
+            paired = self._paired(D, T * B * 4 * H * (m._blocks[k * D][2] + P), pairs)
+            one = ONE_THREAD if one_thread or paired else 0
             for d in range(D):
                 j = k * D + d
                 v = self.views(j, T, B)
@@ -180,9 +187,9 @@ class _Part:
                 calls.append(partial(layer_forward, m._pblocks[j], self.ws[j].flat, lens,
                                      m._clip, T, B, m._blocks[j][2], H, P,
                                      m._opts | (PADDED if padded else 0)
-                                     | (ZERO_STATE if h0 is None else 0)))
+                                     | (ZERO_STATE if h0 is None else 0) | one))
                 outs.append(v["y"] if padded else v["h_out"])
-            self._run(calls, T * B * 4 * H * (m._blocks[k * D][2] + P), pairs)
+            self._run(calls, paired)
             if D == 1:
                 out = outs[0]
             else:
@@ -204,7 +211,7 @@ class _Part:
             h_n[j], c_n[j] = v["h"][T], v["c"][T]
         return out, h_n, c_n
 
-    def backward(self, grad, dh_n, dc_n, lens, masks, pairs=False):
+    def backward(self, grad, dh_n, dc_n, lens, masks, pairs=False, one_thread=True):
         m = self.m
         T, B = grad.shape[:2]
         L, D, H, P = m.num_layers, m.num_directions, m.hidden_size, m._P
@@ -214,6 +221,8 @@ class _Part:
             dc0 = self.buf.get("dc0", (L * D, B, H))
         for k in range(L - 1, -1, -1):
             calls = []
+            paired = self._paired(D, T * B * 4 * H * (m._blocks[k * D][2] + P), pairs)
+            one = ONE_THREAD if one_thread or paired else 0
             for d in range(D):
                 j = k * D + d
                 v = self.views(j, T, B)
@@ -231,8 +240,8 @@ class _Part:
                     np.copyto(v["dc"], dc_n[j], casting="same_kind")
                 calls.append(partial(layer_backward, m._pblocks[j], self.gblock(j),
                                      self.ws[j].flat, lens, m._clip, T, B, m._blocks[j][2], H,
-                                     P, m._opts | (ZERO_STATE if dh_n is None else 0)))
-            self._run(calls, T * B * 4 * H * (m._blocks[k * D][2] + P), pairs)
+                                     P, m._opts | (ZERO_STATE if dh_n is None else 0) | one))
+            self._run(calls, paired)
             if not single:
                 for d in range(D):
                     v = self.views(k * D + d, T, B)
@@ -627,9 +636,14 @@ class LSTM:
                 masks[k] = mask
         vmasks = self._variant_masks(T, B)
         split = self._split(T, B)
+        # Unsplit, a large call's BLAS may use several threads, where the packed
+        # products (one thread) would be slower; small calls' products are too small
+        # for BLAS to thread.
+        work = T * B * 4 * H * (self._blocks[0][2] + P) * L
+        one_thread = len(split) > 1 or work < SPLIT_WORK or blas_limit() <= 1
         if len(split) == 1:
             out, h_n, c_n = split[0][0].forward(xt, h0, c0, lens, padded, masks, vmasks,
-                                                pairs=True)
+                                                pairs=True, one_thread=one_thread)
         else:
             def run(part, cut):
                 return part.forward(xt[:, cut], _rows(h0, cut), _rows(c0, cut), lens[cut],
@@ -642,7 +656,7 @@ class LSTM:
             c_n = self._buf.get("c_n", (L * D, B, H))
             for (_, b0, b1), (o, h, c) in zip(split, results):
                 out[:, b0:b1], h_n[:, b0:b1], c_n[:, b0:b1] = o, h, c
-        self._last = _Last(T, B, lens, masks, vmasks, split)
+        self._last = _Last(T, B, lens, masks, vmasks, split, one_thread=one_thread)
         if (state is None and not padded and L * D == 1 and not vmasks and len(split) == 1
                 and (B < 2 or T * B * 4 * H * (self.input_size + P) < SPLIT_WORK)):
             # the next call at this shape takes the plan (never split, whatever the threads)
@@ -704,7 +718,8 @@ class LSTM:
         dh_n, dc_n = self._state("dstate", dstate, B)
         grad = self._time_major(dy)
         if len(last.split) == 1:
-            dx, dh0, dc0 = self._part(0).backward(grad, dh_n, dc_n, lens, masks, pairs=True)
+            dx, dh0, dc0 = self._part(0).backward(grad, dh_n, dc_n, lens, masks, pairs=True,
+                                                  one_thread=last.one_thread)
         else:
             def run(r, cut):
                 part = self._part(r)

@@ -257,6 +257,32 @@ def test_batch_split_over_threads_matches_torch_and_one_thread(torch, monkeypatc
         assert np.array_equal(again[k], results[3][k]), k
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=lambda d: d.__name__)
+def test_packed_products_and_blas_agree(monkeypatch, dtype):
+    """An unsplit call whose BLAS may use two threads multiplies through BLAS; under a
+    one-thread limit it uses the packed products (_gemm). H = 64, I = 64: every product
+    packs in both dtypes; B = 7 leaves three rows past the micro-kernel's blocks."""
+    from threadpoolctl import threadpool_limits
+
+    from fastlstm import _threads
+    monkeypatch.setattr(_threads, "SPLIT_WORK", 0)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6, 7, 64)).astype(dtype)
+    dy = rng.standard_normal((6, 7, 128)).astype(dtype)
+    got = {}
+    for limit in (None, 1):
+        m = fastlstm.LSTM(64, 64, num_layers=2, bidirectional=True, dtype=dtype, seed=4,
+                          threads=1)
+        with threadpool_limits(limit):
+            y = m.forward(x)[0].copy()
+            dx = m.backward(dy)[0].copy()
+        got[limit] = (m._last.one_thread, y, dx, m.flat_grads.copy())
+    assert got[1][0] and (not got[None][0] or _threads.blas_limit() == 1)
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    for a, b in zip(got[None][1:], got[1][1:]):
+        assert rel_err(a, b) <= tol
+
+
 def test_batch_split_keeps_dropout_masks(monkeypatch):
     """The masks are drawn for the whole batch before it is split: the same at any count."""
     from fastlstm import _threads
