@@ -2,20 +2,24 @@
 
 fastlstm's are timed the way the layer runs them: each part of the batch (see
 _threads) on its own thread with single-threaded BLAS, the parts at once, the
-recurrent products from packed panels (_gemm) or from W_hh^T where the kernels do."""
+recurrent products, the input projection and dx from packed panels (_gemm) or from
+W_hh^T where the kernels do."""
 import numpy as np
 from numba import njit
 
 from ._config import JIT
 from ._gemm import NV, VECTOR_BYTES, packed_product
 from ._kernels import transposed_product_pays
-from ._threads import run_parts
+from ._threads import SPLIT_WORK, blas_limit, run_parts
 from ._timing import median_time
 
 
 @njit(**JIT)
-def _input_gemm(x, w_ih, out):
-    np.dot(x, w_ih.T, out=out)
+def _input_gemm(x, w_ih, panels, out):
+    if panels.shape[0] > 0:
+        packed_product(x, panels, out)
+    else:
+        np.dot(x, w_ih.T, out=out)
 
 
 @njit(**JIT)
@@ -34,16 +38,19 @@ def _recurrent_gemms(h, dz_t, w_hh, w_hhT, fwd_panels, bwd_panels, rec, dh, T, n
 
 
 def _panels(b, nr):
-    """b (K, N) as the kernels pack it: (N // nr, K, nr), or none when N % nr."""
+    """b (K, N) as the kernels pack it: (N // nr, K, nr), or none when N % nr (or nr 0)."""
     K, N = b.shape
-    if N % nr:
-        return np.empty((0, K, nr), b.dtype)
+    if not nr or N % nr:
+        return np.empty((0, K, max(nr, 1)), b.dtype)
     return np.ascontiguousarray(b.reshape(K, N // nr, nr).transpose(1, 0, 2))
 
 
 @njit(**JIT)
-def _weight_gemms(dz, x, hs, w_ih, dx, g_ih, g_hh):
-    np.dot(dz, w_ih, out=dx)
+def _weight_gemms(dz, x, hs, w_ih, panels, dx, g_ih, g_hh):
+    if panels.shape[0] > 0:
+        packed_product(dz, panels, dx)
+    else:
+        np.dot(dz, w_ih, out=dx)
     np.dot(dz.T, x, out=g_ih)
     np.dot(dz.T, hs, out=g_hh)
 
@@ -70,7 +77,11 @@ def _fastlstm_parts(x, h, hs, dz, w_ih, w_hh, T, B, parts):
     nn = transposed_product_pays(x.itemsize, w_hh.shape[1], w_hh.shape[1])
     w_hhT = np.ascontiguousarray(w_hh.T)
     nr = NV * VECTOR_BYTES // x.itemsize          # _gemm's panel width
-    fwd_panels, bwd_panels = _panels(w_hhT, nr), _panels(w_hh, nr)
+    # the kernels use the packed products where a call has one thread (see lstm._forward)
+    one = (parts > 1 or T * B * w_ih.shape[0] * (w_ih.shape[1] + w_hh.shape[1]) < SPLIT_WORK
+           or blas_limit() <= 1)
+    fwd_panels, bwd_panels, in_panels, dx_panels = (
+        _panels(b, nr if one else 0) for b in (w_hhT, w_hh, np.ascontiguousarray(w_ih.T), w_ih))
     x3, hs3, dz3 = (a.reshape(T, B, -1) for a in (x, hs, dz))
     groups = {"input GEMM": [], "recurrent GEMMs": [], "dx and weight-gradient GEMMs": [],
               ALL_ROWS: []}
@@ -84,7 +95,7 @@ def _fastlstm_parts(x, h, hs, dz, w_ih, w_hh, T, B, parts):
                           np.empty((n, w_hh.shape[0]), x.dtype), np.empty_like(hr))
         dx, g_ih, g_hh = np.empty_like(xr), np.empty_like(w_ih), np.empty_like(w_hh)
         groups["input GEMM"].append(
-            lambda xr=xr, gates=gates: _input_gemm(xr, w_ih, gates))
+            lambda xr=xr, gates=gates: _input_gemm(xr, w_ih, in_panels, gates))
         groups["recurrent GEMMs"].append(
             lambda hr=hr, dz_t=dz_t, rec=rec, dh=dh:
             _recurrent_gemms(hr, dz_t, w_hh, w_hhT, fwd_panels, bwd_panels, rec, dh, T, nn))
@@ -94,7 +105,7 @@ def _fastlstm_parts(x, h, hs, dz, w_ih, w_hh, T, B, parts):
             _recurrent_all_rows(hsr, dzr, w_hh, w_hhT, gates, hd, nn))
         groups["dx and weight-gradient GEMMs"].append(
             lambda dzr=dzr, xr=xr, hsr=hsr, dx=dx, g_ih=g_ih, g_hh=g_hh:
-            _weight_gemms(dzr, xr, hsr, w_ih, dx, g_ih, g_hh))
+            _weight_gemms(dzr, xr, hsr, w_ih, dx_panels, dx, g_ih, g_hh))
     return {k: (calls[0] if parts == 1 else (lambda calls=calls: run_parts(calls)))
             for k, calls in groups.items()}
 
