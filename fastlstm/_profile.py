@@ -10,7 +10,7 @@ from numba import njit
 from ._config import JIT
 from ._gemm import NV, VECTOR_BYTES, packed_product
 from ._kernels import transposed_product_pays
-from ._threads import SPLIT_WORK, blas_limit, run_parts
+from ._threads import run_parts, single_threaded
 from ._timing import median_time
 
 
@@ -78,8 +78,7 @@ def _fastlstm_parts(x, h, hs, dz, w_ih, w_hh, T, B, parts):
     w_hhT = np.ascontiguousarray(w_hh.T)
     nr = NV * VECTOR_BYTES // x.itemsize          # _gemm's panel width
     # the kernels use the packed products where a call has one thread (see lstm._forward)
-    one = (parts > 1 or T * B * w_ih.shape[0] * (w_ih.shape[1] + w_hh.shape[1]) < SPLIT_WORK
-           or blas_limit() <= 1)
+    one = single_threaded(parts, T * B * w_ih.shape[0] * (w_ih.shape[1] + w_hh.shape[1]))
     fwd_panels, bwd_panels, in_panels, dx_panels = (
         _panels(b, nr if one else 0) for b in (w_hhT, w_hh, np.ascontiguousarray(w_ih.T), w_ih))
     x3, hs3, dz3 = (a.reshape(T, B, -1) for a in (x, hs, dz))

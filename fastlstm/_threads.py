@@ -108,6 +108,14 @@ def batch_parts(threads, B, work):
     return max(min(threads or min(usable_cores(), blas_limit()), B), 1)
 
 
+def single_threaded(parts, work):
+    """Whether each kernel call of a fwd or bwd split into `parts` (of `work`
+    multiply-adds in all) has one thread, BLAS included: then its products may run
+    packed (_gemm, single-threaded). Unsplit, a large call's BLAS may use several
+    threads; a small call's products are too small for BLAS to thread."""
+    return parts > 1 or work < SPLIT_WORK or blas_limit() <= 1
+
+
 def run_parts(calls):
     """Call calls[0]() here and the others on the pool, BLAS single-threaded;
     returns their results in order."""

@@ -20,7 +20,14 @@ from ._kernels import (
     zero_padding,
 )
 from ._shared import Buffers, OneThread, readonly
-from ._threads import SPLIT_WORK, batch_parts, blas_limit, parallel_worthwhile, run_pair, run_parts
+from ._threads import (
+    SPLIT_WORK,
+    batch_parts,
+    parallel_worthwhile,
+    run_pair,
+    run_parts,
+    single_threaded,
+)
 
 __all__ = ["LSTM"]
 
@@ -636,11 +643,7 @@ class LSTM:
                 masks[k] = mask
         vmasks = self._variant_masks(T, B)
         split = self._split(T, B)
-        # Unsplit, a large call's BLAS may use several threads, where the packed
-        # products (one thread) would be slower; small calls' products are too small
-        # for BLAS to thread.
-        work = T * B * 4 * H * (self._blocks[0][2] + P) * L
-        one_thread = len(split) > 1 or work < SPLIT_WORK or blas_limit() <= 1
+        one_thread = single_threaded(len(split), T * B * 4 * H * (self._blocks[0][2] + P) * L)
         if len(split) == 1:
             out, h_n, c_n = split[0][0].forward(xt, h0, c0, lens, padded, masks, vmasks,
                                                 pairs=True, one_thread=one_thread)
