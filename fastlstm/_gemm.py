@@ -23,7 +23,8 @@ from numba.np.arrayobj import make_array
 
 from ._config import JIT
 
-__all__ = ["panel_width", "pack_panels", "pack_panels_transposed", "packed_product"]
+__all__ = ["panel_width", "pack_panels", "pack_panels_transposed", "packed_product",
+           "gradient_product", "gradient_product_pays"]
 
 #: bytes of one SIMD vector the micro-kernel works in (AVX-512; LLVM splits the
 #: vectors on machines with narrower ones, which still computes the right thing)
@@ -64,45 +65,68 @@ def pack_panels_transposed(bt, packed):
 
 
 def _micro_codegen(rows):
-    """IR for C[0:rows, 0:NR] = A[0:rows, 0:K] @ panel, A and C row-major with strides
-    lda and ldc (in elements), the panel (K, NR) contiguous."""
+    """IR for C[0:rows, 0:NR] (+)= A[0:rows, 0:K] @ B[0:K, 0:NR].
+
+    Element (r, k) of A is at a_off + r * a_rs + k * a_ks: a row-major A has
+    (a_rs, a_ks) = (lda, 1), the transpose of a row-major X (K, n) has (1, n).
+    Row k of B starts at b_off + k * b_ks: a packed panel has b_ks = NR, a
+    row-major matrix its row length. C is row-major with stride ldc. acc != 0 adds
+    into C; otherwise C is overwritten (and never read)."""
 
     def codegen(context, builder, sig, args):
-        a_ty, _, _, p_ty, _, c_ty, _, _, _ = sig.args
-        a_arr, a_off, lda, p_arr, p_off, c_arr, c_off, ldc, K = args
+        a_ty, _, _, _, b_ty, _, _, c_ty = sig.args[:8]
+        a_arr, a_off, a_rs, a_ks, b_arr, b_off, b_ks, c_arr, c_off, ldc, K, acc = args
         a = make_array(a_ty)(context, builder, a_arr)
-        p = make_array(p_ty)(context, builder, p_arr)
+        b = make_array(b_ty)(context, builder, b_arr)
         c = make_array(c_ty)(context, builder, c_arr)
         fty = context.get_data_type(a_ty.dtype)
         width = VECTOR_BYTES // context.get_abi_sizeof(fty)
         vty = ir.VectorType(fty, width)
         i64 = ir.IntType(64)
         a_ptr = builder.gep(a.data, [a_off])
-        p_ptr = builder.gep(p.data, [p_off])
+        b_ptr = builder.gep(b.data, [b_off])
         c_ptr = builder.gep(c.data, [c_off])
         suffix = f"v{width}f{context.get_abi_sizeof(fty) * 8}"        # e.g. v16f32
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
                                              f"llvm.fma.{suffix}")
         zero = ir.Constant(vty, [ir.Constant(fty, 0.0)] * width)
         splat_mask = ir.Constant(ir.VectorType(ir.IntType(32), width), [0] * width)
-        nr = ir.Constant(i64, NV * width)
+
+        def c_vector(r, v):
+            row = builder.gep(c_ptr, [builder.mul(ir.Constant(i64, r), ldc)])
+            return builder.bitcast(builder.gep(row, [ir.Constant(i64, v * width)]),
+                                   vty.as_pointer())
 
         entry = builder.basic_block
         loop = builder.append_basic_block("panel_k")
         done = builder.append_basic_block("panel_done")
+        adding = builder.icmp_signed("!=", acc, ir.Constant(acc.type, 0))
+        with builder.if_then(adding):        # C's old values, only when they are added to
+            loaded_block = builder.basic_block
+            loaded = [[builder.load(c_vector(r, v), align=4) for v in range(NV)]
+                      for r in range(rows)]
+        start = builder.basic_block
+        init = []
+        for r in range(rows):
+            init.append([])
+            for v in range(NV):
+                phi = builder.phi(vty)
+                phi.add_incoming(loaded[r][v], loaded_block)
+                phi.add_incoming(zero, entry)
+                init[r].append(phi)
         builder.cbranch(builder.icmp_signed(">", K, ir.Constant(i64, 0)), loop, done)
 
         builder.position_at_end(loop)
         k = builder.phi(i64)
         accs = [[builder.phi(vty) for _ in range(NV)] for _ in range(rows)]
-        row = builder.gep(p_ptr, [builder.mul(k, nr)])
+        row = builder.gep(b_ptr, [builder.mul(k, b_ks)])
         bs = [builder.load(builder.bitcast(builder.gep(row, [ir.Constant(i64, v * width)]),
                                            vty.as_pointer()), align=4)
               for v in range(NV)]
+        a_k = builder.gep(a_ptr, [builder.mul(k, a_ks)])
         new = []
         for r in range(rows):
-            x = builder.load(builder.gep(a_ptr, [builder.add(builder.mul(ir.Constant(i64, r),
-                                                                          lda), k)]))
+            x = builder.load(builder.gep(a_k, [builder.mul(ir.Constant(i64, r), a_rs)]))
             xs = builder.shuffle_vector(builder.insert_element(ir.Constant(vty, ir.Undefined),
                                                                x, ir.Constant(i64, 0)),
                                         ir.Constant(vty, ir.Undefined), splat_mask)
@@ -110,34 +134,31 @@ def _micro_codegen(rows):
         k_next = builder.add(k, ir.Constant(i64, 1))
         body_end = builder.basic_block
         builder.cbranch(builder.icmp_signed("<", k_next, K), loop, done)
-        k.add_incoming(ir.Constant(i64, 0), entry)
+        k.add_incoming(ir.Constant(i64, 0), start)
         k.add_incoming(k_next, body_end)
         for r in range(rows):
             for v in range(NV):
-                accs[r][v].add_incoming(zero, entry)
+                accs[r][v].add_incoming(init[r][v], start)
                 accs[r][v].add_incoming(new[r][v], body_end)
 
         builder.position_at_end(done)
         outs = [[builder.phi(vty) for _ in range(NV)] for _ in range(rows)]   # phis first
         for r in range(rows):
             for v in range(NV):
-                outs[r][v].add_incoming(zero, entry)
+                outs[r][v].add_incoming(init[r][v], start)
                 outs[r][v].add_incoming(new[r][v], body_end)
         for r in range(rows):
-            c_row = builder.gep(c_ptr, [builder.mul(ir.Constant(i64, r), ldc)])
             for v in range(NV):
-                builder.store(outs[r][v], builder.bitcast(
-                    builder.gep(c_row, [ir.Constant(i64, v * width)]), vty.as_pointer()),
-                    align=4)
+                builder.store(outs[r][v], c_vector(r, v), align=4)
         return context.get_dummy_value()
     return codegen
 
 
 def _make_micro(rows):
     @intrinsic
-    def micro(typingctx, a, a_off, lda, packed, p_off, c, c_off, ldc, K):
-        return types.void(a, types.int64, types.int64, packed, types.int64, c, types.int64,
-                          types.int64, types.int64), _micro_codegen(rows)
+    def micro(typingctx, a, a_off, a_rs, a_ks, b, b_off, b_ks, c, c_off, ldc, K, acc):
+        i = types.int64
+        return types.void(a, i, i, i, b, i, i, c, i, i, i, i), _micro_codegen(rows)
     return micro
 
 
@@ -164,12 +185,56 @@ def packed_product(a, packed, c):
             p_off = p * K * NR
             i = i0
             while i + MR <= i1:
-                _micro4(a, i * K, K, packed, p_off, c, i * N + p * NR, N, K)
+                _micro4(a, i * K, K, 1, packed, p_off, NR, c, i * N + p * NR, N, K, 0)
                 i += MR
             rest = i1 - i
             if rest == 3:
-                _micro3(a, i * K, K, packed, p_off, c, i * N + p * NR, N, K)
+                _micro3(a, i * K, K, 1, packed, p_off, NR, c, i * N + p * NR, N, K, 0)
             elif rest == 2:
-                _micro2(a, i * K, K, packed, p_off, c, i * N + p * NR, N, K)
+                _micro2(a, i * K, K, 1, packed, p_off, NR, c, i * N + p * NR, N, K, 0)
             elif rest == 1:
-                _micro1(a, i * K, K, packed, p_off, c, i * N + p * NR, N, K)
+                _micro1(a, i * K, K, 1, packed, p_off, NR, c, i * N + p * NR, N, K, 0)
+
+
+#: rows of K (time steps x batch) per block of a weight-gradient product: B's panel
+#: slice (K_BLOCK x NR) is read by every row group of A and stays in L1
+K_BLOCK = 128
+
+
+#: the largest C (bytes) for which gradient_product beats OpenBLAS on one thread: at
+#: (256, 1024) float32 it ran 1.0-1.2x as fast, at (512, 2048) float32 0.8x
+GRADIENT_C_BYTES = 1 << 20
+
+
+@njit(inline="always", **JIT)
+def gradient_product_pays(n, N, itemsize):
+    """Whether a weight gradient (n, N) runs through gradient_product (else BLAS)."""
+    return N % panel_width(itemsize) == 0 and n * N * itemsize <= GRADIENT_C_BYTES
+
+
+@njit(inline="always", **JIT)
+def gradient_product(a, b, c, acc):
+    """c (n, N) = a.T @ b, or += when acc, for a (K, n) and b (K, N) C-contiguous, N a
+    multiple of NR: a weight gradient X^T dZ over all rows, with neither operand
+    packed (b's rows are read in place, a's columns broadcast from its rows)."""
+    K, n = a.shape
+    N = b.shape[1]
+    NR = panel_width(a.itemsize)
+    if K == 0 and not acc:
+        c[:] = 0
+    for k0 in range(0, K, K_BLOCK):
+        kn = min(K, k0 + K_BLOCK) - k0
+        add = 1 if acc or k0 > 0 else 0
+        for p in range(N // NR):
+            b_off = k0 * N + p * NR
+            i = 0
+            while i + MR <= n:
+                _micro4(a, k0 * n + i, 1, n, b, b_off, N, c, i * N + p * NR, N, kn, add)
+                i += MR
+            rest = n - i
+            if rest == 3:
+                _micro3(a, k0 * n + i, 1, n, b, b_off, N, c, i * N + p * NR, N, kn, add)
+            elif rest == 2:
+                _micro2(a, k0 * n + i, 1, n, b, b_off, N, c, i * N + p * NR, N, kn, add)
+            elif rest == 1:
+                _micro1(a, k0 * n + i, 1, n, b, b_off, N, c, i * N + p * NR, N, kn, add)

@@ -31,7 +31,14 @@ from numba.np.arrayobj import make_array, populate_array
 
 from . import _gemm, _layout
 from ._config import JIT, follow
-from ._gemm import pack_panels, pack_panels_transposed, packed_product, panel_width
+from ._gemm import (
+    gradient_product,
+    gradient_product_pays,
+    pack_panels,
+    pack_panels_transposed,
+    packed_product,
+    panel_width,
+)
 
 # the layout tables and the packed product are compiled into these kernels
 follow(__file__, _layout.__file__, _gemm.__file__)
@@ -568,6 +575,14 @@ def _accumulate(acc, src):
         a[k] += s[k]
 
 
+@njit(inline="always", **JIT)
+def _accumulate_transposed(acc, src_t):
+    """acc (m, n) += src_t.T for src_t (n, m)."""
+    for j in range(acc.shape[0]):
+        for k in range(acc.shape[1]):
+            acc[j, k] += src_t[k, j]
+
+
 @njit(**JIT)
 def lstm_backward(w, dw, v, m, lengths, clip, peep, ln, zone, rdrop, pack):
     """Backward through time over the sequence ``lstm_forward`` last ran.
@@ -666,14 +681,26 @@ def lstm_backward(w, dw, v, m, lengths, clip, peep, ln, zone, rdrop, pack):
         packed_product(dgin, w_dx, v.dx.reshape((T * B, I)))
     else:
         np.dot(dgin, w.weight_ih, out=v.dx.reshape((T * B, I)))
-    np.dot(dgin.T, x.reshape((T * B, I)), out=v.tmp_ih)
     if rdrop:
         hin = v.hd.reshape((T * B, P))
     else:
         hin = h.reshape(((T + 1) * B, P))[:T * B]
-    np.dot(drec.reshape((T * B, 4 * H)).T, hin, out=v.tmp_hh)
-    _accumulate(dw.weight_ih, v.tmp_ih)
-    _accumulate(dw.weight_hh, v.tmp_hh)
+    drec2 = drec.reshape((T * B, 4 * H))
+    if pack and gradient_product_pays(max(I, P), 4 * H, x.itemsize):
+        # dW^T = X^T dZ with dZ's rows read in place (see _gemm.gradient_product):
+        # OpenBLAS packed dZ^T for each of the two products, and that copy took as long as
+        # its multiply-adds at long's shapes. Into dW's buffers, transposed, then added.
+        g_ih = _uview(v.tmp_ih.reshape(4 * H * I), 0, (I, 4 * H))
+        g_hh = _uview(v.tmp_hh.reshape(4 * H * P), 0, (P, 4 * H))
+        gradient_product(x.reshape((T * B, I)), dgin, g_ih, False)
+        gradient_product(hin, drec2, g_hh, False)
+        _accumulate_transposed(dw.weight_ih, g_ih)
+        _accumulate_transposed(dw.weight_hh, g_hh)
+    else:
+        np.dot(dgin.T, x.reshape((T * B, I)), out=v.tmp_ih)
+        np.dot(drec2.T, hin, out=v.tmp_hh)
+        _accumulate(dw.weight_ih, v.tmp_ih)
+        _accumulate(dw.weight_hh, v.tmp_hh)
     if proj:
         np.dot(dhs.reshape((T * B, P)).T, m.reshape((T * B, H)), out=v.tmp_hr)
         _accumulate(dw.weight_hr, v.tmp_hr)

@@ -3,12 +3,12 @@
 fastlstm's are timed the way the layer runs them: each part of the batch (see
 _threads) on its own thread with single-threaded BLAS, the parts at once, the
 recurrent products, the input projection and dx from packed panels (_gemm) or from
-W_hh^T where the kernels do."""
+W_hh^T, and the weight gradients from dz's rows in place, where the kernels do."""
 import numpy as np
 from numba import njit
 
 from ._config import JIT
-from ._gemm import NV, VECTOR_BYTES, packed_product
+from ._gemm import NV, VECTOR_BYTES, gradient_product, gradient_product_pays, packed_product
 from ._kernels import transposed_product_pays
 from ._threads import run_parts, single_threaded
 from ._timing import median_time
@@ -46,13 +46,17 @@ def _panels(b, nr):
 
 
 @njit(**JIT)
-def _weight_gemms(dz, x, hs, w_ih, panels, dx, g_ih, g_hh):
+def _weight_gemms(dz, x, hs, w_ih, panels, dx, g_ih, g_hh, in_place):
     if panels.shape[0] > 0:
         packed_product(dz, panels, dx)
     else:
         np.dot(dz, w_ih, out=dx)
-    np.dot(dz.T, x, out=g_ih)
-    np.dot(dz.T, hs, out=g_hh)
+    if in_place:        # as the kernels: dW^T, from dz's rows in place
+        gradient_product(x, dz, g_ih.reshape((g_ih.shape[1], g_ih.shape[0])), False)
+        gradient_product(hs, dz, g_hh.reshape((g_hh.shape[1], g_hh.shape[0])), False)
+    else:
+        np.dot(dz.T, x, out=g_ih)
+        np.dot(dz.T, hs, out=g_hh)
 
 
 @njit(**JIT)
@@ -81,6 +85,8 @@ def _fastlstm_parts(x, h, hs, dz, w_ih, w_hh, T, B, parts):
     one = single_threaded(parts, T * B * w_ih.shape[0] * (w_ih.shape[1] + w_hh.shape[1]))
     fwd_panels, bwd_panels, in_panels, dx_panels = (
         _panels(b, nr if one else 0) for b in (w_hhT, w_hh, np.ascontiguousarray(w_ih.T), w_ih))
+    in_place = one and gradient_product_pays(max(w_ih.shape[1], w_hh.shape[1]), w_ih.shape[0],
+                                             x.itemsize)
     x3, hs3, dz3 = (a.reshape(T, B, -1) for a in (x, hs, dz))
     groups = {"input GEMM": [], "recurrent GEMMs": [], "dx and weight-gradient GEMMs": [],
               ALL_ROWS: []}
@@ -104,7 +110,7 @@ def _fastlstm_parts(x, h, hs, dz, w_ih, w_hh, T, B, parts):
             _recurrent_all_rows(hsr, dzr, w_hh, w_hhT, gates, hd, nn))
         groups["dx and weight-gradient GEMMs"].append(
             lambda dzr=dzr, xr=xr, hsr=hsr, dx=dx, g_ih=g_ih, g_hh=g_hh:
-            _weight_gemms(dzr, xr, hsr, w_ih, dx_panels, dx, g_ih, g_hh))
+            _weight_gemms(dzr, xr, hsr, w_ih, dx_panels, dx, g_ih, g_hh, in_place))
     return {k: (calls[0] if parts == 1 else (lambda calls=calls: run_parts(calls)))
             for k, calls in groups.items()}
 

@@ -1,0 +1,66 @@
+"""The micro-kernel products of fastlstm._gemm against NumPy in float64."""
+import numpy as np
+import pytest
+from numba import njit
+
+from fastlstm import _gemm
+
+
+@njit
+def _packed(a, b, packed, c):
+    _gemm.pack_panels(b, packed)
+    _gemm.packed_product(a, packed, c)
+
+
+@njit
+def _gradient(a, b, c, acc):
+    _gemm.gradient_product(a, b, c, acc)
+
+
+def _rel(got, want):
+    return np.abs(got - want).max() / max(np.abs(want).max(), 1e-300)
+
+
+TOL = {np.float32: 1e-5, np.float64: 1e-13}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: d.__name__)
+@pytest.mark.parametrize("M,K,panels", [(1, 1, 1), (3, 7, 2), (6, 33, 1), (9, 130, 3)])
+def test_packed_product(dtype, M, K, panels):
+    rng = np.random.default_rng(M * K)
+    nr = 64 if dtype == np.float32 else 32
+    a = rng.standard_normal((M, K)).astype(dtype)
+    b = rng.standard_normal((K, panels * nr)).astype(dtype)
+    c = np.full((M, panels * nr), np.nan, dtype)
+    _packed(a, b, np.empty((panels, K, nr), dtype), c)
+    assert _rel(c, a.astype(np.float64) @ b) < TOL[dtype]
+
+
+# K past one block of K_BLOCK rows (the blocks add into C), n with 1, 2 and 3 rows left
+# over after the micro-kernel's 4, and K = 0 (an empty sum).
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: d.__name__)
+@pytest.mark.parametrize("K,n,panels", [(1, 1, 1), (5, 3, 2), (_gemm.K_BLOCK + 3, 6, 1),
+                                        (3 * _gemm.K_BLOCK, 9, 2), (0, 4, 1)])
+def test_gradient_product(dtype, K, n, panels):
+    rng = np.random.default_rng(K + n)
+    nr = 64 if dtype == np.float32 else 32
+    a = rng.standard_normal((K, n)).astype(dtype)
+    b = rng.standard_normal((K, panels * nr)).astype(dtype)
+    want = a.astype(np.float64).T @ b
+    c = np.full((n, panels * nr), np.nan, dtype)
+    _gradient(a, b, c, False)           # overwrites C, never reads it (NaN in there)
+    assert not np.isnan(c).any()
+    assert _rel(c, want) < TOL[dtype] if K else not c.any()
+    start = rng.standard_normal(c.shape).astype(dtype)
+    c = start.copy()
+    _gradient(a, b, c, True)
+    assert _rel(c, start + want) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: d.__name__)
+def test_gradient_product_pays_needs_whole_panels(dtype):
+    nr = 64 if dtype == np.float32 else 32
+    size = np.dtype(dtype).itemsize
+    assert _gemm.gradient_product_pays(16, 4 * nr, size)
+    assert not _gemm.gradient_product_pays(16, 4 * nr + 4, size)
+    assert not _gemm.gradient_product_pays(_gemm.GRADIENT_C_BYTES // (nr * size) + 1, nr, size)
