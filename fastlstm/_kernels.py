@@ -29,7 +29,7 @@ from numba.core.imputils import impl_ret_borrowed
 from numba.extending import intrinsic, overload
 from numba.np.arrayobj import make_array, populate_array
 
-from . import _gemm, _layout
+from . import _gemm, _layout, _spin
 from ._config import JIT, follow
 from ._gemm import (
     gradient_product,
@@ -39,13 +39,25 @@ from ._gemm import (
     packed_product,
     panel_width,
 )
+from ._spin import (
+    BACKWARD,
+    CMD,
+    DONE,
+    FORWARD,
+    JOB,
+    SEQ,
+    load_acquire,
+    spin_while_equal,
+    store_release,
+)
 
-# the layout tables and the packed product are compiled into these kernels
-follow(__file__, _layout.__file__, _gemm.__file__)
+# the layout tables, the packed product and the spin-wait are compiled into these kernels
+follow(__file__, _layout.__file__, _gemm.__file__, _spin.__file__)
 
-__all__ = ["layer_forward", "layer_backward", "opts_bits", "OPTS", "reverse_in_time",
-           "zero_padding", "param_views", "workspace_views", "lstm_forward", "lstm_backward",
-           "tanh_array", "sigmoid_array", "transposed_product_pays"]
+__all__ = ["layer_forward", "layer_backward", "rows_forward", "rows_backward", "serve_rows",
+           "opts_bits", "OPTS", "reverse_in_time", "zero_padding", "param_views",
+           "workspace_views", "lstm_forward", "lstm_backward", "tanh_array", "sigmoid_array",
+           "transposed_product_pays"]
 
 # Numba's pedantic SSA check complains about the activations once they are
 # inlined (inline="always", below); the compiled code is right (the tests
@@ -878,6 +890,114 @@ def layer_backward(p, g, ws, lengths, clip, T, B, I, H, P, opts):
     if ln:
         _accumulate(dw.ln_ih_bias, v.db)
         _accumulate(dw.ln_hh_bias, v.db)
+
+
+def _rows_sigs(n_flat, n_io):
+    """(n_flat flat arrays, n_io (T, *, n) arrays, of which the first may have any
+    strides (the caller's x or dy), b0, then _entry_sigs' lengths ... opts)."""
+    out = []
+    for ft in (types.float32, types.float64):
+        flat = [types.Array(ft, 1, "C")] * n_flat
+        io = [types.Array(ft, 3, "A")] + [types.Array(ft, 3, "C")] * (n_io - 1)
+        out.append(types.void(*flat, *io, types.int64, types.Array(types.int64, 1, "C"), ft,
+                              *[types.int64] * 6))
+    return out
+
+
+# One part of a split batch (see _threads) as one call, the copies of its rows in and out
+# included: the part then runs without the GIL from start to end, and the other
+# thread's part does not wait on this one's Python (measured at small size, float32: the
+# Python around the two parts' kernels took 150 us of a 700 us forward).
+
+@njit(inline="always", **JIT)
+def _forward_rows_out(v, y, h_n, c_n, b0):
+    """A part's outputs into rows [b0, b0 + B) of the whole batch's y, h_n, c_n."""
+    T, B = v.x.shape[:2]
+    for t in range(T):
+        for b in range(B):
+            y[t, b0 + b] = v.h[t + 1, b]
+    for b in range(B):
+        h_n[0, b0 + b] = v.h[T, b]
+        c_n[0, b0 + b] = v.c[T, b]
+
+
+@njit(inline="always", **JIT)
+def _backward_rows_out(v, dx, dh0, dc0, b0):
+    """A part's input gradients into rows [b0, b0 + B) of the whole batch's dx, dh0, dc0."""
+    T, B = v.x.shape[:2]
+    for t in range(T):
+        for b in range(B):
+            dx[t, b0 + b] = v.dx[t, b]
+    for b in range(B):
+        dh0[0, b0 + b] = v.dh[b]
+        dc0[0, b0 + b] = v.dc[b]
+
+
+@njit(_rows_sigs(2, 4), **JIT)
+def rows_forward(p, ws, x, y, h_n, c_n, b0, lengths, clip, T, B, I, H, P, opts):
+    """``layer_forward`` on rows [b0, b0 + B) of x (T, *, I), writing those rows of
+    y (T, *, P), h_n (1, *, P) and c_n (1, *, H). One layer, one direction, full lengths
+    (no padding), no variant masks."""
+    v = _carve_workspace(ws, T, B, I, H, P, opts & LAYER_NORM != 0, opts & ZONEOUT != 0,
+                         opts & RDROP != 0)
+    for t in range(T):
+        for b in range(B):
+            v.x[t, b] = x[t, b0 + b]
+    layer_forward(p, ws, lengths, clip, T, B, I, H, P, opts)
+    _forward_rows_out(v, y, h_n, c_n, b0)
+
+
+@njit(_rows_sigs(3, 4), **JIT)
+def rows_backward(p, g, ws, dy, dx, dh0, dc0, b0, lengths, clip, T, B, I, H, P, opts):
+    """``layer_backward`` after ``rows_forward``: reads rows [b0, b0 + B) of dy (T, *, P),
+    writes those of dx (T, *, I), dh0 (1, *, P) and dc0 (1, *, H); the gradients are
+    added into g."""
+    v = _carve_workspace(ws, T, B, I, H, P, opts & LAYER_NORM != 0, opts & ZONEOUT != 0,
+                         opts & RDROP != 0)
+    for t in range(T):
+        for b in range(B):
+            v.dy[t, b] = dy[t, b0 + b]
+    layer_backward(p, g, ws, lengths, clip, T, B, I, H, P, opts)
+    _backward_rows_out(v, dx, dh0, dc0, b0)
+
+
+def _serve_sigs():
+    out = []
+    for ft in (types.float32, types.float64):
+        flat, io = types.Array(ft, 1, "C"), types.Array(ft, 3, "C")
+        out.append(types.void(types.Array(types.int64, 1, "C"), types.int64, types.int64,
+                              *[flat] * 3,
+                              *[io] * 6, types.int64, types.Array(types.int64, 1, "C"), ft,
+                              *[types.int64] * 6))
+    return out
+
+
+@njit(_serve_sigs(), **JIT)
+def serve_rows(cell, spins, me, p, g, ws, y, h_n, c_n, dx, dh0, dc0, b0, lengths, clip,
+               T, B, I, H, P, opts):
+    """A worker thread's side of a split plan (see _threads.Server): runs the commands
+    posted in cell for job `me` on rows [b0, b0 + B); returns, leaving it, at a command
+    for another job, or when none came in `spins` reads. FORWARD: ``layer_forward`` on
+    x already in the workspace, its rows of y, h_n, c_n written as ``rows_forward``
+    does. BACKWARD: g zeroed, then ``layer_backward`` on dy already in the workspace,
+    and its rows of dx, dh0, dc0 written."""
+    v = _carve_workspace(ws, T, B, I, H, P, opts & LAYER_NORM != 0, opts & ZONEOUT != 0,
+                         opts & RDROP != 0)
+    done = load_acquire(cell, DONE)
+    while True:
+        seq = spin_while_equal(cell, SEQ, done, spins)
+        if seq == done or load_acquire(cell, JOB) != me:
+            return
+        cmd = load_acquire(cell, CMD)
+        if cmd == FORWARD:
+            layer_forward(p, ws, lengths, clip, T, B, I, H, P, opts)
+            _forward_rows_out(v, y, h_n, c_n, b0)
+        elif cmd == BACKWARD:
+            g[:] = 0
+            layer_backward(p, g, ws, lengths, clip, T, B, I, H, P, opts)
+            _backward_rows_out(v, dx, dh0, dc0, b0)
+        done = seq
+        store_release(cell, DONE, seq)
 
 
 @njit(["void(float32[:, :, :], float32[:, :, :], int64[::1])",

@@ -15,9 +15,15 @@ one bidirectional layer took 213 ms against 296 ms. BLAS calls from other thread
 during such a call also run single-threaded (threadpoolctl changes a process-wide
 setting).
 """
+import itertools
 import os
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from ._spin import DONE, post, spin_until_at_least
 
 _lock = threading.Lock()
 _state = {}
@@ -147,3 +153,97 @@ def run_pair(first, second):
             first()
         finally:
             future.result()
+
+
+#: how long a server's worker spins for the next command before it sleeps: longer than the
+#: Python between a forward and its backward, or between two training steps, at small sizes
+SPIN_SECONDS = 0.002
+
+
+def _spins_per_second():
+    cell = np.zeros(8, np.int64)
+    spin_until_at_least(cell, 0, 1, 1000)           # compiled (or loaded) first
+    t0 = time.perf_counter()
+    spin_until_at_least(cell, 0, 1, 1_000_000)
+    return 1_000_000 / max(time.perf_counter() - t0, 1e-6)
+
+
+class Server:
+    """A worker thread that runs a job's serving loop in compiled code (e.g.
+    _kernels.serve_rows): it waits for commands by spinning on `cell` without the GIL,
+    for SPIN_SECONDS after each, and only then sleeps. A command posted while it spins
+    starts within microseconds instead of the 50-70 us of a wake-up (see _spin). One
+    caller at a time: ``take_servers``.
+
+    A job is a number (``new_job``) and a callable(cell, spins) that serves that job's
+    commands and returns at one for another job or after an idle spell; each command
+    names its job, so a loop still spinning for the previous job leaves the command to
+    the loop of the job it names, which this thread enters next."""
+
+    def __init__(self, spins):
+        self.cell = np.zeros(8, np.int64)
+        self.spins = spins
+        self._job = None
+        self._wake = False
+        self._cv = threading.Condition()
+        threading.Thread(target=self._loop, daemon=True, name="fastlstm-server").start()
+
+    def _loop(self):
+        while True:
+            with self._cv:
+                while not self._wake:
+                    self._cv.wait()
+                self._wake = False
+                job = self._job
+            job(self.cell, self.spins)
+
+    def post(self, number, job, cmd):
+        """Post command `cmd` for job `number`, served by `job`; returns the number
+        ``wait`` takes."""
+        with self._cv:                      # no waiter: no system call
+            self._job = job                 # before the command: a loop it ends reads it
+            seq = post(self.cell, number, cmd)
+            self._wake = True
+            self._cv.notify()
+        return seq
+
+    def wait(self, seq):
+        """Until command `seq` is done, spinning without the GIL (sleeping between spells)."""
+        while spin_until_at_least(self.cell, DONE, seq, self.spins) < seq:
+            time.sleep(1e-4)
+
+
+_job_numbers = itertools.count(1)
+
+
+def new_job():
+    """A number for a Server job, unique in this process."""
+    return next(_job_numbers)
+
+
+def take_servers(n):
+    """n servers for this caller's exclusive use, or None when another thread has them;
+    give them back with ``release_servers``."""
+    with _lock:
+        if "spins" not in _state:
+            _state["spins"] = int(_spins_per_second() * SPIN_SECONDS)
+            _state["servers"] = []
+            _state["servers_free"] = True
+        if not _state["servers_free"]:
+            return None
+        servers = _state["servers"]
+        while len(servers) < n:
+            servers.append(Server(_state["spins"]))
+        _state["servers_free"] = False
+        return servers[:n]
+
+
+def release_servers():
+    with _lock:
+        _state["servers_free"] = True
+
+
+def single_threaded_blas():
+    """A context: BLAS at one thread meanwhile (counted; see _SingleThreadedBlas)."""
+    _controller()
+    return _SingleThreadedBlas()

@@ -298,9 +298,18 @@ if __name__ == "__main__":
 """
 
 
-def test_fork_after_the_direction_pool_ran(tmp_path):
+# the same after a split plan's server thread ran (it waits in compiled code, spinning)
+FORK_AFTER_SERVER = FORK_AFTER_POOL.replace(
+    "m = fastlstm.LSTM(128, 128, bidirectional=True, seed=0)",
+    "m = fastlstm.LSTM(128, 128, seed=0, threads=2)\nm.forward(x)").replace(
+    "_threads._state,", "_threads._state.get('servers'),")
+
+
+@pytest.mark.parametrize("script_text", [FORK_AFTER_POOL, FORK_AFTER_SERVER],
+                         ids=["directions", "split_plan"])
+def test_fork_after_the_direction_pool_ran(tmp_path, script_text):
     script = tmp_path / "fork_after_pool.py"
-    script.write_text(FORK_AFTER_POOL)
+    script.write_text(script_text)
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

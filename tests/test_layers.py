@@ -373,3 +373,38 @@ def test_a_planned_shape_still_refuses_bad_input():
         m.backward(np.zeros((3, 1, 4), np.float32))
     with pytest.raises(TypeError, match="dy must be a numpy.ndarray"):
         m.backward([[0.0]])
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_split_plans_equal_the_first_call(batch_first, dtype):
+    """A repeated split call (lstm._SplitPlan: part 0 here, part 1 on a server thread
+    that waits in compiled code) gives bitwise what the first, general, call gave; and
+    alternating shapes moves each server between plans without mixing them up."""
+    rng = np.random.default_rng(5)
+    m = fastlstm.LSTM(16, 32, batch_first=batch_first, dtype=dtype, seed=0, threads=2)
+    shapes = [(50, 8), (80, 5), (3, 2)]          # two split (B = 5: parts of 2 and 3), one not
+    cases, kinds = [], []
+    for T, B in shapes:
+        x = rng.standard_normal((B, T, 16) if batch_first else (T, B, 16)).astype(dtype)
+        dy = rng.standard_normal(x.shape[:2] + (32,)).astype(dtype)
+        m.zero_grad()
+        cases.append((x, dy, _fwd_bwd(m, x, dy)))
+        kinds.append(type(m._plans[x.shape]).__name__)
+    assert kinds == ["_SplitPlan", "_SplitPlan", "_Plan"]
+    for x, dy, first in cases * 2 + cases[:1] * 2:
+        m.zero_grad()
+        for a, b in zip(first, _fwd_bwd(m, x, dy)):
+            np.testing.assert_array_equal(a, b)
+    # x of another dtype (float64 holding float32's values: cast exactly), and a given
+    # state, take the general path: the same numbers
+    x, dy, first = cases[0]
+    if dtype == np.float32:
+        m.zero_grad()
+        for a, b in zip(first, _fwd_bwd(m, x.astype(np.float64), dy)):
+            np.testing.assert_array_equal(a, b)
+    B = x.shape[0 if batch_first else 1]
+    state = (np.zeros((1, B, 32), dtype), np.zeros((1, B, 32), dtype))
+    m.zero_grad()
+    for a, b in zip(first, _fwd_bwd(m, x, dy, state=state)):
+        np.testing.assert_array_equal(a, b)
