@@ -116,6 +116,10 @@ class _Plan:
         self.last = _Last(T, B, lens, [None], {}, split, plan=self)
 
 
+#: split plans (with their own y, dx buffers) an LSTM keeps, the most recent shapes'
+MAX_SPLIT_PLANS = 8
+
+
 class _SplitPlan:
     """A repeated call split across threads, made once: as _Plan, for a shape whose
     batch is split into parts (see _threads). Part 0 runs here as one kernel call that
@@ -761,6 +765,11 @@ class LSTM:
                 # the next call at this shape takes the plan (never split, whatever the threads)
                 self._plans[x.shape] = _Plan(self, T, B, split)
             elif len(split) > 1:
+                # a split plan owns its output buffers: keep the last few shapes' only,
+                # so that a run over many shapes (e.g. varying T) does not pile them up
+                held = [k for k, p in self._plans.items() if type(p) is _SplitPlan]
+                for k in held[:max(len(held) - MAX_SPLIT_PLANS + 1, 0)]:
+                    del self._plans[k]
                 self._plans[x.shape] = _SplitPlan(self, T, B, split)
         if len(split) == 1 and L * D == 1:      # the workspace's own, cached read-only views
             ws = split[0][0].ws[0]

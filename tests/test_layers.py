@@ -408,3 +408,16 @@ def test_split_plans_equal_the_first_call(batch_first, dtype):
     m.zero_grad()
     for a, b in zip(first, _fwd_bwd(m, x, dy, state=state)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_split_plans_are_kept_for_the_last_few_shapes_only():
+    from fastlstm.lstm import MAX_SPLIT_PLANS, _SplitPlan
+    m = fastlstm.LSTM(16, 32, seed=0, threads=2)
+    rng = np.random.default_rng(6)
+    for T in range(50 + MAX_SPLIT_PLANS + 4, 50, -1):     # longest first: one workspace
+        x = rng.standard_normal((T, 8, 16)).astype(np.float32)
+        for _ in range(2):
+            y = m.forward(x)[0].copy()
+        np.testing.assert_array_equal(y, fastlstm.LSTM(16, 32, seed=0, threads=2).forward(x)[0])
+    split = [k for k, p in m._plans.items() if type(p) is _SplitPlan]
+    assert len(split) == MAX_SPLIT_PLANS and split[-1] == x.shape
