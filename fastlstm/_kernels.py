@@ -912,27 +912,35 @@ def _rows_sigs(n_flat, n_io):
 # Python around the two parts' kernels took 150 us of a 700 us forward).
 
 @njit(inline="always", **JIT)
+def _copy_rows(src, s0, dst, d0, B):
+    """dst[:, d0:d0 + B] = src[:, s0:s0 + B] for (T, *, n) arrays. Written out to the
+    element: a row assignment per (t, b) cost about 60 ns of Numba's slicing, 0.3 ms of
+    a 2.8 ms forward at long size (T*B = 4000 rows)."""
+    for t in range(src.shape[0]):
+        for b in range(B):
+            for j in range(src.shape[2]):
+                dst[t, d0 + b, j] = src[t, s0 + b, j]
+
+
+@njit(inline="always", **JIT)
 def _forward_rows_out(v, y, h_n, c_n, b0):
     """A part's outputs into rows [b0, b0 + B) of the whole batch's y, h_n, c_n."""
     T, B = v.x.shape[:2]
-    for t in range(T):
-        for b in range(B):
-            y[t, b0 + b] = v.h[t + 1, b]
-    for b in range(B):
-        h_n[0, b0 + b] = v.h[T, b]
-        c_n[0, b0 + b] = v.c[T, b]
+    _copy_rows(v.h[1:], 0, y, b0, B)
+    _copy_rows(v.h[T:], 0, h_n, b0, B)
+    _copy_rows(v.c[T:], 0, c_n, b0, B)
 
 
 @njit(inline="always", **JIT)
 def _backward_rows_out(v, dx, dh0, dc0, b0):
     """A part's input gradients into rows [b0, b0 + B) of the whole batch's dx, dh0, dc0."""
-    T, B = v.x.shape[:2]
-    for t in range(T):
-        for b in range(B):
-            dx[t, b0 + b] = v.dx[t, b]
+    B = v.x.shape[1]
+    _copy_rows(v.dx, 0, dx, b0, B)
     for b in range(B):
-        dh0[0, b0 + b] = v.dh[b]
-        dc0[0, b0 + b] = v.dc[b]
+        for j in range(v.dh.shape[1]):
+            dh0[0, b0 + b, j] = v.dh[b, j]
+        for j in range(v.dc.shape[1]):
+            dc0[0, b0 + b, j] = v.dc[b, j]
 
 
 @njit(_rows_sigs(2, 4), **JIT)
@@ -942,9 +950,7 @@ def rows_forward(p, ws, x, y, h_n, c_n, b0, lengths, clip, T, B, I, H, P, opts):
     (no padding), no variant masks."""
     v = _carve_workspace(ws, T, B, I, H, P, opts & LAYER_NORM != 0, opts & ZONEOUT != 0,
                          opts & RDROP != 0)
-    for t in range(T):
-        for b in range(B):
-            v.x[t, b] = x[t, b0 + b]
+    _copy_rows(x, b0, v.x, 0, B)
     layer_forward(p, ws, lengths, clip, T, B, I, H, P, opts)
     _forward_rows_out(v, y, h_n, c_n, b0)
 
@@ -956,9 +962,7 @@ def rows_backward(p, g, ws, dy, dx, dh0, dc0, b0, lengths, clip, T, B, I, H, P, 
     added into g."""
     v = _carve_workspace(ws, T, B, I, H, P, opts & LAYER_NORM != 0, opts & ZONEOUT != 0,
                          opts & RDROP != 0)
-    for t in range(T):
-        for b in range(B):
-            v.dy[t, b] = dy[t, b0 + b]
+    _copy_rows(dy, b0, v.dy, 0, B)
     layer_backward(p, g, ws, lengths, clip, T, B, I, H, P, opts)
     _backward_rows_out(v, dx, dh0, dc0, b0)
 

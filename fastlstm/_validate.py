@@ -7,6 +7,8 @@ import operator
 
 import numpy as np
 
+from ._shared import aligned_empty
+
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -142,10 +144,11 @@ def affordable(n, dtype, what):
 
 
 def allocate(n, dtype, what):
-    """np.empty(n, dtype), with an error that names `what` and the memory it needs."""
+    """np.empty(n, dtype) aligned for the kernels (see _shared.ALIGN), with an error that
+    names `what` and the memory it needs."""
     affordable(n, dtype, what)
     try:
-        return np.empty(n, dtype)
+        return aligned_empty(n, dtype)
     except (MemoryError, ValueError):
         raise MemoryError(f"{what} would need {_gib(n * np.dtype(dtype).itemsize)}, which "
                           "could not be allocated") from None

@@ -22,7 +22,7 @@ from ._kernels import (
     serve_rows,
     zero_padding,
 )
-from ._shared import Buffers, OneThread, readonly
+from ._shared import Buffers, OneThread, aligned_empty, aligned_zeros, readonly
 from ._spin import BACKWARD, FORWARD
 from ._threads import (
     SPLIT_WORK,
@@ -135,10 +135,11 @@ class _SplitPlan:
     def __init__(self, model, T, B, split):
         self.m, self.split = model, split
         P, H = model._P, model.hidden_size
-        self.y = np.empty((T, B, P), model.dtype)
-        self.h_n, self.c_n = np.empty((1, B, P), model.dtype), np.empty((1, B, H), model.dtype)
-        self.dx = np.empty((T, B, model.input_size), model.dtype)
-        self.dh0, self.dc0 = np.empty_like(self.h_n), np.empty_like(self.c_n)
+        dt = model.dtype
+        self.y = aligned_empty((T, B, P), dt)
+        self.h_n, self.c_n = aligned_empty((1, B, P), dt), aligned_empty((1, B, H), dt)
+        self.dx = aligned_empty((T, B, model.input_size), dt)
+        self.dh0, self.dc0 = aligned_empty((1, B, P), dt), aligned_empty((1, B, H), dt)
         lens = model._full_lengths[(T, B)]
         self.parts, self.jobs = [], []
         for part, b0, b1 in split:
@@ -493,7 +494,7 @@ class LSTM:
                 self._blocks.append((offset, size, I_k))
                 self._layout += [(name + sfx, shape) for name, shape in table]
                 offset += size
-        self.bind(check.allocate(offset, self.dtype, what), np.zeros(offset, self.dtype))
+        self.bind(check.allocate(offset, self.dtype, what), aligned_zeros(offset, self.dtype))
         bound = 1.0 / math.sqrt(H)
         self.flat_params[:] = np.random.default_rng(self.seed).uniform(-bound, bound, offset)
         for name, a in self.params.items():
@@ -629,7 +630,7 @@ class LSTM:
         others into gradient buffers of their own, summed after the backward."""
         while len(self._parts) <= r:
             own = len(self._parts) > 0
-            grads = np.zeros_like(self.flat_grads) if own else None
+            grads = aligned_zeros(self.flat_grads.size, self.dtype) if own else None
             self._parts.append(_Part(self, grads))
         return self._parts[r]
 

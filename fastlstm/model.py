@@ -7,7 +7,7 @@ import numpy as np
 from . import _losses, _step, checkpoint, training
 from . import _validate as check
 from ._layout import carve
-from ._shared import Buffers, OneThread
+from ._shared import Buffers, OneThread, aligned_empty, aligned_zeros
 from .lstm import LSTM
 from .optim import clip_grad_norm
 from .reference import ReferenceLSTM
@@ -90,8 +90,8 @@ class SequenceModel:
         self.dtype = self.lstm.dtype
         F, O = self.lstm.output_size, self.output_size
         n_lstm = self.lstm.flat_params.size
-        self.flat_params = np.empty(n_lstm + O * F + O, self.dtype)
-        self.flat_grads = np.zeros_like(self.flat_params)
+        self.flat_params = aligned_empty(n_lstm + O * F + O, self.dtype)
+        self.flat_grads = aligned_zeros(n_lstm + O * F + O, self.dtype)
         self.lstm.bind(self.flat_params[:n_lstm], self.flat_grads[:n_lstm])
         head_table = [("head.weight", (O, F)), ("head.bias", (O,))]
         head_p = carve(self.flat_params[n_lstm:], head_table)

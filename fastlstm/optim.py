@@ -10,6 +10,7 @@ import numpy as np
 
 from . import _updates
 from . import _validate as check
+from ._shared import aligned_zeros
 
 __all__ = ["SGD", "Adam", "AdamW", "RMSprop", "clip_grad_norm"]
 
@@ -44,7 +45,8 @@ class Optimizer:
         self.model = model
         self.hyper = hyper
         self.steps = 0
-        self.state = {k: np.zeros_like(model.flat_params) for k in self.STATE}
+        self.state = {k: aligned_zeros(model.flat_params.size, model.flat_params.dtype)
+                      for k in self.STATE}
         # the update kernel's two state arrays (SGD has one: it is passed twice)
         self.buffers = (self.state[self.STATE[0]], self.state[self.STATE[-1]])
         self._scalars = np.zeros(8)
