@@ -438,9 +438,8 @@ def lstm_forward(w, v, m, lengths, clip, peep, ln, zone, rdrop, exact, pack):
     packed = pack and (4 * H) % NR == 0
     # All input projections at once: one large GEMM instead of T small ones; packed,
     # it ran 1.1-1.2x faster than OpenBLAS on one thread (3200 or 6400 rows, both dtypes).
-    # The backward's dW_ih buffer is free until then and holds W_ih^T's panels.
     if packed:
-        w_in = _uview(v.tmp_ih.reshape(4 * H * I), 0, (4 * H // NR, I, NR))
+        w_in = _uview(v.w_ih_pk.reshape(4 * H * I), 0, (4 * H // NR, I, NR))
         pack_panels_transposed(w.weight_ih, w_in)
         packed_product(x.reshape((T * B, I)), w_in, gates.reshape((T * B, 4 * H)))
     else:
@@ -597,6 +596,75 @@ def _accumulate_transposed(acc, src_t):
             acc[j, k] += src_t[k, j]
 
 
+#: bytes of dZ per chunk of the backward's row-wise products (dx, dW, db), run as soon
+#: as the recurrence has made that many steps' dZ, while they are still in L2 (1 MB per
+#: core here) instead of over all T*B rows after it. One part of long (B=4, T=1000, H=64,
+#: float32) streamed its 4 MB dZ from L3 four times, and two such parts at once ran their
+#: backward 1.1x slower than one alone.
+CHUNK_BYTES = 1 << 17
+
+
+@njit(inline="always", **JIT)
+def _steps(a, t0, t1):
+    """Steps [t0, t1) of a (T, B, n) C-contiguous array as a (rows, n) view."""
+    B, n = a.shape[1], a.shape[2]
+    return _uview(a.reshape(a.size), t0 * B * n, ((t1 - t0) * B, n))
+
+
+@njit(inline="always", **JIT)
+def _backward_steps(w, dw, v, m, lengths, t0, t1, first, gp, dx_panels, ln, rdrop, proj):
+    """Everything of steps [t0, t1) that does not feed the recurrence, once their dZ
+    are made: through LN_ih (and the LN gains' gradients), dx, and the weight and bias
+    gradients. With gp the weight gradients go transposed into dW's scratch buffers
+    (first: overwritten), else they are added into dw; db is added into."""
+    x, dgates = v.x, v.dgates
+    B, I = x.shape[1], x.shape[2]
+    H4 = dgates.shape[2]
+    P = v.h.shape[2]
+    if ln:            # through LN_ih, row by row; and the LN gains' gradients
+        for t in range(t0, t1):
+            for b in range(B):
+                if t < lengths[b]:
+                    dz = dgates[t, b]
+                    for k in range(H4):
+                        dw.ln_ih_weight[k] += dz[k] * v.xn_ih[t, b, k]
+                        dw.ln_hh_weight[k] += dz[k] * v.xn_hh[t, b, k]
+                    _layer_norm_backward(dz, v.xn_ih[t, b], v.rstd[t, b, 0], w.ln_ih_weight,
+                                         v.dxw[t, b])
+                else:
+                    v.dxw[t, b] = 0
+        dgin = _steps(v.dxw, t0, t1)
+        drec = _steps(v.drec, t0, t1)
+    else:
+        dgin = drec = _steps(dgates, t0, t1)
+    xs, dxs = _steps(x, t0, t1), _steps(v.dx, t0, t1)
+    hin = _steps(v.hd if rdrop else v.h, t0, t1)
+    if dx_panels.shape[0] > 0:
+        packed_product(dgin, dx_panels, dxs)
+    else:
+        np.dot(dgin, w.weight_ih, out=dxs)
+    if gp:
+        # dW^T = X^T dZ with dZ's rows read in place (see _gemm.gradient_product):
+        # OpenBLAS packed dZ^T for each of the two products, and that copy took as long as
+        # its multiply-adds at long's shapes.
+        gradient_product(xs, dgin, _uview(v.tmp_ih.reshape(H4 * I), 0, (I, H4)), not first)
+        gradient_product(hin, drec, _uview(v.tmp_hh.reshape(H4 * P), 0, (P, H4)), not first)
+    else:
+        np.dot(dgin.T, xs, out=v.tmp_ih)
+        np.dot(drec.T, hin, out=v.tmp_hh)
+        _accumulate(dw.weight_ih, v.tmp_ih)
+        _accumulate(dw.weight_hh, v.tmp_hh)
+    if proj:
+        np.dot(_steps(v.dhs, t0, t1).T, _steps(m, t0, t1), out=v.tmp_hr)
+        _accumulate(dw.weight_hr, v.tmp_hr)
+    dz2 = _steps(dgates, t0, t1)
+    db = v.db
+    for r in range(dz2.shape[0]):
+        row = dz2[r]
+        for k in range(H4):
+            db[k] += row[k]
+
+
 @njit(**JIT)
 def lstm_backward(w, dw, v, m, lengths, clip, peep, ln, zone, rdrop, pack):
     """Backward through time over the sequence ``lstm_forward`` last ran.
@@ -627,6 +695,17 @@ def lstm_backward(w, dw, v, m, lengths, clip, peep, ln, zone, rdrop, pack):
     panels = _uview(v.w_hhT.reshape(P * 4 * H), 0, (P // NR if packed else 0, 4 * H, NR))
     if packed:
         pack_panels(w_hh, panels)
+    # dx from W_ih's panels where I is a whole number of them.
+    dx_panels = _uview(v.w_ih_pk.reshape(4 * H * I), 0,
+                       (I // NR if pack and I % NR == 0 else 0, 4 * H, NR))
+    if dx_panels.shape[0] > 0:
+        pack_panels(w.weight_ih, dx_panels)
+    # The row-wise products in chunks of steps (see CHUNK_BYTES) where they run on the
+    # micro-kernel; through BLAS, over all rows at once, as its calls cost more.
+    gp = pack and gradient_product_pays(max(I, P), 4 * H, x.itemsize)
+    chunk = max(1, CHUNK_BYTES // (B * 4 * H * x.itemsize)) if gp else T
+    v.db[:] = 0
+    t_hi = T
     for t in range(T - 1, -1, -1):
         for b in range(B):
             if t < lengths[b]:
@@ -671,59 +750,14 @@ def lstm_backward(w, dw, v, m, lengths, clip, peep, ln, zone, rdrop, pack):
                 if zone:
                     for j in range(P):
                         dh[b, j] += v.skip[b, j]
+        if t % chunk == 0:
+            _backward_steps(w, dw, v, m, lengths, t, t_hi, t_hi == T, gp, dx_panels, ln,
+                            rdrop, proj)
+            t_hi = t
 
-    # Everything that does not feed the recurrence: one GEMM each over T*B rows.
-    dz2 = dgates.reshape((T * B, 4 * H))
-    if ln:            # through LN_ih, row by row; and the LN gains' gradients
-        for t in range(T):
-            for b in range(B):
-                if t < lengths[b]:
-                    dz = dgates[t, b]
-                    for k in range(4 * H):
-                        dw.ln_ih_weight[k] += dz[k] * v.xn_ih[t, b, k]
-                        dw.ln_hh_weight[k] += dz[k] * v.xn_hh[t, b, k]
-                    _layer_norm_backward(dz, v.xn_ih[t, b], v.rstd[t, b, 0], w.ln_ih_weight,
-                                         v.dxw[t, b])
-                else:
-                    v.dxw[t, b] = 0
-        dgin = v.dxw.reshape((T * B, 4 * H))
-    else:
-        dgin = dz2
-    if pack and I % NR == 0:         # dx from W_ih's panels, in dW_ih's buffer until then
-        w_dx = _uview(v.tmp_ih.reshape(4 * H * I), 0, (I // NR, 4 * H, NR))
-        pack_panels(w.weight_ih, w_dx)
-        packed_product(dgin, w_dx, v.dx.reshape((T * B, I)))
-    else:
-        np.dot(dgin, w.weight_ih, out=v.dx.reshape((T * B, I)))
-    if rdrop:
-        hin = v.hd.reshape((T * B, P))
-    else:
-        hin = h.reshape(((T + 1) * B, P))[:T * B]
-    drec2 = drec.reshape((T * B, 4 * H))
-    if pack and gradient_product_pays(max(I, P), 4 * H, x.itemsize):
-        # dW^T = X^T dZ with dZ's rows read in place (see _gemm.gradient_product):
-        # OpenBLAS packed dZ^T for each of the two products, and that copy took as long as
-        # its multiply-adds at long's shapes. Into dW's buffers, transposed, then added.
-        g_ih = _uview(v.tmp_ih.reshape(4 * H * I), 0, (I, 4 * H))
-        g_hh = _uview(v.tmp_hh.reshape(4 * H * P), 0, (P, 4 * H))
-        gradient_product(x.reshape((T * B, I)), dgin, g_ih, False)
-        gradient_product(hin, drec2, g_hh, False)
-        _accumulate_transposed(dw.weight_ih, g_ih)
-        _accumulate_transposed(dw.weight_hh, g_hh)
-    else:
-        np.dot(dgin.T, x.reshape((T * B, I)), out=v.tmp_ih)
-        np.dot(drec2.T, hin, out=v.tmp_hh)
-        _accumulate(dw.weight_ih, v.tmp_ih)
-        _accumulate(dw.weight_hh, v.tmp_hh)
-    if proj:
-        np.dot(dhs.reshape((T * B, P)).T, m.reshape((T * B, H)), out=v.tmp_hr)
-        _accumulate(dw.weight_hr, v.tmp_hr)
-    db = v.db
-    db[:] = 0
-    for r in range(T * B):
-        row = dz2[r]
-        for k in range(4 * H):
-            db[k] += row[k]
+    if gp:            # dW^T, transposed, into dW's scratch buffers over the chunks; then added
+        _accumulate_transposed(dw.weight_ih, _uview(v.tmp_ih.reshape(4 * H * I), 0, (I, 4 * H)))
+        _accumulate_transposed(dw.weight_hh, _uview(v.tmp_hh.reshape(4 * H * P), 0, (P, 4 * H)))
 
 
 # --------------------------------------------------------------------------

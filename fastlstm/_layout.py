@@ -53,6 +53,7 @@ WORKSPACE = (
     ("h", "T + 1, B, P", None),
     ("rec", "B, 4 * H", None),          # h_{t-1} W_hh^T of one step
     ("w_hhT", "P, 4 * H", None),        # W_hh^T packed or contiguous (see lstm_forward)
+    ("w_ih_pk", "4 * H, I", None),      # W_ih^T's panels (forward), W_ih's (backward)
     ("bias", "4 * H", None),            # b_ih + b_hh
     ("y", "T, B, P", None),             # the output with padded steps zeroed
     ("dy", "T, B, P", None),

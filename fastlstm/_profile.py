@@ -3,13 +3,14 @@
 fastlstm's are timed the way the layer runs them: each part of the batch (see
 _threads) on its own thread with single-threaded BLAS, the parts at once, the
 recurrent products, the input projection and dx from packed panels (_gemm) or from
-W_hh^T, and the weight gradients from dz's rows in place, where the kernels do."""
+W_hh^T, and the weight gradients from dz's rows in place, in chunks of steps, where
+the kernels do."""
 import numpy as np
 from numba import njit
 
 from ._config import JIT
 from ._gemm import NV, VECTOR_BYTES, gradient_product, gradient_product_pays, packed_product
-from ._kernels import transposed_product_pays
+from ._kernels import CHUNK_BYTES, transposed_product_pays
 from ._threads import run_parts, single_threaded
 from ._timing import median_time
 
@@ -46,17 +47,24 @@ def _panels(b, nr):
 
 
 @njit(**JIT)
-def _weight_gemms(dz, x, hs, w_ih, panels, dx, g_ih, g_hh, in_place):
-    if panels.shape[0] > 0:
-        packed_product(dz, panels, dx)
-    else:
-        np.dot(dz, w_ih, out=dx)
-    if in_place:        # as the kernels: dW^T, from dz's rows in place
-        gradient_product(x, dz, g_ih.reshape((g_ih.shape[1], g_ih.shape[0])), False)
-        gradient_product(hs, dz, g_hh.reshape((g_hh.shape[1], g_hh.shape[0])), False)
-    else:
-        np.dot(dz.T, x, out=g_ih)
-        np.dot(dz.T, hs, out=g_hh)
+def _weight_gemms(dz, x, hs, w_ih, panels, dx, g_ih, g_hh, in_place, rows):
+    """dx and the weight gradients over chunks of `rows` rows, as the kernels run them
+    (see _kernels.CHUNK_BYTES)."""
+    g_ihT = g_ih.reshape((g_ih.shape[1], g_ih.shape[0]))
+    g_hhT = g_hh.reshape((g_hh.shape[1], g_hh.shape[0]))
+    for r0 in range(0, dz.shape[0], rows):
+        r1 = min(dz.shape[0], r0 + rows)
+        dzc, xc, hc, dxc = dz[r0:r1], x[r0:r1], hs[r0:r1], dx[r0:r1]
+        if panels.shape[0] > 0:
+            packed_product(dzc, panels, dxc)
+        else:
+            np.dot(dzc, w_ih, out=dxc)
+        if in_place:        # as the kernels: dW^T, from dz's rows in place
+            gradient_product(xc, dzc, g_ihT, r0 > 0)
+            gradient_product(hc, dzc, g_hhT, r0 > 0)
+        else:
+            np.dot(dzc.T, xc, out=g_ih)
+            np.dot(dzc.T, hc, out=g_hh)
 
 
 @njit(**JIT)
@@ -108,9 +116,11 @@ def _fastlstm_parts(x, h, hs, dz, w_ih, w_hh, T, B, parts):
         groups[ALL_ROWS].append(
             lambda hsr=hsr, dzr=dzr, gates=gates, hd=hd:
             _recurrent_all_rows(hsr, dzr, w_hh, w_hhT, gates, hd, nn))
+        rows = (max(1, CHUNK_BYTES // (n * w_ih.shape[0] * x.itemsize)) * n if in_place
+                else T * n)
         groups["dx and weight-gradient GEMMs"].append(
-            lambda dzr=dzr, xr=xr, hsr=hsr, dx=dx, g_ih=g_ih, g_hh=g_hh:
-            _weight_gemms(dzr, xr, hsr, w_ih, dx_panels, dx, g_ih, g_hh, in_place))
+            lambda dzr=dzr, xr=xr, hsr=hsr, dx=dx, g_ih=g_ih, g_hh=g_hh, rows=rows:
+            _weight_gemms(dzr, xr, hsr, w_ih, dx_panels, dx, g_ih, g_hh, in_place, rows))
     return {k: (calls[0] if parts == 1 else (lambda calls=calls: run_parts(calls)))
             for k, calls in groups.items()}
 
