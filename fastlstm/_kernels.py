@@ -527,12 +527,12 @@ def _cell_backward(a, dz, dm, dc, c_prev, c_t, tc, clip):
 
 
 @njit(inline="always", **JIT)
-def _cell_backward_v(t, b, w, dw, v, ct, dm, clip, peep, ln, zone):
+def _cell_backward_v(t, s, b, w, dw, v, ct, dm, clip, peep, ln, zone):
     """The general step's backward for one sequence: dm (H,) the gradient on m_t,
     v.dc[b] the one on the carried c_t (on entry; c_{t-1}'s on return). Writes
-    dgates[t, b] and, with layer norm, drec[t, b]; adds into the peephole and
-    LN_c gradients."""
-    a, dz, dc = v.gates[t, b], v.dgates[t, b], v.dc[b]
+    dgates[s, b] and, with layer norm, drec[s, b] (s: step t's slot, see
+    lstm_backward); adds into the peephole and LN_c gradients."""
+    a, dz, dc = v.gates[t, b], v.dgates[s, b], v.dc[b]
     c_prev, c_new, tc = v.c[t, b], ct[t, b], v.tanh_c[t, b]
     H = dm.shape[0]
     one = a.dtype.type(1.0)
@@ -577,7 +577,7 @@ def _cell_backward_v(t, b, w, dw, v, ct, dm, clip, peep, ln, zone):
         dz[3 * H + j] = dzo
         dc[j] = dcp
     if ln:            # what W_hh h_{t-1} receives, through LN_hh
-        _layer_norm_backward(dz, v.xn_hh[t, b], v.rstd[t, b, 1], w.ln_hh_weight, v.drec[t, b])
+        _layer_norm_backward(dz, v.xn_hh[t, b], v.rstd[t, b, 1], w.ln_hh_weight, v.drec[s, b])
 
 
 @njit(inline="always", **JIT)
@@ -600,7 +600,7 @@ def _accumulate_transposed(acc, src_t):
 #: as the recurrence has made that many steps' dZ, while they are still in L2 (1 MB per
 #: core here) instead of over all T*B rows after it. One part of long (B=4, T=1000, H=64,
 #: float32) streamed its 4 MB dZ from L3 four times, and two such parts at once ran their
-#: backward 1.1x slower than one alone.
+#: backward 1.1x slower than one alone. dZ is then kept for one chunk only (its slots).
 CHUNK_BYTES = 1 << 17
 
 
@@ -614,9 +614,10 @@ def _steps(a, t0, t1):
 @njit(inline="always", **JIT)
 def _backward_steps(w, dw, v, m, lengths, t0, t1, first, gp, dx_panels, ln, rdrop, proj):
     """Everything of steps [t0, t1) that does not feed the recurrence, once their dZ
-    are made: through LN_ih (and the LN gains' gradients), dx, and the weight and bias
-    gradients. With gp the weight gradients go transposed into dW's scratch buffers
-    (first: overwritten), else they are added into dw; db is added into."""
+    are made (in slots 0 .. t1 - t0, see lstm_backward): through LN_ih (and the LN
+    gains' gradients), dx, and the weight and bias gradients. With gp the weight
+    gradients go transposed into dW's scratch buffers (first: overwritten), else they
+    are added into dw; db is added into."""
     x, dgates = v.x, v.dgates
     B, I = x.shape[1], x.shape[2]
     H4 = dgates.shape[2]
@@ -625,18 +626,18 @@ def _backward_steps(w, dw, v, m, lengths, t0, t1, first, gp, dx_panels, ln, rdro
         for t in range(t0, t1):
             for b in range(B):
                 if t < lengths[b]:
-                    dz = dgates[t, b]
+                    dz = dgates[t - t0, b]
                     for k in range(H4):
                         dw.ln_ih_weight[k] += dz[k] * v.xn_ih[t, b, k]
                         dw.ln_hh_weight[k] += dz[k] * v.xn_hh[t, b, k]
                     _layer_norm_backward(dz, v.xn_ih[t, b], v.rstd[t, b, 0], w.ln_ih_weight,
-                                         v.dxw[t, b])
+                                         v.dxw[t - t0, b])
                 else:
-                    v.dxw[t, b] = 0
-        dgin = _steps(v.dxw, t0, t1)
-        drec = _steps(v.drec, t0, t1)
+                    v.dxw[t - t0, b] = 0
+        dgin = _steps(v.dxw, 0, t1 - t0)
+        drec = _steps(v.drec, 0, t1 - t0)
     else:
-        dgin = drec = _steps(dgates, t0, t1)
+        dgin = drec = _steps(dgates, 0, t1 - t0)
     xs, dxs = _steps(x, t0, t1), _steps(v.dx, t0, t1)
     hin = _steps(v.hd if rdrop else v.h, t0, t1)
     if dx_panels.shape[0] > 0:
@@ -655,9 +656,9 @@ def _backward_steps(w, dw, v, m, lengths, t0, t1, first, gp, dx_panels, ln, rdro
         _accumulate(dw.weight_ih, v.tmp_ih)
         _accumulate(dw.weight_hh, v.tmp_hh)
     if proj:
-        np.dot(_steps(v.dhs, t0, t1).T, _steps(m, t0, t1), out=v.tmp_hr)
+        np.dot(_steps(v.dhs, 0, t1 - t0).T, _steps(m, t0, t1), out=v.tmp_hr)
         _accumulate(dw.weight_hr, v.tmp_hr)
-    dz2 = _steps(dgates, t0, t1)
+    dz2 = _steps(dgates, 0, t1 - t0)
     db = v.db
     for r in range(dz2.shape[0]):
         row = dz2[r]
@@ -672,9 +673,12 @@ def lstm_backward(w, dw, v, m, lengths, clip, peep, ln, zone, rdrop, pack):
     w, v and m as ``lstm_forward`` left them; dw the gradients (a
     ``_layout.Params``), added into. v.dy (T, B, P) the output's gradient; v.dh
     (B, P) and v.dc (B, H) hold dh_n, dc_n on entry and dh0, dc0 on return.
-    Writes v.dgates (T, B, 4H), the pre-activation gradients, v.dx (T, B, I) and
-    v.dhs (T, B, P), the gradient on each h~_t; v.db (4H,) receives the bias's
-    gradient (not added into dw: the caller adds it to each bias there is).
+    Writes v.dx (T, B, I); v.db (4H,) receives the bias's gradient (not added into
+    dw: the caller adds it to each bias there is). The pre-activation gradients
+    (dgates; with layer norm drec, dxw) and the gradient on each h~_t (dhs) of step t
+    live in slot t % chunk of their (T, ...) buffers, used only until the chunk's
+    products have read them (see CHUNK_BYTES): a window that stays in L2 instead of
+    4 MB written out at long size.
     """
     dy, dh, dc, dhs, dgates = v.dy, v.dh, v.dc, v.dhs, v.dgates
     x, h, carry = v.x, v.h, v.carry
@@ -707,39 +711,40 @@ def lstm_backward(w, dw, v, m, lengths, clip, peep, ln, zone, rdrop, pack):
     v.db[:] = 0
     t_hi = T
     for t in range(T - 1, -1, -1):
+        s = t % chunk
         for b in range(B):
             if t < lengths[b]:
                 for j in range(P):
-                    dhs[t, b, j] = dy[t, b, j] + dh[b, j]
+                    dhs[s, b, j] = dy[t, b, j] + dh[b, j]
                 if zone:        # zoneout's share goes straight to h_{t-1}
                     for j in range(P):
                         zh = v.zh[t, b, j]
-                        v.skip[b, j] = dhs[t, b, j] * zh
-                        dhs[t, b, j] *= one - zh
+                        v.skip[b, j] = dhs[s, b, j] * zh
+                        dhs[s, b, j] *= one - zh
             else:        # padding: dy has no effect, the state's gradient passes through
-                dhs[t, b] = 0
+                dhs[s, b] = 0
                 carry[b] = dh[b]
         if proj:
-            np.dot(dhs[t], w_hr, out=v.dm)
+            np.dot(dhs[s], w_hr, out=v.dm)
             dm_t = v.dm
         else:
-            dm_t = dhs[t]
+            dm_t = dhs[s]
         for b in range(B):
             if t < lengths[b]:
                 if plain:
-                    _cell_backward(v.gates[t, b], dgates[t, b], dm_t[b], dc[b], v.c[t, b],
+                    _cell_backward(v.gates[t, b], dgates[s, b], dm_t[b], dc[b], v.c[t, b],
                                    v.c[t + 1, b], v.tanh_c[t, b], clip)
                 else:
-                    _cell_backward_v(t, b, w, dw, v, ct, dm_t[b], clip, peep, ln, zone)
+                    _cell_backward_v(t, s, b, w, dw, v, ct, dm_t[b], clip, peep, ln, zone)
             else:
-                dgates[t, b] = 0
+                dgates[s, b] = 0
                 if ln:
-                    v.drec[t, b] = 0
+                    v.drec[s, b] = 0
         # dh for step t-1 (dh0 after the last iteration).
         if packed:
-            packed_product(drec[t], panels, dh)
+            packed_product(drec[s], panels, dh)
         else:
-            np.dot(drec[t], w_hh, out=dh)
+            np.dot(drec[s], w_hh, out=dh)
         for b in range(B):
             if t >= lengths[b]:
                 dh[b] = carry[b]
