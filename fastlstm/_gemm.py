@@ -24,7 +24,7 @@ from numba.np.arrayobj import make_array
 from ._config import JIT
 
 __all__ = ["panel_width", "pack_panels", "pack_panels_transposed", "packed_product",
-           "gradient_product", "gradient_product_pays"]
+           "gradient_product", "gradient_product_pays", "narrow_product", "narrow_pays"]
 
 #: bytes of one SIMD vector the micro-kernel works in (AVX-512; LLVM splits the
 #: vectors on machines with narrower ones, which still computes the right thing)
@@ -64,8 +64,8 @@ def pack_panels_transposed(bt, packed):
                 packed[p, k, c] = row[k]
 
 
-def _micro_codegen(rows):
-    """IR for C[0:rows, 0:NR] (+)= A[0:rows, 0:K] @ B[0:K, 0:NR].
+def _micro_codegen(rows, nv=NV):
+    """IR for C[0:rows, 0:NR] (+)= A[0:rows, 0:K] @ B[0:K, 0:NR], NR = nv vectors.
 
     Element (r, k) of A is at a_off + r * a_rs + k * a_ks: a row-major A has
     (a_rs, a_ks) = (lda, 1), the transpose of a row-major X (K, n) has (1, n).
@@ -103,13 +103,13 @@ def _micro_codegen(rows):
         adding = builder.icmp_signed("!=", acc, ir.Constant(acc.type, 0))
         with builder.if_then(adding):        # C's old values, only when they are added to
             loaded_block = builder.basic_block
-            loaded = [[builder.load(c_vector(r, v), align=4) for v in range(NV)]
+            loaded = [[builder.load(c_vector(r, v), align=4) for v in range(nv)]
                       for r in range(rows)]
         start = builder.basic_block
         init = []
         for r in range(rows):
             init.append([])
-            for v in range(NV):
+            for v in range(nv):
                 phi = builder.phi(vty)
                 phi.add_incoming(loaded[r][v], loaded_block)
                 phi.add_incoming(zero, entry)
@@ -118,11 +118,11 @@ def _micro_codegen(rows):
 
         builder.position_at_end(loop)
         k = builder.phi(i64)
-        accs = [[builder.phi(vty) for _ in range(NV)] for _ in range(rows)]
+        accs = [[builder.phi(vty) for _ in range(nv)] for _ in range(rows)]
         row = builder.gep(b_ptr, [builder.mul(k, b_ks)])
         bs = [builder.load(builder.bitcast(builder.gep(row, [ir.Constant(i64, v * width)]),
                                            vty.as_pointer()), align=4)
-              for v in range(NV)]
+              for v in range(nv)]
         a_k = builder.gep(a_ptr, [builder.mul(k, a_ks)])
         new = []
         for r in range(rows):
@@ -130,39 +130,43 @@ def _micro_codegen(rows):
             xs = builder.shuffle_vector(builder.insert_element(ir.Constant(vty, ir.Undefined),
                                                                x, ir.Constant(i64, 0)),
                                         ir.Constant(vty, ir.Undefined), splat_mask)
-            new.append([builder.call(fma, [xs, bs[v], accs[r][v]]) for v in range(NV)])
+            new.append([builder.call(fma, [xs, bs[v], accs[r][v]]) for v in range(nv)])
         k_next = builder.add(k, ir.Constant(i64, 1))
         body_end = builder.basic_block
         builder.cbranch(builder.icmp_signed("<", k_next, K), loop, done)
         k.add_incoming(ir.Constant(i64, 0), start)
         k.add_incoming(k_next, body_end)
         for r in range(rows):
-            for v in range(NV):
+            for v in range(nv):
                 accs[r][v].add_incoming(init[r][v], start)
                 accs[r][v].add_incoming(new[r][v], body_end)
 
         builder.position_at_end(done)
-        outs = [[builder.phi(vty) for _ in range(NV)] for _ in range(rows)]   # phis first
+        outs = [[builder.phi(vty) for _ in range(nv)] for _ in range(rows)]   # phis first
         for r in range(rows):
-            for v in range(NV):
+            for v in range(nv):
                 outs[r][v].add_incoming(init[r][v], start)
                 outs[r][v].add_incoming(new[r][v], body_end)
         for r in range(rows):
-            for v in range(NV):
+            for v in range(nv):
                 builder.store(outs[r][v], c_vector(r, v), align=4)
         return context.get_dummy_value()
     return codegen
 
 
-def _make_micro(rows):
+def _make_micro(rows, nv=NV):
     @intrinsic
     def micro(typingctx, a, a_off, a_rs, a_ks, b, b_off, b_ks, c, c_off, ldc, K, acc):
         i = types.int64
-        return types.void(a, i, i, i, b, i, i, c, i, i, i, i), _micro_codegen(rows)
+        return types.void(a, i, i, i, b, i, i, c, i, i, i, i), _micro_codegen(rows, nv)
     return micro
 
 
 _micro1, _micro2, _micro3, _micro4 = (_make_micro(r) for r in (1, 2, 3, 4))
+# one, two or three vectors wide, for narrow_product
+_n1r1, _n1r2, _n1r3, _n1r4 = (_make_micro(r, 1) for r in (1, 2, 3, 4))
+_n2r1, _n2r2, _n2r3, _n2r4 = (_make_micro(r, 2) for r in (1, 2, 3, 4))
+_n3r1, _n3r2, _n3r3, _n3r4 = (_make_micro(r, 3) for r in (1, 2, 3, 4))
 
 
 #: bytes of a's rows one block of the product keeps in L2 across all panels: without
@@ -238,3 +242,56 @@ def gradient_product(a, b, c, acc):
                 _micro2(a, k0 * n + i, 1, n, b, b_off, N, c, i * N + p * NR, N, kn, add)
             elif rest == 1:
                 _micro1(a, k0 * n + i, 1, n, b, b_off, N, c, i * N + p * NR, N, kn, add)
+
+
+@njit(inline="always", **JIT)
+def narrow_pays(N, itemsize):
+    """Whether narrow_product takes an (M, K) @ (K, N) product: N one, two or three
+    SIMD vectors, fewer than a panel."""
+    width = VECTOR_BYTES // itemsize
+    return N % width == 0 and 0 < N < NV * width
+
+
+@njit(inline="always", **JIT)
+def narrow_product(a, b, c):
+    """c (M, N) = a (M, K) @ b (K, N), all C-contiguous, for N that ``narrow_pays``:
+    one micro-kernel panel as wide as b, read in place (b is small and stays in L1).
+    The backward's dx = dZ W_ih at I = 16 or 32 (float32): OpenBLAS ran (4000, 256) x
+    (256, 16) at about 80 GF/s on one thread."""
+    M, K = a.shape
+    N = b.shape[1]
+    nv = N // (VECTOR_BYTES // a.itemsize)
+    i = 0
+    if nv == 1:
+        while i + MR <= M:
+            _n1r4(a, i * K, K, 1, b, 0, N, c, i * N, N, K, 0)
+            i += MR
+        rest = M - i
+        if rest == 3:
+            _n1r3(a, i * K, K, 1, b, 0, N, c, i * N, N, K, 0)
+        elif rest == 2:
+            _n1r2(a, i * K, K, 1, b, 0, N, c, i * N, N, K, 0)
+        elif rest == 1:
+            _n1r1(a, i * K, K, 1, b, 0, N, c, i * N, N, K, 0)
+    elif nv == 2:
+        while i + MR <= M:
+            _n2r4(a, i * K, K, 1, b, 0, N, c, i * N, N, K, 0)
+            i += MR
+        rest = M - i
+        if rest == 3:
+            _n2r3(a, i * K, K, 1, b, 0, N, c, i * N, N, K, 0)
+        elif rest == 2:
+            _n2r2(a, i * K, K, 1, b, 0, N, c, i * N, N, K, 0)
+        elif rest == 1:
+            _n2r1(a, i * K, K, 1, b, 0, N, c, i * N, N, K, 0)
+    else:
+        while i + MR <= M:
+            _n3r4(a, i * K, K, 1, b, 0, N, c, i * N, N, K, 0)
+            i += MR
+        rest = M - i
+        if rest == 3:
+            _n3r3(a, i * K, K, 1, b, 0, N, c, i * N, N, K, 0)
+        elif rest == 2:
+            _n3r2(a, i * K, K, 1, b, 0, N, c, i * N, N, K, 0)
+        elif rest == 1:
+            _n3r1(a, i * K, K, 1, b, 0, N, c, i * N, N, K, 0)

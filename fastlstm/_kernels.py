@@ -34,6 +34,8 @@ from ._config import JIT, follow
 from ._gemm import (
     gradient_product,
     gradient_product_pays,
+    narrow_pays,
+    narrow_product,
     pack_panels,
     pack_panels_transposed,
     packed_product,
@@ -612,7 +614,8 @@ def _steps(a, t0, t1):
 
 
 @njit(inline="always", **JIT)
-def _backward_steps(w, dw, v, m, lengths, t0, t1, first, gp, dx_panels, ln, rdrop, proj):
+def _backward_steps(w, dw, v, m, lengths, t0, t1, first, gp, dx_panels, narrow, ln, rdrop,
+                    proj):
     """Everything of steps [t0, t1) that does not feed the recurrence, once their dZ
     are made (in slots 0 .. t1 - t0, see lstm_backward): through LN_ih (and the LN
     gains' gradients), dx, and the weight and bias gradients. With gp the weight
@@ -642,6 +645,8 @@ def _backward_steps(w, dw, v, m, lengths, t0, t1, first, gp, dx_panels, ln, rdro
     hin = _steps(v.hd if rdrop else v.h, t0, t1)
     if dx_panels.shape[0] > 0:
         packed_product(dgin, dx_panels, dxs)
+    elif narrow:
+        narrow_product(dgin, w.weight_ih, dxs)
     else:
         np.dot(dgin, w.weight_ih, out=dxs)
     if gp:
@@ -699,11 +704,13 @@ def lstm_backward(w, dw, v, m, lengths, clip, peep, ln, zone, rdrop, pack):
     panels = _uview(v.w_hhT.reshape(P * 4 * H), 0, (P // NR if packed else 0, 4 * H, NR))
     if packed:
         pack_panels(w_hh, panels)
-    # dx from W_ih's panels where I is a whole number of them.
+    # dx from W_ih's panels where I is a whole number of them; from W_ih itself, one
+    # narrow panel, where I is one to three vectors.
     dx_panels = _uview(v.w_ih_pk.reshape(4 * H * I), 0,
                        (I // NR if pack and I % NR == 0 else 0, 4 * H, NR))
     if dx_panels.shape[0] > 0:
         pack_panels(w.weight_ih, dx_panels)
+    narrow = pack and narrow_pays(I, x.itemsize)
     # The row-wise products in chunks of steps (see CHUNK_BYTES) where they run on the
     # micro-kernel; through BLAS, over all rows at once, as its calls cost more.
     gp = pack and gradient_product_pays(max(I, P), 4 * H, x.itemsize)
@@ -756,8 +763,8 @@ def lstm_backward(w, dw, v, m, lengths, clip, peep, ln, zone, rdrop, pack):
                     for j in range(P):
                         dh[b, j] += v.skip[b, j]
         if t % chunk == 0:
-            _backward_steps(w, dw, v, m, lengths, t, t_hi, t_hi == T, gp, dx_panels, ln,
-                            rdrop, proj)
+            _backward_steps(w, dw, v, m, lengths, t, t_hi, t_hi == T, gp, dx_panels, narrow,
+                            ln, rdrop, proj)
             t_hi = t
 
     if gp:            # dW^T, transposed, into dW's scratch buffers over the chunks; then added

@@ -9,7 +9,15 @@ import numpy as np
 from numba import njit
 
 from ._config import JIT
-from ._gemm import NV, VECTOR_BYTES, gradient_product, gradient_product_pays, packed_product
+from ._gemm import (
+    NV,
+    VECTOR_BYTES,
+    gradient_product,
+    gradient_product_pays,
+    narrow_pays,
+    narrow_product,
+    packed_product,
+)
 from ._kernels import CHUNK_BYTES, transposed_product_pays
 from ._threads import run_parts, single_threaded
 from ._timing import median_time
@@ -47,7 +55,7 @@ def _panels(b, nr):
 
 
 @njit(**JIT)
-def _weight_gemms(dz, x, hs, w_ih, panels, dx, g_ih, g_hh, in_place, rows):
+def _weight_gemms(dz, x, hs, w_ih, panels, narrow, dx, g_ih, g_hh, in_place, rows):
     """dx and the weight gradients over chunks of `rows` rows, as the kernels run them
     (see _kernels.CHUNK_BYTES)."""
     g_ihT = g_ih.reshape((g_ih.shape[1], g_ih.shape[0]))
@@ -57,6 +65,8 @@ def _weight_gemms(dz, x, hs, w_ih, panels, dx, g_ih, g_hh, in_place, rows):
         dzc, xc, hc, dxc = dz[r0:r1], x[r0:r1], hs[r0:r1], dx[r0:r1]
         if panels.shape[0] > 0:
             packed_product(dzc, panels, dxc)
+        elif narrow:
+            narrow_product(dzc, w_ih, dxc)
         else:
             np.dot(dzc, w_ih, out=dxc)
         if in_place:        # as the kernels: dW^T, from dz's rows in place
@@ -93,6 +103,7 @@ def _fastlstm_parts(x, h, hs, dz, w_ih, w_hh, T, B, parts):
     one = single_threaded(parts, T * B * w_ih.shape[0] * (w_ih.shape[1] + w_hh.shape[1]))
     fwd_panels, bwd_panels, in_panels, dx_panels = (
         _panels(b, nr if one else 0) for b in (w_hhT, w_hh, np.ascontiguousarray(w_ih.T), w_ih))
+    narrow = one and narrow_pays(w_ih.shape[1], x.itemsize)
     in_place = one and gradient_product_pays(max(w_ih.shape[1], w_hh.shape[1]), w_ih.shape[0],
                                              x.itemsize)
     x3, hs3, dz3 = (a.reshape(T, B, -1) for a in (x, hs, dz))
@@ -120,7 +131,8 @@ def _fastlstm_parts(x, h, hs, dz, w_ih, w_hh, T, B, parts):
                 else T * n)
         groups["dx and weight-gradient GEMMs"].append(
             lambda dzr=dzr, xr=xr, hsr=hsr, dx=dx, g_ih=g_ih, g_hh=g_hh, rows=rows:
-            _weight_gemms(dzr, xr, hsr, w_ih, dx_panels, dx, g_ih, g_hh, in_place, rows))
+            _weight_gemms(dzr, xr, hsr, w_ih, dx_panels, narrow, dx, g_ih, g_hh, in_place,
+                          rows))
     return {k: (calls[0] if parts == 1 else (lambda calls=calls: run_parts(calls)))
             for k, calls in groups.items()}
 

@@ -64,3 +64,31 @@ def test_gradient_product_pays_needs_whole_panels(dtype):
     assert _gemm.gradient_product_pays(16, 4 * nr, size)
     assert not _gemm.gradient_product_pays(16, 4 * nr + 4, size)
     assert not _gemm.gradient_product_pays(_gemm.GRADIENT_C_BYTES // (nr * size) + 1, nr, size)
+
+
+@njit
+def _narrow(a, b, c):
+    _gemm.narrow_product(a, b, c)
+
+
+# One, two and three vectors wide; M with 0 to 3 rows left over after the blocks of 4.
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: d.__name__)
+@pytest.mark.parametrize("M,K,vectors", [(1, 1, 1), (6, 33, 2), (9, 130, 3), (8, 256, 1),
+                                         (7, 5, 3)])
+def test_narrow_product(dtype, M, K, vectors):
+    rng = np.random.default_rng(M * K + vectors)
+    width = 16 if dtype == np.float32 else 8
+    a = rng.standard_normal((M, K)).astype(dtype)
+    b = rng.standard_normal((K, vectors * width)).astype(dtype)
+    c = np.full((M, vectors * width), np.nan, dtype)
+    assert _gemm.narrow_pays(vectors * width, np.dtype(dtype).itemsize)
+    _narrow(a, b, c)
+    assert _rel(c, a.astype(np.float64) @ b) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: d.__name__)
+def test_narrow_pays_below_one_panel_only(dtype):
+    width, size = (16, 4) if dtype == np.float32 else (8, 8)
+    assert not _gemm.narrow_pays(width + 1, size)
+    assert not _gemm.narrow_pays(4 * width, size)       # a whole panel: packed_product's
+    assert not _gemm.narrow_pays(0, size)

@@ -81,12 +81,14 @@ def test_variant_float32_matches_torch_float64(torch, variant):
 @pytest.mark.torch
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=lambda d: d.__name__)
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("shape", ["L1", "L2-proj-clip"])
+@pytest.mark.parametrize("shape", ["L1", "L2-proj-clip", "L1-T48"])
 def test_variant_with_packed_products_matches_torch(torch, variant, shape, dtype):
     """H = 64 (and a projection to 32 in float64): the recurrent products run from
     packed panels (_gemm) in both directions; B = 6 leaves two rows past the
-    micro-kernel's blocks of four."""
-    m, prob = make(5, variant, shape, dtype, T=5, B=6, I=4, H=64)
+    micro-kernel's blocks of four. T = 48: the backward's row-wise products run in two
+    or three chunks of steps (_kernels.CHUNK_BYTES), padded steps among them."""
+    T = 48 if shape == "L1-T48" else 5
+    m, prob = make(5, variant, "L1" if T == 48 else shape, dtype, T=T, B=6, I=4, H=64)
     if shape == "L2-proj-clip":
         m = fastlstm.LSTM(**dict(m.config(), proj_size=32))
         m.flat_params += 0.3 * np.random.default_rng(7).standard_normal(
@@ -95,7 +97,7 @@ def test_variant_with_packed_products_matches_torch(torch, variant, shape, dtype
         prob.update(h0=rng.standard_normal((2, 6, 32)).astype(dtype),
                     dy=rng.standard_normal((5, 6, 32)).astype(dtype),
                     dh_n=rng.standard_normal((2, 6, 32)).astype(dtype))
-    lengths = [3, 5, 1, 5, 4, 2]
+    lengths = [3, 5, 1, 5, 4, 2] if T == 5 else [30, 48, 1, 48, 21, 2]
     got = run_ours(m, prob, lengths)
     m64 = fastlstm.LSTM(**dict(m.config(), dtype="float64"))
     m64.load_state_dict(m.state_dict())
