@@ -5,6 +5,7 @@ libm's ``tanh``/``exp`` instead of the vectorised approximations (for
 debugging an accuracy question). It is read when a model is built and passed to
 the kernels as an argument, so the on-disk compilation cache stays valid.
 """
+import hashlib
 import os
 import tempfile
 import warnings
@@ -21,15 +22,47 @@ JIT = dict(
 )
 
 
+def _cache_folder(path):
+    """The folder Numba caches the functions of source file `path` in (the first of its
+    locators that takes the file, as Numba picks one), or None."""
+    from numba.core import caching
+    impl = getattr(caching, "CacheImpl", None) or caching._CacheImpl
+    for cls in impl._locator_classes:
+        locator = cls.from_function(follow, path)
+        if locator is not None:
+            return locator.get_cache_path()
+    return None
+
+
 def follow(path, *deps):
-    """Numba's on-disk cache checks only the timestamp of a cached function's own
-    file, but a kernel that calls (or inlines) kernels of other files carries
-    their code in its cache entry. Touch `path` when one of `deps` (files) is
-    newer, so that its cache is rebuilt. Call it at import, before compiling."""
+    """Numba keys a cached function by its own source file only (by its contents'
+    hash since Numba 0.60-ish, by its timestamp before), but a kernel that calls or
+    inlines kernels of other files carries their code in its cache entry. So the
+    cache entries of `path`'s functions are deleted when the contents of `deps`
+    changed since they were written (a stamp file beside them holds the deps' hash),
+    and Numba compiles them again. Call it at import, before compiling."""
     try:
-        if max(os.stat(d).st_mtime for d in deps) > os.stat(path).st_mtime:
-            os.utime(path)
-    except OSError:          # an installed, read-only package: its files do not change
+        digest = hashlib.sha256()
+        for d in deps:
+            with open(d, "rb") as f:
+                digest.update(f.read())
+        folder = _cache_folder(path)
+        if folder is None or not os.path.isdir(folder):
+            return
+        module = os.path.splitext(os.path.basename(path))[0]
+        stamp = os.path.join(folder, module + ".deps")
+        try:
+            with open(stamp) as f:
+                if f.read() == digest.hexdigest():
+                    return
+        except OSError:
+            pass
+        for name in os.listdir(folder):
+            if name.startswith(module + ".") and name.endswith((".nbi", ".nbc")):
+                os.remove(os.path.join(folder, name))
+        with open(stamp, "w") as f:
+            f.write(digest.hexdigest())
+    except OSError:          # a read-only cache folder: Numba does not write there either
         pass
 
 

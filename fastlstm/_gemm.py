@@ -163,10 +163,6 @@ def _make_micro(rows, nv=NV):
 
 
 _micro1, _micro2, _micro3, _micro4 = (_make_micro(r) for r in (1, 2, 3, 4))
-# one, two or three vectors wide, for narrow_product
-_n1r1, _n1r2, _n1r3, _n1r4 = (_make_micro(r, 1) for r in (1, 2, 3, 4))
-_n2r1, _n2r2, _n2r3, _n2r4 = (_make_micro(r, 2) for r in (1, 2, 3, 4))
-_n3r1, _n3r2, _n3r3, _n3r4 = (_make_micro(r, 3) for r in (1, 2, 3, 4))
 
 
 #: bytes of a's rows one block of the product keeps in L2 across all panels: without
@@ -252,46 +248,42 @@ def narrow_pays(N, itemsize):
     return N % width == 0 and 0 < N < NV * width
 
 
+def _narrow_rows(micro4, micro3, micro2, micro1):
+    """c = a @ b row block by row block with the micro-kernels of one width (b read in
+    place, one panel as wide as c), for narrow_product."""
+    @njit(inline="always", **JIT)
+    def rows(a, b, c):
+        M, K = a.shape
+        N = b.shape[1]
+        i = 0
+        while i + MR <= M:
+            micro4(a, i * K, K, 1, b, 0, N, c, i * N, N, K, 0)
+            i += MR
+        rest = M - i
+        if rest == 3:
+            micro3(a, i * K, K, 1, b, 0, N, c, i * N, N, K, 0)
+        elif rest == 2:
+            micro2(a, i * K, K, 1, b, 0, N, c, i * N, N, K, 0)
+        elif rest == 1:
+            micro1(a, i * K, K, 1, b, 0, N, c, i * N, N, K, 0)
+    return rows
+
+
+_narrow1 = _narrow_rows(*(_make_micro(r, 1) for r in (4, 3, 2, 1)))
+_narrow2 = _narrow_rows(*(_make_micro(r, 2) for r in (4, 3, 2, 1)))
+_narrow3 = _narrow_rows(*(_make_micro(r, 3) for r in (4, 3, 2, 1)))
+
+
 @njit(inline="always", **JIT)
 def narrow_product(a, b, c):
     """c (M, N) = a (M, K) @ b (K, N), all C-contiguous, for N that ``narrow_pays``:
     one micro-kernel panel as wide as b, read in place (b is small and stays in L1).
     The backward's dx = dZ W_ih at I = 16 or 32 (float32): OpenBLAS ran (4000, 256) x
     (256, 16) at about 80 GF/s on one thread."""
-    M, K = a.shape
-    N = b.shape[1]
-    nv = N // (VECTOR_BYTES // a.itemsize)
-    i = 0
+    nv = b.shape[1] // (VECTOR_BYTES // a.itemsize)
     if nv == 1:
-        while i + MR <= M:
-            _n1r4(a, i * K, K, 1, b, 0, N, c, i * N, N, K, 0)
-            i += MR
-        rest = M - i
-        if rest == 3:
-            _n1r3(a, i * K, K, 1, b, 0, N, c, i * N, N, K, 0)
-        elif rest == 2:
-            _n1r2(a, i * K, K, 1, b, 0, N, c, i * N, N, K, 0)
-        elif rest == 1:
-            _n1r1(a, i * K, K, 1, b, 0, N, c, i * N, N, K, 0)
+        _narrow1(a, b, c)
     elif nv == 2:
-        while i + MR <= M:
-            _n2r4(a, i * K, K, 1, b, 0, N, c, i * N, N, K, 0)
-            i += MR
-        rest = M - i
-        if rest == 3:
-            _n2r3(a, i * K, K, 1, b, 0, N, c, i * N, N, K, 0)
-        elif rest == 2:
-            _n2r2(a, i * K, K, 1, b, 0, N, c, i * N, N, K, 0)
-        elif rest == 1:
-            _n2r1(a, i * K, K, 1, b, 0, N, c, i * N, N, K, 0)
+        _narrow2(a, b, c)
     else:
-        while i + MR <= M:
-            _n3r4(a, i * K, K, 1, b, 0, N, c, i * N, N, K, 0)
-            i += MR
-        rest = M - i
-        if rest == 3:
-            _n3r3(a, i * K, K, 1, b, 0, N, c, i * N, N, K, 0)
-        elif rest == 2:
-            _n3r2(a, i * K, K, 1, b, 0, N, c, i * N, N, K, 0)
-        elif rest == 1:
-            _n3r1(a, i * K, K, 1, b, 0, N, c, i * N, N, K, 0)
+        _narrow3(a, b, c)

@@ -372,3 +372,34 @@ def test_one_thread_means_one_thread_for_the_directions_too(monkeypatch):
     assert calls == []
     fastlstm.LSTM(128, 512, bidirectional=True, threads=2).forward(x)    # and 2 means 2
     assert calls == [2]
+
+
+def test_cache_entries_follow_the_files_they_inline(tmp_path, monkeypatch):
+    """A kernel's cache entry carries the code it inlined from other files, and Numba
+    checks only the kernel's own file: _config.follow drops the entries of `path` when
+    a dependency's contents change, and only then."""
+    from fastlstm._config import _cache_folder, follow
+    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
+    path, dep = tmp_path / "kern.py", tmp_path / "dep.py"
+    path.write_text("x = 1\n")
+    dep.write_text("y = 1\n")
+    folder = tmp_path / "__pycache__"
+    folder.mkdir()
+    assert _cache_folder(str(path)) == str(folder)
+
+    def entries():
+        for name in ("kern.f-3.py311.nbi", "kern.f-3.py311.1.nbc", "other.g-1.py311.nbi"):
+            (folder / name).write_bytes(b"")
+
+    def left():
+        return sorted(p.name for p in folder.iterdir() if not p.name.endswith(".deps"))
+
+    entries()
+    follow(str(path), str(dep))          # no stamp yet: entries of unknown age go
+    assert left() == ["other.g-1.py311.nbi"]
+    entries()
+    follow(str(path), str(dep))          # unchanged: kept
+    assert left() == ["kern.f-3.py311.1.nbc", "kern.f-3.py311.nbi", "other.g-1.py311.nbi"]
+    dep.write_text("y = 2\n")
+    follow(str(path), str(dep))          # the dependency changed: dropped
+    assert left() == ["other.g-1.py311.nbi"]
