@@ -35,8 +35,8 @@ def _cache_folder(path):
 
 
 def follow(path, *deps):
-    """Numba keys a cached function by its own source file only (by its contents'
-    hash since Numba 0.60-ish, by its timestamp before), but a kernel that calls or
+    """Numba keys a cached function by its own source file only (in Numba 0.68 by a
+    hash of its contents; older releases by its timestamp), but a kernel that calls or
     inlines kernels of other files carries their code in its cache entry. So the
     cache entries of `path`'s functions are deleted when the contents of `deps`
     changed since they were written (a stamp file beside them holds the deps' hash),

@@ -57,9 +57,9 @@ WORKSPACE = (
     ("bias", "4 * H", None),            # b_ih + b_hh
     ("y", "T, B, P", None),             # the output with padded steps zeroed
     ("dy", "T, B, P", None),
-    ("dgates", "T, B, 4 * H", None),    # pre-activation gradients
+    ("dgates", "T, B, 4 * H", None),    # pre-activation gradients (step t in slot t % chunk)
     ("dx", "T, B, I", None),
-    ("dhs", "T, B, P", None),           # the whole gradient on each h_t
+    ("dhs", "T, B, P", None),           # the whole gradient on each h_t (as dgates)
     ("dm", "B, H", None),
     ("carry", "B, P", None),            # dh of finished sequences, passed through
     ("dh", "B, P", None),
@@ -74,8 +74,8 @@ WORKSPACE = (
     ("xn_hh", "T, B, 4 * H", "layer_norm"),
     ("xn_c", "T, B, H", "layer_norm"),
     ("rstd", "T, B, 3", "layer_norm"),
-    ("dxw", "T, B, 4 * H", "layer_norm"),    # gradient on x W_ih^T (LN_ih's input)
-    ("drec", "T, B, 4 * H", "layer_norm"),   # gradient on h W_hh^T (LN_hh's input)
+    ("dxw", "T, B, 4 * H", "layer_norm"),    # gradient on x W_ih^T (LN_ih's input; as dgates)
+    ("drec", "T, B, 4 * H", "layer_norm"),   # gradient on h W_hh^T (LN_hh's input; as dgates)
     ("du", "B, H", "layer_norm"),            # gradient on LN_c's output, one step
     # zoneout: the cell's new state before zoneout, and the weight each unit of h
     # and c gives its previous value (the 0/1 mask in training, p in evaluation)
