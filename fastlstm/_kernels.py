@@ -960,8 +960,9 @@ def _rows_sigs(n_flat, n_io):
 @njit(inline="always", **JIT)
 def _copy_rows(src, s0, dst, d0, B):
     """dst[:, d0:d0 + B] = src[:, s0:s0 + B] for (T, *, n) arrays. Written out to the
-    element: a row assignment per (t, b) cost about 60 ns of Numba's slicing, 0.3 ms of
-    a 2.8 ms forward at long size (T*B = 4000 rows)."""
+    element: with a row assignment per (t, b), rows_forward of one part of long (4000
+    rows in, 4000 out) ran 0.3 ms longer than layer_forward on the same workspace (3.0
+    against 2.7 ms); written out, 0.18 ms."""
     for t in range(src.shape[0]):
         for b in range(B):
             for j in range(src.shape[2]):
