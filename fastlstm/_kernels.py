@@ -7,8 +7,9 @@ equations), arranged the way fast LSTMs (cuDNN, oneDNN) arrange it:
   recurrence; each step is one small GEMM ``h_{t-1} W_hh^T`` plus one fused
   elementwise pass over the gates;
 * backward: each step is one fused elementwise pass plus one GEMM
-  ``dz W_hh``; dx, dW_ih and dW_hh are one GEMM each over all T*B rows after
-  the recurrence.
+  ``dz W_hh``; dx, dW_ih, dW_hh and db, which do not feed the recurrence, are
+  GEMMs over many rows, run in chunks of steps as soon as the recurrence has made
+  their dz (see CHUNK_BYTES), or over all T*B rows after it where BLAS runs them.
 
 Every kernel writes into buffers its caller allocated and returns nothing, so
 nothing is allocated per step. Gate pre-activations and activations are kept
