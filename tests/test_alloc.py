@@ -114,3 +114,27 @@ def test_every_variant_allocates_nothing_that_grows():
         else:
             assert large["peak"] < 24_000, (name, res)
             assert large["peak"] <= small["peak"] + 8192, (name, res)
+
+
+def test_streamed_buffers_start_on_a_cache_line():
+    """The kernels' buffers start on a 64-byte line (_shared.ALIGN): at NumPy's 16 bytes
+    every AVX-512 load straddled two lines."""
+    import numpy as np
+
+    import fastlstm
+    from fastlstm._shared import ALIGN, aligned_empty
+    for n in (1, 7, 1000):
+        for dt in (np.float32, np.float64, np.uint8):
+            a = aligned_empty(n, dt)
+            assert a.ctypes.data % ALIGN == 0 and a.shape == (n,) and a.dtype == dt
+    assert aligned_empty((3, 5), np.float32).shape == (3, 5)
+    model = fastlstm.SequenceModel(3, 8, 2, dtype=np.float32, seed=0)
+    opt = fastlstm.Adam(model, lr=1e-3)
+    lstm = fastlstm.LSTM(3, 8, seed=0)
+    x = np.ones((20, 4, 3), lstm.dtype)
+    y, _ = lstm.forward(x)
+    lstm.backward(np.ones_like(y))
+    ws = lstm._part(0).ws[0].flat
+    for a in (model.flat_params, model.flat_grads, lstm.flat_params, lstm.flat_grads, ws,
+              *opt.state.values()):
+        assert a.ctypes.data % ALIGN == 0
