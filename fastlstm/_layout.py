@@ -21,8 +21,8 @@ import collections
 import math
 
 __all__ = ["PARAMS", "WORKSPACE", "DIMS", "FLAGS", "Params", "Workspace", "shape_of",
-           "param_table", "param_size", "workspace_table", "workspace_size", "carve",
-           "carving_source"]
+           "param_table", "param_size", "layer_blocks", "workspace_table", "workspace_size",
+           "carve", "carving_source"]
 
 #: One direction of one layer's parameters, in torch.nn.LSTM's order.
 PARAMS = (
@@ -124,6 +124,24 @@ def param_table(I, H, P, *flags):
 def param_size(I, H, P, *flags):
     """Elements of one direction of one layer's parameters."""
     return sum(math.prod(s) for _, s in param_table(I, H, P, *flags))
+
+
+def layer_blocks(input_size, H, P, num_layers, D, *flags):
+    """A whole (stacked, D-directional) LSTM's parameters: ([(offset, size, I_k)] per
+    layer and direction, [(torch name, shape)] of every parameter in torch's order).
+    flags as param_table's. Made from the sizes alone, so that a checkpoint's arrays
+    can be checked against its config before a model is built."""
+    blocks, names, offset = [], [], 0
+    for k in range(num_layers):
+        I_k = input_size if k == 0 else D * P
+        table = param_table(I_k, H, P, *flags)
+        size = sum(math.prod(shape) for _, shape in table)
+        for d in range(D):
+            sfx = f"_l{k}" + ("_reverse" if d else "")
+            blocks.append((offset, size, I_k))
+            names += [(name + sfx, shape) for name, shape in table]
+            offset += size
+    return blocks, names
 
 
 def workspace_table(T, B, I, H, P, *flags):

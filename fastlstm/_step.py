@@ -48,8 +48,9 @@ def _loss_impl(kind, logits, y, valid, dlogits):
 
 
 @njit(**JIT)
-def train_step(p, g, ws, lengths, y, valid, scratch, s1, s2, hyper, ints):
-    """One step; returns the loss.
+def train_step(p, g, ws, lengths, y, valid, scratch, s1, s2, hyper, ints, count):
+    """One step; returns the loss. A loss that is not finite leaves the parameters,
+    the optimizer's state and its step count (count[0]) as they were.
 
     p, g: the model's flat parameters and gradients, the layer's first (n of them),
     then the head's W (O, P) and b (O,). ws, lengths: the layer's workspace and
@@ -91,9 +92,11 @@ def train_step(p, g, ws, lengths, y, valid, scratch, s1, s2, hyper, ints):
         v.dy[lengths[r] - 1, r] = dfeats[r]
     layer_backward(p[:n], g[:n], ws, lengths, clip, T, B, I, H, P, opts)
 
+    if not math.isfinite(loss):
+        return loss
     if max_norm > 0:                          # as optim.clip_grad_norm
         coef = max_norm / (math.sqrt(_updates.sum_squares(g)) + 1e-6)
         if coef < 1.0:
             _updates.scale(g, g.dtype.type(coef))
-    _updates.update(rule, p, g, s1, s2, hyper)
+    _updates.update(rule, p, g, s1, s2, hyper, count)
     return loss

@@ -196,6 +196,10 @@ class Server:
                 self._wake = False
                 job = self._job
             job(self.cell, self.spins)
+            with self._cv:
+                if not self._wake:      # idle: hold no job, nor the buffers it refers to
+                    self._job = None
+            job = None
 
     def post(self, number, job, cmd):
         """Post command `cmd` for job `number`, served by `job`; returns the number

@@ -67,16 +67,19 @@ def _rmsprop(p, g, sq, buf, s):
 
 
 @njit(**JIT)
-def update(kind, p, g, s1, s2, s):
+def update(kind, p, g, s1, s2, s, count):
     """One step of rule `kind` on parameters p with gradients g; s1, s2 its state
     arrays (SGD: s1 the momentum buffer; Adam: exp_avg, exp_avg_sq; RMSprop:
-    square_avg, momentum_buffer), s its scalars."""
+    square_avg, momentum_buffer), s its scalars. count[0], the optimizer's step
+    count, is raised here, in the same compiled call as the update: Python counting
+    before or after it could be interrupted (Ctrl-C) between the two."""
     if kind == SGD:
         _sgd(p, g, s1, s)
     elif kind == ADAM:
         _adam(p, g, s1, s2, s)
     else:
         _rmsprop(p, g, s1, s2, s)
+    count[0] += 1
 
 
 @njit(**JIT)

@@ -53,6 +53,9 @@ class DataParallel:
         for attr in ("config", "flat_params", "flat_grads", "forward_backward", "lstm"):
             if not hasattr(model, attr):
                 raise TypeError(f"model must be a SequenceModel, got {type(model).__name__}")
+        if comm is not None and not isinstance(comm, MPI.Comm):
+            raise TypeError(f"comm must be an mpi4py communicator (e.g. MPI.COMM_WORLD), got "
+                            f"{type(comm).__name__}")
         self.model = model
         self.comm = MPI.COMM_WORLD if comm is None else comm
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
@@ -131,8 +134,30 @@ class DataParallel:
         None for an empty shard)."""
         return self._sum_gradients("forward_backward", x, y, lengths, state)
 
+    def _check_everywhere(self, what, x, y, lengths, state):
+        """Check this shard's arguments as the model would, and agree with the other
+        ranks before anything is written: a refused step changes nothing on any rank."""
+        error = None
+        try:
+            if isinstance(x, np.ndarray) and x.ndim == 3 and x.shape[0] == 0:   # an empty shard
+                check.float_array("x", x, self.dtype)
+                check.shape("x", x, ("B", "T", self.model.lstm.input_size))
+            else:
+                self.model.check_inputs(x, lengths, state)
+            self.model.check_targets(y, x.shape[0], x.shape[1])
+        except (TypeError, ValueError) as e:
+            error = e
+        self._scalars[:] = (0, 0, error is not None)
+        self._timed(lambda: self.comm.Allreduce(MPI.IN_PLACE, self._scalars, op=MPI.SUM))
+        if error is not None:
+            raise error
+        if self._scalars[2]:
+            raise RuntimeError(f"{what} failed on {int(self._scalars[2])} other rank(s) (see "
+                               "their errors); nothing was changed here")
+
     def _sum_gradients(self, what, x, y, lengths, state):
         m = self.model
+        self._check_everywhere(what, x, y, lengths, state)
         m.zero_grad()
         final = [None]
         mine = [0]
@@ -158,6 +183,8 @@ class DataParallel:
         if clip_norm is not None:
             clip_norm = check.real("clip_norm", clip_norm, lo=0.0, lo_open=True)
         loss, _ = self._sum_gradients("train_step", x, y, lengths, None)
+        if not np.isfinite(loss):        # the same on every rank: no update from it
+            return loss
         if clip_norm is not None:
             clip_grad_norm(self.model, clip_norm)   # every rank holds the summed gradient
         opt.step()
@@ -213,6 +240,7 @@ class DataParallel:
         shared out too; every rank gets the same history; only rank 0 shows progress.
         `max_seconds` is read on rank 0's clock, so that all ranks stop after the
         same epoch."""
+        batch_size = self._same_data(x, lengths, batch_size, epochs, seed)
         N = len(x)
         if bptt is not None and (batch_size < self.size or 0 < N % batch_size < self.size):
             raise ValueError(f"bptt under DataParallel needs every rank's share of every "
@@ -224,6 +252,33 @@ class DataParallel:
                             lengths=lengths, clip_norm=clip_norm, patience=patience,
                             max_seconds=max_seconds, part=self.part,
                             agree=self.agree)
+
+    def _same_data(self, x, lengths, batch_size, epochs, seed):
+        """Raise on every rank unless all ranks pass data of one shape and dtype and
+        the same schedule: a rank with fewer sequences would pair its collectives
+        with the wrong steps and leave the others waiting."""
+        error = None
+        try:
+            batch_size = check.positive_int("batch_size", batch_size)
+            check.float_array("x", x, self.dtype)
+            mine = dict(shape=list(x.shape), dtype=str(x.dtype), lengths=lengths is not None,
+                        batch_size=batch_size, epochs=epochs, seed=seed)
+        except (TypeError, ValueError) as e:
+            error, mine = e, dict(error=repr(e))
+        everyone = self.comm.allgather(mine)
+        if error is not None:
+            raise error
+        failed = [r for r, d in enumerate(everyone) if "error" in d]
+        if failed:
+            raise RuntimeError(f"fit failed on rank {failed[0]}: {everyone[failed[0]]['error']}")
+        differ = [r for r, d in enumerate(everyone) if d != everyone[0]]
+        if differ:
+            theirs = everyone[differ[0]]
+            what = ", ".join(f"{k} {theirs[k]!r} against {everyone[0][k]!r}"
+                             for k in mine if theirs[k] != everyone[0][k])
+            raise ValueError(f"fit needs the same data on every rank: rank {differ[0]} has "
+                             f"{what} on rank 0")
+        return batch_size
 
     def save(self, path, optimizer=None):
         """``SequenceModel.save`` from rank 0 only (atomic, as there); every rank

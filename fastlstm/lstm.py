@@ -2,6 +2,7 @@
 import math
 import re
 import threading
+import weakref
 from functools import partial
 
 import numpy as np
@@ -82,11 +83,15 @@ class _Workspace:
 
 class _Last:
     """What backward differentiates: the last forward's shape, lengths, dropout
-    masks, and the thread that ran it."""
+    masks, and the thread that ran it. A plan's own record refers to its plan weakly:
+    a dropped plan is then freed at once, with the workspace it holds, instead of
+    when the cyclic collector comes by (T changing every step piled up gigabytes);
+    without its plan, backward takes the general path over the same workspaces."""
 
     def __init__(self, T, B, lengths, masks, vmasks, split, plan=None, one_thread=True):
         self.T, self.B, self.lengths, self.masks, self.split = T, B, lengths, masks, split
-        self.vmasks, self.plan, self.one_thread = vmasks, plan, one_thread
+        self.vmasks, self.one_thread = vmasks, one_thread
+        self.plan = None if plan is None else weakref.ref(plan)
         self.thread = threading.get_ident()
 
 
@@ -159,6 +164,7 @@ class _SplitPlan:
         self.grad_out = (readonly(self.dx.transpose(1, 0, 2) if bf else self.dx),
                          (readonly(self.dh0), readonly(self.dc0)))
         self.dy_shape = self.out[0].shape
+        self.copies = {}                  # "x", "dy": read-only inputs copied (_writable)
         self.last = _Last(T, B, lens, [None], {}, split, plan=self)
 
     def _run(self, src, name, cmd, call):
@@ -181,16 +187,27 @@ class _SplitPlan:
         finally:
             release_servers()
 
+    def _writable(self, a, name):
+        """a, or a copy in a buffer of this plan's when it is read-only: the kernels
+        read the caller's rows in place but take no read-only array."""
+        if a.flags.writeable:
+            return a
+        buf = self.copies.get(name)
+        if buf is None:
+            buf = self.copies[name] = aligned_empty(a.shape, a.dtype)
+        np.copyto(buf, a)
+        return buf
+
     def forward(self, x):
         m = self.m
-        xt = m._time_major(x)
+        xt = self._writable(m._time_major(x), "x")
         self._run(xt, "x", FORWARD, lambda part, b0, sizes: rows_forward(
             m._pblocks[0], part.ws[0].flat, xt, self.y, self.h_n, self.c_n, b0, *sizes))
         return self.out
 
     def backward(self, dy):
         m = self.m
-        dyt = m._time_major(dy)
+        dyt = self._writable(m._time_major(dy), "dy")
 
         def call(part, b0, sizes):
             if part is not self.parts[0][0]:          # the pool's way: the others' sums
@@ -334,8 +351,10 @@ class _Part:
                     np.copyto(v["dy"], grad[:, :, :P], casting="same_kind")
                 else:
                     g_rev = grad[:, :, P:]
-                    if g_rev.dtype != m.dtype:
-                        g_rev = g_rev.astype(m.dtype)
+                    if g_rev.dtype != m.dtype or not g_rev.flags.writeable:
+                        # the kernels take the model's dtype and no read-only array
+                        g_rev = self.buf.get(f"dy_rev{k}", g_rev.shape)
+                        np.copyto(g_rev, grad[:, :, P:], casting="same_kind")
                     reverse_in_time(g_rev, v["dy"], lens)
                 if dh_n is not None:
                     np.copyto(v["dh"], dh_n[j], casting="same_kind")
@@ -441,31 +460,14 @@ class LSTM:
                  dropout=0.0, bidirectional=False, proj_size=0, dtype=np.float32, seed=None,
                  forget_bias=0.0, cell_clip=None, threads=None, peephole=False,
                  layer_norm=False, zoneout=0.0, zoneout_cell=0.0, recurrent_dropout=0.0):
-        self.input_size = check.positive_int("input_size", input_size)
-        self.hidden_size = check.positive_int("hidden_size", hidden_size)
-        self.num_layers = check.positive_int("num_layers", num_layers)
-        self.bias = check.boolean("bias", bias)
-        self.batch_first = check.boolean("batch_first", batch_first)
-        self.bidirectional = check.boolean("bidirectional", bidirectional)
-        self.dropout = check.real("dropout", dropout, lo=0.0, hi=1.0, hi_open=True)
-        self.proj_size = check.nonnegative_int("proj_size", proj_size)
-        if self.proj_size >= self.hidden_size:
-            raise ValueError(f"proj_size must be smaller than hidden_size={self.hidden_size}, "
-                             f"got {self.proj_size}")
-        self.dtype = check.dtype("dtype", dtype)
-        self.forget_bias = check.real("forget_bias", forget_bias)
-        if self.forget_bias != 0 and not self.bias:
-            raise ValueError(f"forget_bias={self.forget_bias} needs bias=True")
-        self.cell_clip = None if cell_clip is None else check.real(
-            "cell_clip", cell_clip, lo=0.0, lo_open=True)
-        self.seed = check.seed("seed", seed)
-        self.threads = None if threads is None else check.positive_int("threads", threads)
-        self.peephole = check.boolean("peephole", peephole)
-        self.layer_norm = check.boolean("layer_norm", layer_norm)
-        self.zoneout, self.zoneout_cell, self.recurrent_dropout = (
-            check.real(name, p, lo=0.0, hi=1.0, hi_open=True)
-            for name, p in (("zoneout", zoneout), ("zoneout_cell", zoneout_cell),
-                            ("recurrent_dropout", recurrent_dropout)))
+        config = check.layer_config(
+            input_size, hidden_size, num_layers=num_layers, bias=bias, batch_first=batch_first,
+            dropout=dropout, bidirectional=bidirectional, proj_size=proj_size, dtype=dtype,
+            seed=seed, forget_bias=forget_bias, cell_clip=cell_clip, threads=threads,
+            peephole=peephole, layer_norm=layer_norm, zoneout=zoneout, zoneout_cell=zoneout_cell,
+            recurrent_dropout=recurrent_dropout)
+        for k, v in config.items():
+            setattr(self, k, v)
         self.training = True
 
         H, D = self.hidden_size, self.num_directions
@@ -482,18 +484,10 @@ class LSTM:
         total = D * (_layout.param_size(self.input_size, H, P, *flags)
                      + (self.num_layers - 1) * _layout.param_size(D * P, H, P, *flags))
         check.affordable(2 * total, self.dtype, what)     # before any list of that size is built
-        self._blocks = []      # per (layer, direction): (offset, size, input size)
-        self._layout = []      # (name, shape) of every parameter, in torch's order
-        offset = 0
-        for k in range(self.num_layers):
-            I_k = self.input_size if k == 0 else D * P
-            for d in range(D):
-                sfx = f"_l{k}" + ("_reverse" if d else "")
-                table = _layout.param_table(I_k, H, P, *flags)
-                size = sum(math.prod(shape) for _, shape in table)
-                self._blocks.append((offset, size, I_k))
-                self._layout += [(name + sfx, shape) for name, shape in table]
-                offset += size
+        # per (layer, direction): (offset, size, input size); (name, shape) of every parameter
+        self._blocks, self._layout = _layout.layer_blocks(self.input_size, H, P,
+                                                          self.num_layers, D, *flags)
+        offset = sum(size for _, size, _ in self._blocks)
         self.bind(check.allocate(offset, self.dtype, what), aligned_zeros(offset, self.dtype))
         bound = 1.0 / math.sqrt(H)
         self.flat_params[:] = np.random.default_rng(self.seed).uniform(-bound, bound, offset)
@@ -821,7 +815,7 @@ class LSTM:
         T, B, lens, masks = last.T, last.B, last.lengths, last.masks
         L, D, H, P = self.num_layers, self.num_directions, self.hidden_size, self._P
         check.float_array("dy", dy, self.dtype)
-        plan = last.plan
+        plan = None if last.plan is None else last.plan()
         if type(plan) is _Plan and dstate is None and dy.shape == plan.dy.shape:
             np.copyto(plan.dy, dy, casting="same_kind")
             layer_backward(*plan.bargs)

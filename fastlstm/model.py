@@ -1,10 +1,12 @@
 """SequenceModel: an LSTM, a linear head and a loss, with a one-call training step,
 ``fit``, and checkpoints."""
+import inspect
 import math
+import weakref
 
 import numpy as np
 
-from . import _losses, _step, checkpoint, training
+from . import _layout, _losses, _step, checkpoint, training
 from . import _validate as check
 from ._layout import carve
 from ._shared import Buffers, OneThread, aligned_empty, aligned_zeros
@@ -26,7 +28,7 @@ class _StepPlan:
     def __init__(self, model, plan):
         clip, T, B, I, H, P, opts = plan.sizes[1:]
         O = model.output_size
-        self.plan = plan
+        self.plan = weakref.ref(plan)     # not the plan's workspace, once the layer drops it
         loss = {"mse": _step.MSE, "bce": _step.BCE, "ce": _step.CE}[model.loss]
         self.ints = np.array([T, B, I, H, P, opts, model.lstm.flat_params.size, O, loss, 0],
                              np.int64)
@@ -135,6 +137,24 @@ class SequenceModel:
             check.float_array("y", y, self.dtype)
             check.shape("y", y, lead + (self.output_size,))
 
+    def check_inputs(self, x, lengths=None, state=None):
+        """Raise, naming the argument, as the layer's forward would for x (N, T, I),
+        lengths and state; writes nothing."""
+        check.float_array("x", x, self.dtype)
+        check.shape("x", x, ("B", "T", self.lstm.input_size))
+        B, T = x.shape[:2]
+        if T < 1 or B < 1:
+            raise ValueError(f"x must have T >= 1 and B >= 1, got shape {x.shape}")
+        check.lengths("lengths", lengths, B, T)
+        if state is not None:
+            h, c = check.pair("state", state)
+            n = self.lstm.num_layers * self.lstm.num_directions
+            P = self.lstm.output_size // self.lstm.num_directions
+            for part, a, size in (("state[0] (h)", h, P),
+                                  ("state[1] (c)", c, self.lstm.hidden_size)):
+                check.float_array(part, a, self.dtype)
+                check.shape(part, a, (n, B, size))
+
     def _head(self, x, lengths, state=None):
         """Forward through the LSTM and the head: (logits rows, features, time-major
         lengths, T, B, final state)."""
@@ -184,8 +204,8 @@ class SequenceModel:
         """Forward, loss and backward, adding into ``grads`` (no optimizer step).
         Returns (loss, the LSTM's final state as read-only views)."""
         with self._guard("forward_backward"):
-            if isinstance(x, np.ndarray) and x.ndim == 3:    # else forward names x's problem
-                self.check_targets(y, x.shape[0], x.shape[1])
+            self.check_inputs(x, lengths, state)
+            self.check_targets(y, x.shape[0], x.shape[1])
             return self._forward_backward(x, y, lengths, state)
 
     def _forward_backward(self, x, y, lengths, state):
@@ -214,7 +234,8 @@ class SequenceModel:
 
         After the first call at a shape it allocates nothing (no Numba or NumPy
         buffers) and runs no Python loop over steps or parameters. Returns the
-        loss as a float.
+        loss as a float. A loss that is not finite (NaN, inf) is returned without
+        an update: the parameters and the optimizer keep the last finite step's.
         """
         with self._guard("train_step"):
             if isinstance(x, np.ndarray) and x.ndim == 3:    # else forward names x's problem
@@ -230,8 +251,11 @@ class SequenceModel:
                     plan = self.lstm._enter_plan(x)
                     if plan is not None:
                         return self._fused_step(plan, x, y, opt, clip_norm)
+            self.check_inputs(x, lengths)      # before the gradients are zeroed
             self.zero_grad()
             loss, _ = self._forward_backward(x, y, lengths, None)
+            if not math.isfinite(loss):          # as the fused step: no update from it
+                return float(loss)
             if clip_norm is not None:
                 clip_grad_norm(self, clip_norm)
             opt.step()
@@ -240,9 +264,9 @@ class SequenceModel:
     def _fused_step(self, plan, x, y, opt, clip_norm):
         """train_step as one kernel call (_step.train_step), x already in the plan."""
         sp = self._steps.get(x.shape)
-        if sp is None or sp.plan is not plan:
+        if sp is None or sp.plan() is not plan:
             sp = self._steps[x.shape] = _StepPlan(self, plan)
-        if y.dtype != sp.target.dtype or not y.flags.c_contiguous:
+        if y.dtype != sp.target.dtype or not y.flags.c_contiguous or not y.flags.writeable:
             np.copyto(sp.target, y, casting="same_kind" if self.loss != "ce" else "unsafe")
             y = sp.target
         opt.next_scalars(sp.hyper)
@@ -250,7 +274,8 @@ class SequenceModel:
         sp.ints[9] = opt.KIND
         s1, s2 = opt.buffers
         return float(_step.train_step(self.flat_params, self.flat_grads, plan.ws, plan.lens, y,
-                                      sp.valid, sp.scratch, s1, s2, sp.hyper, sp.ints))
+                                      sp.valid, sp.scratch, s1, s2, sp.hyper, sp.ints,
+                                      opt.count))
 
     def evaluate(self, x, y, lengths=None):
         """The mean loss, in evaluation mode (no dropout), without gradients."""
@@ -341,4 +366,36 @@ def load(path, with_optimizer=False):
     ``FileNotFoundError``) and nothing is loaded. With ``with_optimizer`` returns
     ``(model, optimizer)``, the optimizer restored (None if none was saved).
     """
-    return checkpoint.load(path, SequenceModel, with_optimizer)
+    return checkpoint.load(path, SequenceModel, param_shapes, with_optimizer)
+
+
+_CONFIG_KEYS = (set(inspect.signature(check.layer_config).parameters)
+                | {"output_size", "head", "loss", "backend"})
+
+
+def param_shapes(config, count=None):
+    """{name: shape} of the parameters of the SequenceModel that ``config`` (as in a
+    checkpoint) describes, computed from the sizes without building it; TypeError or
+    ValueError for a config that would not build, or (with `count`) that does not
+    describe `count` parameter arrays."""
+    layer = dict(config)
+    unknown = sorted(set(layer) - _CONFIG_KEYS)
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}")
+    output_size = check.positive_int("output_size", layer.pop("output_size", None))
+    for key, allowed in (("head", HEADS), ("loss", LOSSES), ("backend", tuple(BACKENDS))):
+        value = layer.pop(key, allowed[0])
+        if value not in allowed:
+            raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
+    c = check.layer_config(**layer)
+    H, D = c["hidden_size"], 2 if c["bidirectional"] else 1
+    P = c["proj_size"] or H
+    flags = (c["bias"], bool(c["proj_size"]), c["peephole"], c["layer_norm"])
+    n = c["num_layers"] * D * len(_layout.param_table(1, H, P, *flags)) + 2
+    if count is not None and n != count and n > 10 * count + 1000:   # before n names are made
+        raise ValueError(f"it describes {n} parameter arrays, the file holds {count}")
+    check.affordable(c["num_layers"] * D * _layout.param_size(max(c["input_size"], D * P), H, P,
+                                                              *flags),
+                     c["dtype"], "the parameters its config describes")
+    _, names = _layout.layer_blocks(c["input_size"], H, P, c["num_layers"], D, *flags)
+    return dict(names, **{"head.weight": (output_size, D * P), "head.bias": (output_size,)})

@@ -44,23 +44,38 @@ class Optimizer:
                             f"SequenceModel), got {type(model).__name__}")
         self.model = model
         self.hyper = hyper
-        self.steps = 0
+        self._count = np.zeros(1, np.int64)      # steps: raised by the update kernel
         self.state = {k: aligned_zeros(model.flat_params.size, model.flat_params.dtype)
                       for k in self.STATE}
         # the update kernel's two state arrays (SGD has one: it is passed twice)
         self.buffers = (self.state[self.STATE[0]], self.state[self.STATE[-1]])
         self._scalars = np.zeros(8)
 
+    @property
+    def steps(self):
+        """The number of steps taken."""
+        return int(self._count[0])
+
+    @steps.setter
+    def steps(self, n):
+        self._count[0] = n
+
+    @property
+    def count(self):
+        """The step count as a (1,) int64 array, which the update kernel raises."""
+        return self._count
+
     def next_scalars(self, out):
-        """Count one more step and write its scalars (float64, the order the update
-        kernel reads) into `out`. For the fused training step; ``step`` uses it too."""
+        """Write the next step's scalars (float64, the order the update kernel reads)
+        into `out`; the kernel counts the step. For the fused training step; ``step``
+        uses it too."""
         raise NotImplementedError
 
     def step(self):
         """Update the model's parameters from its gradients."""
         self.next_scalars(self._scalars)
         _updates.update(self.KIND, self.model.flat_params, self.model.flat_grads,
-                        *self.buffers, self._scalars)
+                        *self.buffers, self._scalars, self._count)
 
     def zero_grad(self):
         self.model.flat_grads.fill(0)
@@ -103,7 +118,6 @@ class SGD(Optimizer):
     def next_scalars(self, out):
         h = self.hyper
         out[:5] = (h["lr"], h["momentum"], h["weight_decay"], h["nesterov"], self.steps == 0)
-        self.steps += 1
 
 
 class Adam(Optimizer):
@@ -124,11 +138,11 @@ class Adam(Optimizer):
 
     def next_scalars(self, out):
         h = self.hyper
-        self.steps += 1
+        t = self.steps + 1
         b1, b2 = h["betas"]
         lr, wd = h["lr"], h["weight_decay"]
-        bc1 = 1 - b1 ** self.steps
-        bc2_sqrt = math.sqrt(1 - b2 ** self.steps)
+        bc1 = 1 - b1 ** t
+        bc2_sqrt = math.sqrt(1 - b2 ** t)
         decay = 1 - lr * wd if self._decoupled else 1.0
         out[:8] = (lr / bc1, 1 - b1, b2, 1 - b2, h["eps"], 0.0 if self._decoupled else wd,
                   decay, bc2_sqrt)
@@ -158,4 +172,3 @@ class RMSprop(Optimizer):
         h = self.hyper
         out[:6] = (h["lr"], h["alpha"], 1 - h["alpha"], h["eps"], h["weight_decay"],
                    h["momentum"])
-        self.steps += 1

@@ -55,6 +55,7 @@ equations, not to be fast.
 """
 import numpy as np
 
+from . import _validate as check
 from ._layout import carve, param_table
 
 __all__ = ["forward", "backward", "sigmoid", "ReferenceLSTM"]
@@ -259,23 +260,33 @@ class ReferenceLSTM:
     both layers the same masks.
     """
 
+    num_directions = 1
+
     #: the variant options, with their defaults (also fastlstm.LSTM's)
     VARIANTS = (("peephole", False), ("layer_norm", False), ("zoneout", 0.0),
                 ("zoneout_cell", 0.0), ("recurrent_dropout", 0.0))
 
     def __init__(self, input_size, hidden_size, num_layers=1, dtype=np.float64, seed=None,
                  batch_first=False, forget_bias=0.0, **options):
-        variants = {k: options.pop(k, d) for k, d in self.VARIANTS}
-        if num_layers != 1 or options:
+        # fastlstm.LSTM's checks, then a refusal of what the reference does not have
+        c = check.layer_config(input_size, hidden_size, num_layers=num_layers, dtype=dtype,
+                               seed=seed, batch_first=batch_first, forget_bias=forget_bias,
+                               **options)
+        default = check.layer_config(1, 2)
+        extra = {k: c[k] for k in options
+                 if k not in dict(self.VARIANTS) and c[k] != default[k]}
+        if c["num_layers"] != 1 or extra:
             raise ValueError(f"the reference is one layer, one direction, with no options "
-                             f"but the variants; got num_layers={num_layers}"
-                             + (f" and {options}" if options else ""))
-        H = hidden_size
-        self.input_size, self.hidden_size, self.output_size = input_size, H, H
-        self.num_layers, self.batch_first, self.forget_bias = 1, batch_first, float(forget_bias)
-        self.dtype, self.seed = np.dtype(dtype), seed
-        for k, v in variants.items():
-            setattr(self, k, type(dict(self.VARIANTS)[k])(v))
+                             f"but the variants; got num_layers={c['num_layers']}"
+                             + (f" and {extra}" if extra else ""))
+        H = c["hidden_size"]
+        self.input_size, self.hidden_size, self.output_size = c["input_size"], H, H
+        self.num_layers, self.batch_first, self.forget_bias = 1, c["batch_first"], \
+            c["forget_bias"]
+        self.dtype, self.seed = c["dtype"], c["seed"]
+        input_size = self.input_size
+        for k, _ in self.VARIANTS:
+            setattr(self, k, c[k])
         self.training = True
         self._rng = np.random.default_rng(None if seed is None else [seed, 1])
         self._layout = [(name + "_l0", shape) for name, shape in

@@ -20,14 +20,7 @@ def fit(model, x, y, optimizer, epochs=10, batch_size=32, validation=None, shuff
     indices this process works on, of every minibatch and of the validation set
     (data-parallel training: its share); None keeps all. `agree(decision)` makes
     a decision of this process's (the time limit) everyone's."""
-    check.float_array("x", x, model.dtype)
-    if x.ndim != 3:
-        raise ValueError(f"x must have shape (N, T, {model.lstm.input_size}), got {x.shape}")
-    N, T = x.shape[:2]
-    if N < 1 or T < 1:
-        raise ValueError(f"x must hold at least one sequence of at least one step, got shape "
-                         f"{x.shape}")
-    model.check_targets(y, N, T)
+    N, T = _check_data(model, ("x", "y", "lengths"), x, y, lengths)
     batch_size = check.positive_int("batch_size", batch_size)
     epochs = check.positive_int("epochs", epochs)
     seed = check.nonnegative_int("seed", seed)
@@ -45,10 +38,13 @@ def fit(model, x, y, optimizer, epochs=10, batch_size=32, validation=None, shuff
             raise ValueError("patience (early stopping) needs validation data")
     if max_seconds is not None:
         max_seconds = check.real("max_seconds", max_seconds, lo=0.0, lo_open=True)
-    if validation is not None and (not isinstance(validation, (tuple, list))
-                                   or len(validation) not in (2, 3)):
-        raise TypeError("validation must be a tuple (x_val, y_val) or (x_val, y_val, "
-                        f"lengths_val), got {type(validation).__name__}")
+    if validation is not None:
+        if not isinstance(validation, (tuple, list)) or len(validation) not in (2, 3):
+            raise TypeError("validation must be a tuple (x_val, y_val) or (x_val, y_val, "
+                            f"lengths_val), got {type(validation).__name__}")
+        # checked whole now: a bad one found after the first epoch had changed the model
+        _check_data(model, ("validation[0] (x)", "validation[1] (y)", "validation[2] (lengths)"),
+                    *validation)
     if part is not None and validation is not None:
         keep = part(np.arange(len(validation[0])))
         validation = tuple(None if v is None else v[keep] for v in validation)
@@ -108,6 +104,25 @@ def fit(model, x, y, optimizer, epochs=10, batch_size=32, validation=None, shuff
         if bar is not None:
             bar.close()
     return history
+
+
+def _check_data(model, names, x, y, lengths=None):
+    """Raise, naming the argument, unless (x, y, lengths) is a data set for `model`;
+    returns x's N, T."""
+    check.float_array(names[0], x, model.dtype)
+    I = model.lstm.input_size
+    if x.ndim != 3 or x.shape[2] != I:
+        raise ValueError(f"{names[0]} must have shape (N, T, {I}), got {x.shape}")
+    N, T = x.shape[:2]
+    if N < 1 or T < 1:
+        raise ValueError(f"{names[0]} must hold at least one sequence of at least one step, "
+                         f"got shape {x.shape}")
+    try:
+        model.check_targets(y, N, T)
+    except (TypeError, ValueError) as e:
+        raise type(e)(str(e).replace("y must", f"{names[1]} must", 1)) from None
+    check.lengths(names[2], lengths, N, T)
+    return N, T
 
 
 def bptt_step(model, x, y, opt, K, clip_norm):

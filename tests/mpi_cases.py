@@ -134,6 +134,45 @@ def failing_rank():
     return {}
 
 
+def refused_step_keeps_gradients():
+    """Rank 1's shard is refused: no rank's accumulated gradients change."""
+    dp = DataParallel(fastlstm.SequenceModel(2, 4, 1, seed=0, dtype=np.float64))
+    opt = fastlstm.Adam(dp.model)
+    x, y = np.ones((3, 5, 2)), np.ones((3, 1))
+    dp.model.forward_backward(x, y)
+    before = dp.model.flat_grads.copy()
+    for call in ("train_step", "forward_backward"):
+        bad = x[:, :, :1] if rank == 1 else x
+        try:
+            if call == "train_step":
+                dp.train_step(bad, y, opt)
+            else:
+                dp.forward_backward(bad, y)
+        except (ValueError, RuntimeError) as e:
+            print(f"rank {rank} raised {type(e).__name__}: {e}", flush=True)
+        else:
+            raise AssertionError("no rank may go on")
+        assert np.array_equal(dp.model.flat_grads, before), call
+    assert opt.steps == 0
+    return {}
+
+
+def fit_with_different_data():
+    """Rank 0 has 100 sequences, rank 1 80: both raise at once instead of hanging."""
+    dp = DataParallel(fastlstm.SequenceModel(2, 4, 1, seed=0, dtype=np.float64))
+    opt = fastlstm.Adam(dp.model)
+    N = 100 if rank == 0 else 80
+    x, y = np.ones((N, 5, 2)), np.ones((N, 1))
+    try:
+        dp.fit(x, y, opt, epochs=1, batch_size=10, progress=False)
+    except ValueError as e:
+        print(f"rank {rank} raised ValueError: {e}", flush=True)
+    else:
+        raise AssertionError("a rank went on with different data")
+    assert opt.steps == 0
+    return {}
+
+
 def mismatched_models():
     try:
         DataParallel(fastlstm.SequenceModel(2, 4 + (rank == 1), 1, seed=0))

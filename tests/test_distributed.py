@@ -52,6 +52,21 @@ def test_a_failing_rank_makes_every_rank_raise():
     assert "rank 0 raised RuntimeError: train_step failed on 1 other rank(s)" in out.stdout
 
 
+def test_a_refused_shard_changes_no_ranks_gradients():
+    out = mpiexec(2, "refused_step_keeps_gradients", timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "rank 1 raised ValueError: x must have shape (B, T, 2), got (3, 5, 1)" in out.stdout
+    assert "rank 0 raised RuntimeError: forward_backward failed on 1 other rank(s)" in out.stdout
+
+
+def test_fit_with_different_data_on_the_ranks_raises_everywhere():
+    out = mpiexec(2, "fit_with_different_data", timeout=120)
+    assert out.returncode == 0, out.stdout + out.stderr
+    for r in (0, 1):
+        assert (f"rank {r} raised ValueError: fit needs the same data on every rank: rank 1 "
+                "has shape [80, 5, 2] against [100, 5, 2] on rank 0") in out.stdout
+
+
 def test_mismatched_models_are_refused_on_every_rank():
     out = mpiexec(2, "mismatched_models", timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
