@@ -1,11 +1,13 @@
 """Helpers the public classes share: reusable scratch arrays, read-only views, and
 the one-thread-at-a-time guard."""
 import math
+import os
+import tempfile
 import threading
 
 import numpy as np
 
-__all__ = ["Buffers", "readonly", "OneThread", "aligned_empty", "aligned_zeros"]
+__all__ = ["Buffers", "readonly", "OneThread", "aligned_empty", "aligned_zeros", "atomic_write"]
 
 #: bytes to which every buffer the kernels stream through is aligned: one cache line,
 #: one AVX-512 vector. NumPy aligns to 16 only; a workspace at 16 bytes past a line ran
@@ -66,21 +68,53 @@ class OneThread:
     """A model's buffers serve one thread at a time: ``with guard("forward"):``
     raises RuntimeError at once when another thread is inside a guarded call of
     the same model (instead of waiting, or tearing results). The owning thread
-    may nest calls (fit -> train_step -> forward). A plain class, not a
-    contextlib generator: it is entered on every call, and that costs."""
+    may nest calls (fit -> train_step -> forward).
+
+    The ``with`` runs on the RLock itself: its __enter__ and __exit__ are C code,
+    which a KeyboardInterrupt cannot separate from the block, while a Python
+    __enter__/__exit__ could be interrupted after taking the lock and leave the
+    model locked for every other thread. Before that, a non-blocking probe refuses
+    a call from a second thread; should two threads start within the same few
+    microseconds, the later one waits for the other instead of raising."""
 
     def __init__(self, owner):
         self._owner = owner
         self._lock = threading.RLock()
 
     def __call__(self, what):
-        if not self._lock.acquire(blocking=False):
+        lock = self._lock
+        if lock._is_owned():                 # a nested call of the owning thread
+            return lock
+        try:
+            free = lock.acquire(blocking=False)
+        except BaseException:                # interrupted just after taking it
+            if lock._is_owned():
+                lock.release()
+            raise
+        if not free:
             raise RuntimeError(f"{what}() called while this {self._owner} is running in "
                                "another thread; use one model per thread (or a lock)")
-        return self
+        lock.release()
+        return lock
 
-    def __enter__(self):
-        return self
 
-    def __exit__(self, *exc):
-        self._lock.release()
+def atomic_write(path, write):
+    """Call write(file) on a temporary file in `path`'s folder, then rename it to
+    `path`: a write that fails halfway (a full disk, Ctrl-C) leaves the previous file
+    whole. The file gets the mode a plain write would give it (0666 less the umask)."""
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(prefix=".fastlstm-", suffix=".tmp",
+                               dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)        # mkstemp's 0600 is for the temporary name only
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -17,13 +17,15 @@ setting).
 """
 import itertools
 import os
+import signal
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ._spin import DONE, post, spin_until_at_least
+from ._spin import DONE, SEQ, post, spin_until_at_least
 
 _lock = threading.Lock()
 _state = {}
@@ -36,10 +38,11 @@ def _forget_in_child():
     count that a call running in another thread of the parent had lowered."""
     global _lock
     _lock = threading.Lock()
-    if _state.get("depth"):
+    if _state.get("saved") is not None:
         for lib, n in zip(_state["blas"], _state["saved"]):
             lib.set_num_threads(n)
     _state.clear()
+    _active.clear()
 
 
 os.register_at_fork(after_in_child=_forget_in_child)
@@ -75,9 +78,28 @@ def blas_limit():
     While fastlstm itself holds BLAS at one thread, the limit from before."""
     _controller()
     with _lock:
-        if _state.get("depth"):
+        if _active:
             return _state["limit"]
+        _restore_blas()
         return min((lib.num_threads for lib in _state["blas"]), default=usable_cores())
+
+
+def _restore_blas():
+    """Give BLAS back the thread counts saved when the first call lowered them. Under
+    _lock, with no call inside. "saved" goes only once every library has its count
+    back: a restore that a KeyboardInterrupt cut short is finished by the next call
+    here, and a call that enters meanwhile keeps the saved counts, not the 1s."""
+    saved = _state.get("saved")
+    if saved is not None:
+        for lib, n in zip(_state["blas"], saved):
+            lib.set_num_threads(n)
+        del _state["saved"]
+
+
+#: the _SingleThreadedBlas contexts inside their ``with``: weakly, so that one whose
+#: __exit__ a KeyboardInterrupt cut off (at its first bytecode, before any statement of
+#: it runs) stops counting once its frame is gone, and the next call restores BLAS
+_active = weakref.WeakSet()
 
 
 class _SingleThreadedBlas:
@@ -89,20 +111,24 @@ class _SingleThreadedBlas:
     def __enter__(self):
         _controller()
         with _lock:
-            if not _state.get("depth"):
+            if not _active:
                 libs = _state["blas"]
-                _state["saved"] = [lib.num_threads for lib in libs]
+                if "saved" not in _state:      # else: an interrupted restore's counts
+                    _state["saved"] = [lib.num_threads for lib in libs]
                 _state["limit"] = min(_state["saved"], default=usable_cores())
-                for lib in libs:
-                    lib.set_num_threads(1)
-            _state["depth"] = _state.get("depth", 0) + 1
+                try:
+                    for lib in libs:
+                        lib.set_num_threads(1)
+                except BaseException:           # interrupted: no call is inside
+                    _uninterrupted(_restore_blas)
+                    raise
+            _active.add(self)
 
     def __exit__(self, *exc):
         with _lock:
-            _state["depth"] -= 1
-            if not _state["depth"]:
-                for lib, n in zip(_state["blas"], _state["saved"]):
-                    lib.set_num_threads(n)
+            _active.discard(self)
+            if not _active:
+                _uninterrupted(_restore_blas)
 
 
 def batch_parts(threads, B, work):
@@ -122,16 +148,58 @@ def single_threaded(parts, work):
     return parts > 1 or work < SPLIT_WORK or blas_limit() <= 1
 
 
+def _uninterrupted(wait):
+    """wait() to the end, through KeyboardInterrupts, re-raising the first after: a
+    part still running in a model's buffers must not outlive the call that owns them
+    (its guard released, a next call could run beside it)."""
+    interrupted = None
+    while True:
+        try:
+            result = wait()
+            break
+        except KeyboardInterrupt as e:
+            interrupted = interrupted or e
+    if interrupted is not None:
+        raise interrupted
+    return result
+
+
+class deferred_interrupt:
+    """Ctrl-C held back while a call hands work to other threads, its KeyboardInterrupt
+    raised when the call is over. ThreadPoolExecutor's locks and futures are Python code
+    that a KeyboardInterrupt can cut between taking a lock and giving it back (a pool
+    that hung for good, seen under interrupts at random points); so can the counts of
+    _SingleThreadedBlas and the servers' hand-off. Only in the main thread (where Python
+    raises KeyboardInterrupt) and only over Python's own SIGINT handler, not a user's."""
+
+    def __enter__(self):
+        self.pending = False
+        self.held = (threading.current_thread() is threading.main_thread()
+                     and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+        if self.held:
+            signal.signal(signal.SIGINT, self._hold)
+        return self
+
+    def _hold(self, signum, frame):
+        self.pending = True
+
+    def __exit__(self, exc_type, *_):
+        if self.held:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            if self.pending and exc_type is None:
+                raise KeyboardInterrupt
+
+
 def run_parts(calls):
     """Call calls[0]() here and the others on the pool, BLAS single-threaded;
     returns their results in order."""
     _, pool = _controller()
-    with _SingleThreadedBlas():
+    with deferred_interrupt(), _SingleThreadedBlas():
         futures = [pool.submit(call) for call in calls[1:]]
         try:
             first = calls[0]()
         finally:
-            rest = [f.result() for f in futures]
+            rest = [_uninterrupted(f.result) for f in futures]
     return [first, *rest]
 
 
@@ -147,12 +215,12 @@ def parallel_worthwhile(work, threads=None):
 def run_pair(first, second):
     """Call first() here and second() on a worker thread, BLAS single-threaded."""
     _, pool = _controller()
-    with _SingleThreadedBlas():
+    with deferred_interrupt(), _SingleThreadedBlas():
         future = pool.submit(second)
         try:
             first()
         finally:
-            future.result()
+            _uninterrupted(future.result)
 
 
 #: how long a server's worker spins for the next command before it sleeps: longer than the
@@ -178,43 +246,66 @@ class Server:
     A job is a number (``new_job``) and a callable(cell, spins) that serves that job's
     commands and returns at one for another job or after an idle spell; each command
     names its job, so a loop still spinning for the previous job leaves the command to
-    the loop of the job it names, which this thread enters next."""
+    the loop of the job it names, which this thread enters next. An idle server holds
+    no job (nor the buffers it refers to), and it is woken only when it sleeps, so it
+    makes no extra pass through a loop after a burst. Its state changes under a
+    C-level lock (no KeyboardInterrupt can split them), and ``wait`` wakes a server
+    whose wake-up an interrupted ``post`` may have missed."""
 
     def __init__(self, spins):
         self.cell = np.zeros(8, np.int64)
         self.spins = spins
         self._job = None
-        self._wake = False
-        self._cv = threading.Condition()
+        self._serving = False
+        self._mutex = threading.Lock()
+        self._wake = threading.Lock()       # released: a command waits for a sleeping server
+        self._wake.acquire()
         threading.Thread(target=self._loop, daemon=True, name="fastlstm-server").start()
+
+    def _pending(self):
+        return self.cell[SEQ] > self.cell[DONE]
 
     def _loop(self):
         while True:
-            with self._cv:
-                while not self._wake:
-                    self._cv.wait()
-                self._wake = False
-                job = self._job
+            with self._mutex:
+                sleep = not self._pending()
+                if sleep:
+                    self._job, self._serving = None, False
+            if sleep:
+                self._wake.acquire()
+            with self._mutex:
+                job, self._serving = self._job, True
             job(self.cell, self.spins)
-            with self._cv:
-                if not self._wake:      # idle: hold no job, nor the buffers it refers to
-                    self._job = None
             job = None
+
+    def _kick(self):
+        """Wake the thread if it sleeps with a command waiting. Under _mutex."""
+        if not self._serving and self._pending() and self._wake.locked():
+            self._wake.release()
 
     def post(self, number, job, cmd):
         """Post command `cmd` for job `number`, served by `job`; returns the number
         ``wait`` takes."""
-        with self._cv:                      # no waiter: no system call
+        with self._mutex:
             self._job = job                 # before the command: a loop it ends reads it
             seq = post(self.cell, number, cmd)
-            self._wake = True
-            self._cv.notify()
+            self._kick()
         return seq
 
+    def posted(self):
+        """The number of the last command posted."""
+        return int(self.cell[SEQ])
+
     def wait(self, seq):
-        """Until command `seq` is done, spinning without the GIL (sleeping between spells)."""
-        while spin_until_at_least(self.cell, DONE, seq, self.spins) < seq:
-            time.sleep(1e-4)
+        """Until command `seq` is done, spinning without the GIL (sleeping between
+        spells), through KeyboardInterrupts (see _uninterrupted)."""
+        with self._mutex:
+            self._kick()
+
+        def until_done():
+            while spin_until_at_least(self.cell, DONE, seq, self.spins) < seq:
+                time.sleep(1e-4)
+        _uninterrupted(until_done)
 
 
 _job_numbers = itertools.count(1)
@@ -239,12 +330,17 @@ def take_servers(n):
         while len(servers) < n:
             servers.append(Server(_state["spins"]))
         _state["servers_free"] = False
+        _state["servers_owner"] = threading.get_ident()
         return servers[:n]
 
 
 def release_servers():
+    """Give back the servers this thread took (nothing when it holds none, so that a
+    ``finally`` may call it whether or not ``take_servers`` got them)."""
     with _lock:
-        _state["servers_free"] = True
+        if _state.get("servers_owner") == threading.get_ident():
+            _state["servers_free"] = True
+            del _state["servers_owner"]
 
 
 def single_threaded_blas():

@@ -4,11 +4,11 @@ whole before anything is loaded."""
 import json
 import math
 import os
-import tempfile
 import zipfile
 
 import numpy as np
 
+from ._shared import atomic_write
 from .optim import SGD, Adam, AdamW, RMSprop
 
 __all__ = ["save", "load"]
@@ -19,8 +19,8 @@ OPTIMIZERS = {c.__name__: c for c in (SGD, Adam, AdamW, RMSprop)}
 
 def save(model, path, optimizer=None):
     """Write `model` (anything with ``config``, ``params`` and ``lstm``'s generator
-    state) and `optimizer` to `path` through a temporary file and a rename. The
-    file gets the mode a plain write would give it (0666 less the umask)."""
+    state) and `optimizer` to `path` through a temporary file and a rename
+    (_shared.atomic_write)."""
     if optimizer is not None and getattr(optimizer, "model", None) is not model:
         raise ValueError("optimizer was built for another model: its state would not load "
                          "with this one (save(path, optimizer=...) takes this model's)")
@@ -33,22 +33,7 @@ def save(model, path, optimizer=None):
         arrays["opt/hyper"] = np.array(json.dumps(sd["hyper"]))
         arrays["opt/steps"] = np.array(sd["steps"])
         arrays.update({f"opt/state/{k}": v for k, v in sd["state"].items()})
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".fastlstm-", suffix=".npz.tmp", dir=folder)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)        # mkstemp's 0600 is for the temporary name only
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def _json(path, data, key, kind):

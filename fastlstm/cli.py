@@ -1,6 +1,8 @@
 """The ``fastlstm`` command line: ``fastlstm train`` and ``fastlstm bench``."""
 import argparse
 import json
+import math
+import os
 import sys
 
 import numpy as np
@@ -56,8 +58,46 @@ def _settings(args, parser):
     return task, run
 
 
+def _writable_path(option, path, parser):
+    """Refuse, by its option, a path that cannot take a new file: a folder, or a file
+    in a folder that does not exist."""
+    if os.path.isdir(path):
+        parser.error(f"{option} {path!r} is a folder; give a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        parser.error(f"{option} {path!r}: the folder {folder!r} does not exist")
+
+
+def _check_run(task, run, args, parser):
+    """Everything a run's options and files must satisfy, refused before training."""
+    if task == "adding" and run["seq_len"] < 2:
+        parser.error(f"--seq-len must be >= 2 for the adding problem (two marked values in "
+                     f"each sequence), got {run['seq_len']}")
+    for key in ("save", "export_onnx"):
+        if run.get(key):
+            _writable_path(FLAGS[key], run[key], parser)
+    if run.get("export_onnx"):
+        from .interop import _INEXPRESSIBLE
+        for k in _INEXPRESSIBLE:
+            if run.get(k):
+                parser.error(f"--export-onnx cannot express {FLAGS[k]}: ONNX's LSTM "
+                             "operator has no such option (train without it, or drop "
+                             "--export-onnx)")
+        try:
+            import onnx  # noqa: F401
+        except ImportError:
+            parser.error("--export-onnx needs onnx: pip install 'fastlstm[onnx]'")
+    if task == "data":
+        from .tasks import load_data
+        try:
+            load_data(args.data, np.dtype(run["dtype"]))
+        except (OSError, ValueError) as e:
+            parser.error(f"--data: {e}")
+
+
 def _train(args, parser):
     task, run = _settings(args, parser)
+    _check_run(task, run, args, parser)
     if run.get("distributed"):
         return _distributed(args, task, run)
     return _train_threads(args, task, run)
@@ -194,12 +234,24 @@ def _parse_size(text):
             f"--size takes a name ({', '.join(SIZES)}) or B,T,I,H, got {text!r}") from None
     if min(B, T, I, H) < 1:
         raise argparse.ArgumentTypeError(f"--size values must be >= 1, got {text!r}")
+    from ._layout import param_size, workspace_size
+    from ._validate import _gib, _physical_bytes
+    # the float64 workspace, parameters and the inputs of one fwd+bwd, the least a run holds
+    need = 8 * (workspace_size(T, B, I, H, H) + 2 * param_size(I, H, H, True) + 2 * T * B * I)
+    have = _physical_bytes()
+    if have is not None and need > have:
+        raise argparse.ArgumentTypeError(f"--size {text!r} would need {_gib(need)}, more than "
+                                         f"this machine's {_gib(have)} of memory")
     return text, (B, T, I, H)
 
 
-def _bench(args):
+def _bench(args, parser):
     from . import bench
     sizes = dict(args.size) if args.size else dict(bench.SIZES)
+    for name, (_, _, _, H) in sizes.items():
+        if args.proj >= H:
+            parser.error(f"--proj must be smaller than the hidden size, got {args.proj} for "
+                         f"--size {name} (H={H})")
     dtypes = ["float32", "float64"] if args.dtype == "both" else [args.dtype]
     progress = None if args.json else (lambda msg: print(msg, file=sys.stderr, flush=True))
     if args.distributed:
@@ -268,7 +320,8 @@ def _number(kind, ok, requirement):
 
 
 def _positive(kind):
-    return _number(kind, lambda v: v > 0, "> 0")
+    return _number(kind, lambda v: 0 < v < math.inf, "> 0" + (" and finite" if kind is float
+                                                            else ""))
 
 
 _probability = _number(float, lambda v: 0 <= v < 1, "in [0, 1)")
@@ -335,13 +388,15 @@ def build_parser():
                    help="a named size (seed, small, long, medium, large) or B,T,I,H; "
                         "repeatable; default: all named sizes")
     b.add_argument("--dtype", choices=["float32", "float64", "both"], default="both")
-    b.add_argument("--min-time", type=float, default=0.3,
+    b.add_argument("--min-time", type=_positive(float), default=0.3,
                    help="seconds to spend timing each case (at least 5 runs)")
     b.add_argument("--rounds", type=_positive(int), default=3,
                    help="rounds of alternated worker processes (default 3)")
-    b.add_argument("--layers", type=int, default=1, help="stacked layers (default 1)")
+    b.add_argument("--layers", type=_positive(int), default=1,
+                   help="stacked layers (default 1)")
     b.add_argument("--bidirectional", action="store_true")
-    b.add_argument("--proj", type=int, default=0, help="proj_size (default 0: none)")
+    b.add_argument("--proj", type=_nonnegative_int, default=0,
+                   help="proj_size (default 0: none)")
     b.add_argument("--profile", action="store_true",
                    help="split one fwd+bwd into input GEMM, recurrent GEMMs, weight-gradient "
                         "GEMMs and the elementwise rest")
@@ -365,9 +420,7 @@ def main(argv=None):
     if args.command is None:
         parser.print_help()
         return 2
-    if args.func is _train:
-        return _train(args, parser)
-    return args.func(args)
+    return args.func(args, parser)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,11 @@ Keras 3's ``LSTM`` keeps ``kernel (I, 4H)``, ``recurrent_kernel (H, 4H)`` and on
 Its ``recurrent_dropout`` is this layer's (weights only: the option is the caller's
 to pass to both); it has no peepholes, layer normalisation or zoneout.
 """
+import os
+
 import numpy as np
 
+from ._shared import atomic_write
 from .lstm import LSTM
 
 __all__ = ["export_onnx", "to_keras", "from_keras", "DEFAULT_OPSET"]
@@ -127,9 +130,18 @@ def export_onnx(model, path, opset=None):
     Returns the path. Raises ValueError for options the graph cannot express.
     """
     import onnx
-    opset = DEFAULT_OPSET if opset is None else int(opset)
-    if opset < 14:
-        raise ValueError(f"opset must be >= 14, got {opset}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a file name (str or os.PathLike), got "
+                        f"{type(path).__name__}")
+    newest = onnx.defs.onnx_opset_version()
+    if opset is None:
+        opset = DEFAULT_OPSET
+    elif isinstance(opset, (bool, np.bool_)) or not isinstance(opset, (int, np.integer)):
+        raise TypeError(f"opset must be an int, got {type(opset).__name__} {opset!r}")
+    if not 14 <= opset <= newest:
+        raise ValueError(f"opset must be in [14, {newest}] (14: the LSTM operator's layout "
+                         f"argument; {newest}: the newest this onnx knows), got {opset}")
+    opset = int(opset)
     sequence_model = hasattr(model, "lstm") and hasattr(model, "head")
     lstm = _layer(model.lstm if sequence_model else model)
     _refuse(lstm, "ONNX's LSTM operator")
@@ -174,7 +186,7 @@ def export_onnx(model, path, opset=None):
     proto = onnx.helper.make_model(graph, producer_name="fastlstm",
                                    opset_imports=[onnx.helper.make_opsetid("", opset)])
     onnx.checker.check_model(proto, full_check=True)
-    onnx.save(proto, str(path))
+    atomic_write(path, lambda f: f.write(proto.SerializeToString()))
     return path
 
 
@@ -201,6 +213,41 @@ def to_keras(model):
     return out
 
 
+def _keras_layers(weights):
+    """The Keras weights as a list (per layer) of lists of float arrays, every entry
+    checked: a TypeError or ValueError names it as weights[k][j]."""
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, (list, tuple)):
+        raise TypeError("weights must be a list with one Keras LSTM layer (or its "
+                        f"get_weights() list) per stacked layer, got {type(weights).__name__}")
+    if not weights:
+        raise ValueError("weights must hold at least one layer")
+    layers = []
+    for k, w in enumerate(weights):
+        if hasattr(w, "get_weights"):
+            w = w.get_weights()
+        if isinstance(w, (str, bytes)) or not isinstance(w, (list, tuple)):
+            raise TypeError(f"weights[{k}] must be a Keras LSTM layer or its get_weights() "
+                            f"list, got {type(w).__name__}")
+        arrays = []
+        for j, a in enumerate(w):
+            arr = None if isinstance(a, (str, bytes)) else np.asarray(a)
+            if arr is None or arr.dtype.kind != "f":
+                got = type(a).__name__ if arr is None else f"dtype {arr.dtype}"
+                raise TypeError(f"weights[{k}][{j}] must be a floating array, got {got}")
+            arrays.append(arr)
+        layers.append(arrays)
+    lengths = [len(w) for w in layers]
+    if lengths[0] not in (2, 3, 4, 6) or any(n != lengths[0] for n in lengths):
+        raise ValueError("each layer's weights must be [kernel, recurrent_kernel(, bias)] "
+                         "(twice for Bidirectional), the same for every layer; got lengths "
+                         f"{lengths}")
+    kernel = layers[0][0]
+    if kernel.ndim != 2 or kernel.shape[1] % 4 or not kernel.size:
+        raise ValueError(f"weights[0][0] (kernel) must have shape (input_size, 4 * units), "
+                         f"got {kernel.shape}")
+    return layers
+
+
 def from_keras(weights, dtype=np.float32, batch_first=False, **options):
     """An ``LSTM`` holding the weights of Keras 3 layers.
 
@@ -217,20 +264,23 @@ def from_keras(weights, dtype=np.float32, batch_first=False, **options):
     for bad in _INEXPRESSIBLE + ("peephole",):
         if options.get(bad):
             raise ValueError(f"Keras' LSTM has no {bad}: from_keras cannot make one")
-    layers = [w.get_weights() if hasattr(w, "get_weights") else list(w) for w in weights]
-    if not layers:
-        raise ValueError("weights must hold at least one layer")
-    per_dir = {3: True, 2: False}
+    layers = _keras_layers(weights)
     first = layers[0]
     D = 2 if len(first) in (4, 6) else 1
     n = len(first) // D
-    if n not in per_dir or any(len(w) != len(first) for w in layers):
-        raise ValueError("each layer's weights must be [kernel, recurrent_kernel(, bias)] "
-                         "(twice for Bidirectional), the same for every layer; got lengths "
-                         f"{[len(w) for w in layers]}")
-    kernel = np.asarray(first[0])
-    I, H = kernel.shape[0], kernel.shape[1] // 4
-    m = LSTM(I, H, num_layers=len(layers), bidirectional=D == 2, bias=per_dir[n],
+    I, H = first[0].shape[0], first[0].shape[1] // 4
+    for k, layer in enumerate(layers):
+        I_k = I if k == 0 else D * H
+        for d in range(D):
+            for j, (what, shape) in enumerate((("kernel", (I_k, 4 * H)),
+                                               ("recurrent_kernel", (H, 4 * H)),
+                                               ("bias", (4 * H,)))[:n]):
+                a = layer[d * n + j]
+                if a.shape != shape:
+                    name = f"weights[{k}][{d * n + j}] ({what}" + (
+                        ", backward)" if d else ")")
+                    raise ValueError(f"{name} must have shape {shape}, got {a.shape}")
+    m = LSTM(I, H, num_layers=len(layers), bidirectional=D == 2, bias=n == 3,
              dtype=dtype, batch_first=batch_first, **options)
     state = {}
     for k, layer in enumerate(layers):

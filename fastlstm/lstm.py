@@ -28,6 +28,7 @@ from ._spin import BACKWARD, FORWARD
 from ._threads import (
     SPLIT_WORK,
     batch_parts,
+    deferred_interrupt,
     new_job,
     parallel_worthwhile,
     release_servers,
@@ -170,22 +171,26 @@ class _SplitPlan:
     def _run(self, src, name, cmd, call):
         """Post each other part's command, its rows of src copied into its workspace's
         `name`; run part 0 here; wait for the others."""
-        servers = take_servers(len(self.parts) - 1)
-        if servers is None:
-            run_parts([partial(call, part, b0, sizes) for part, b0, _, _, sizes in self.parts])
-            return
-        try:
-            with single_threaded_blas():
-                seqs = []
-                for server, job, (_, b0, b1, v, _) in zip(servers, self.jobs, self.parts[1:]):
-                    np.copyto(v[name], src[:, b0:b1])
-                    seqs.append(server.post(*job, cmd))
-                part, b0, _, _, sizes = self.parts[0]
-                call(part, b0, sizes)
-                for server, seq in zip(servers, seqs):
-                    server.wait(seq)
-        finally:
-            release_servers()
+        with deferred_interrupt():
+            servers = take_servers(len(self.parts) - 1)
+            if servers is None:
+                run_parts([partial(call, part, b0, sizes)
+                           for part, b0, _, _, sizes in self.parts])
+                return
+            try:
+                with single_threaded_blas():
+                    try:
+                        for server, job, (_, b0, b1, v, _) in zip(servers, self.jobs,
+                                                                  self.parts[1:]):
+                            np.copyto(v[name], src[:, b0:b1])
+                            server.post(*job, cmd)
+                        part, b0, _, _, sizes = self.parts[0]
+                        call(part, b0, sizes)
+                    finally:        # failed or not: no server still in our buffers
+                        for server in servers:
+                            server.wait(server.posted())
+            finally:
+                release_servers()
 
     def _writable(self, a, name):
         """a, or a copy in a buffer of this plan's when it is read-only: the kernels

@@ -6,6 +6,7 @@ logistic output on the last hidden state, plain gradient descent with learning
 rate 0.01.
 """
 import time
+import zipfile
 
 import numpy as np
 
@@ -251,6 +252,50 @@ def train_sine(seq_len=50, hidden=32, layers=1, batch_size=32, lr=1e-2, optimize
     return model, summary
 
 
+def load_data(path, dtype=np.float32):
+    """x (N, T, I) as `dtype`, y and lengths (or None) from an .npz, checked whole: a
+    ValueError names the file and what is wrong (``fastlstm train --data`` refuses the
+    file with it before training)."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":        # every .npz is a zip archive
+                raise ValueError(f"{path} is not an .npz archive (np.savez writes one)")
+        with np.load(path, allow_pickle=False) as f:
+            if "x" not in f.files or "y" not in f.files:
+                raise ValueError(f"{path} must hold arrays 'x' (N, T, I) and 'y'; it has "
+                                 f"{f.files}")
+            x, y = f["x"], f["y"]
+            lengths = f["lengths"] if "lengths" in f.files else None
+    except (OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path} is not a readable .npz: {e}") from None
+    if x.ndim != 3 or x.dtype.kind not in "fiu":
+        raise ValueError(f"x in {path} must be a real (N, T, I) array, got {x.dtype}{x.shape}")
+    N, T, _ = x.shape
+    if N < 2 or T < 1:
+        raise ValueError(f"x in {path} must hold at least 2 sequences (one is held out for "
+                         f"validation) of at least one step, got shape {x.shape}")
+    if y.dtype.kind in "iu":
+        if y.shape not in ((N,), (N, T)):
+            raise ValueError(f"y in {path} (class labels) must have shape ({N},) or ({N}, "
+                             f"{T}) for x {x.shape}, got {y.shape}")
+        if y.min() < 0:
+            raise ValueError(f"y in {path} holds class labels, which must be >= 0; got "
+                             f"{y.min()}")
+    elif y.dtype.kind == "f":
+        if y.ndim not in (2, 3) or y.shape[0] != N or (y.ndim == 3 and y.shape[1] != T):
+            raise ValueError(f"y in {path} (values) must have shape ({N}, O) or ({N}, {T}, O) "
+                             f"for x {x.shape}, got {y.shape}")
+    else:
+        raise ValueError(f"y in {path} must hold floats (values) or integers (class labels), "
+                         f"got dtype {y.dtype}")
+    if lengths is not None:
+        if lengths.shape != (N,) or lengths.dtype.kind not in "iu" or (
+                N and (lengths.min() < 1 or lengths.max() > T)):
+            raise ValueError(f"lengths in {path} must be {N} integers in [1, {T}], got "
+                             f"{lengths.dtype}{lengths.shape}")
+    return x.astype(dtype), y, lengths
+
+
 def train_data(path, hidden=64, layers=1, batch_size=32, lr=3e-3, optimizer="adam", epochs=10,
                dtype=np.float32, seed=0, progress=True, backend="fastlstm", val_fraction=0.1,
                max_seconds=None, distributed=False, lstm_options=None):
@@ -261,13 +306,7 @@ def train_data(path, hidden=64, layers=1, batch_size=32, lr=3e-3, optimizer="ada
     seeded `val_fraction` of the sequences is held out and reported on.
     """
     from .model import SequenceModel
-    with np.load(path, allow_pickle=False) as f:
-        if "x" not in f.files or "y" not in f.files:
-            raise ValueError(f"{path} must hold arrays 'x' (N, T, I) and 'y'; it has {f.files}")
-        x, y = f["x"].astype(dtype), f["y"]
-        lengths = f["lengths"] if "lengths" in f.files else None
-    if x.ndim != 3:
-        raise ValueError(f"x in {path} must be (N, T, I), got shape {x.shape}")
+    x, y, lengths = load_data(path, dtype)
     N, T, I = x.shape
     classify = y.dtype.kind in "iu"
     head = "last" if y.ndim == (1 if classify else 2) else "all"

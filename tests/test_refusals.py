@@ -242,3 +242,157 @@ def test_lstm_refuses_booleans_for_sizes():
                                                           proj_size=True)):
         with pytest.raises(TypeError, match="must be an int, got bool"):
             fastlstm.LSTM(**kw)
+
+
+# -- the command line refuses bad options before it trains ---------------------
+
+def _data_file(tmp_path, name, **arrays):
+    path = tmp_path / f"{name}.npz"
+    np.savez(path, **arrays)
+    return str(path)
+
+
+def _train_cases(tmp_path):
+    x = np.zeros((10, 5, 2))
+    (tmp_path / "text.npz").write_text("hello")
+    return {
+        "lr-inf": (["--lr", "inf"], "--lr: must be > 0 and finite"),
+        "lr-nan": (["--lr", "nan"], "--lr: must be > 0 and finite"),
+        "seq-len-1": (["--seq-len", "1"], "--seq-len must be >= 2 for the adding problem"),
+        "save-missing-folder": (["--save", str(tmp_path / "no" / "m.npz")],
+                                "--save .* does not exist"),
+        "save-folder": (["--save", str(tmp_path)], "--save .* is a folder"),
+        "onnx-folder": (["--export-onnx", "."], "--export-onnx '.' is a folder"),
+        "onnx-layer-norm": (["--layer-norm", "--export-onnx", str(tmp_path / "m.onnx")],
+                            "--export-onnx cannot express --layer-norm"),
+        "data-y-length": (["--data", _data_file(tmp_path, "leny", x=x, y=np.zeros((9, 1)))],
+                          r"--data: y in .* must have shape \(10, O\)"),
+        "data-one": (["--data", _data_file(tmp_path, "one", x=x[:1], y=np.zeros((1, 1)))],
+                     "--data: x in .* must hold at least 2 sequences"),
+        "data-text": (["--data", str(tmp_path / "text.npz")], "--data: .* is not an .npz"),
+        "data-negative-label": (["--data", _data_file(tmp_path, "neg", x=x,
+                                                      y=-np.ones(10, np.int64))],
+                                "--data: y in .* class labels, which must be >= 0"),
+    }
+
+
+BENCH_CASES = {
+    "min-time-negative": (["--min-time", "-1"], "--min-time: must be > 0 and finite"),
+    "min-time-nan": (["--min-time", "nan"], "--min-time: must be > 0 and finite"),
+    "min-time-inf": (["--min-time", "inf"], "--min-time: must be > 0 and finite"),
+    "layers-zero": (["--layers", "0"], "--layers: must be > 0"),
+    "layers-negative": (["--layers", "-2"], "--layers: must be > 0"),
+    "proj-negative": (["--proj", "-1"], "--proj: must be >= 0"),
+    "proj-too-large": (["--proj", "99", "--size", "small"], "--proj must be smaller than"),
+    "size-too-large": (["--size", "100000,100000,512,512"], "--size .* would need"),
+}
+
+
+TRAIN_CASES = ["lr-inf", "lr-nan", "seq-len-1", "save-missing-folder", "save-folder",
+               "onnx-folder", "onnx-layer-norm", "data-y-length", "data-one", "data-text",
+               "data-negative-label"]
+
+
+@pytest.mark.parametrize("case", TRAIN_CASES)
+def test_train_refuses_bad_options_before_training(tmp_path, capsys, monkeypatch, case):
+    from fastlstm import cli, tasks
+    args, message = _train_cases(tmp_path)[case]
+    trained = []
+    for name in ("train_adding", "train_data", "train_sine"):
+        monkeypatch.setattr(tasks, name, lambda *a, **k: trained.append(1))
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", *args])
+    assert info.value.code == 2
+    assert __import__("re").search(message, capsys.readouterr().err)
+    assert not trained
+
+
+@pytest.mark.parametrize("case", sorted(BENCH_CASES))
+def test_bench_refuses_bad_options(capsys, case):
+    from fastlstm import cli
+    args, message = BENCH_CASES[case]
+    with pytest.raises(SystemExit) as info:
+        cli.main(["bench", *args])
+    assert info.value.code == 2
+    assert __import__("re").search(message, capsys.readouterr().err)
+
+
+# -- export_onnx and from_keras name what is wrong ---------------------------------
+
+@pytest.mark.parametrize("path,opset,exc,message", [
+    (None, None, TypeError, "path must be a file name"),
+    (123, None, TypeError, "path must be a file name"),
+    ("m.onnx", 30, ValueError, r"opset must be in \[14, "),
+    ("m.onnx", 10 ** 6, ValueError, r"opset must be in \[14, "),
+    ("m.onnx", 13, ValueError, r"opset must be in \[14, "),
+    ("m.onnx", 17.9, TypeError, "opset must be an int, got float"),
+    ("m.onnx", "abc", TypeError, "opset must be an int, got str"),
+])
+def test_export_onnx_checks_path_and_opset(tmp_path, monkeypatch, path, opset, exc, message):
+    pytest.importorskip("onnx")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(exc, match=message):
+        fastlstm.export_onnx(fastlstm.LSTM(3, 4), path, opset)
+    assert not os.listdir(tmp_path)
+
+
+def test_a_failed_export_keeps_the_previous_file(tmp_path, monkeypatch):
+    onnx = pytest.importorskip("onnx")
+    path = tmp_path / "m.onnx"
+    fastlstm.export_onnx(fastlstm.LSTM(3, 4), path)
+    before = path.read_bytes()
+
+    def explode(*a, **k):
+        raise OSError("disk full (simulated)")
+    monkeypatch.setattr(onnx.ModelProto, "SerializeToString", explode)
+    with pytest.raises(OSError, match="simulated"):
+        fastlstm.export_onnx(fastlstm.LSTM(3, 5), path)
+    assert path.read_bytes() == before
+    assert sorted(os.listdir(tmp_path)) == ["m.onnx"]
+
+
+@pytest.mark.parametrize("weights,exc,message", [
+    (None, TypeError, "weights must be a list"),
+    ("abc", TypeError, "weights must be a list"),
+    ([None], TypeError, r"weights\[0\] must be a Keras LSTM layer"),
+    ([[np.zeros(12), np.zeros((3, 12)), np.zeros(12)]], ValueError,
+     r"weights\[0\]\[0\] \(kernel\) must have shape \(input_size, 4 \* units\), got \(12,\)"),
+    ([[np.zeros((3, 17)), np.zeros((4, 16)), np.zeros(16)]], ValueError,
+     r"weights\[0\]\[0\] \(kernel\) must have shape .* got \(3, 17\)"),
+    ([["a", "b", "c"]], TypeError, r"weights\[0\]\[0\] must be a floating array, got str"),
+    ([[np.zeros((3, 16)), np.zeros((5, 16)), np.zeros(16)]], ValueError,
+     r"weights\[0\]\[1\] \(recurrent_kernel\) must have shape \(4, 16\), got \(5, 16\)"),
+    ([[np.zeros((3, 16)), np.zeros((4, 16)), np.zeros(15)]], ValueError,
+     r"weights\[0\]\[2\] \(bias\) must have shape \(16,\), got \(15,\)"),
+])
+def test_from_keras_names_the_keras_weight(weights, exc, message):
+    with pytest.raises(exc, match=message):
+        fastlstm.from_keras(weights)
+
+
+def test_data_parallel_names_its_arguments():
+    pytest.importorskip("mpi4py")
+    code = """
+import numpy as np, fastlstm
+from fastlstm.distributed import DataParallel
+m = fastlstm.SequenceModel(2, 3, 1)
+y, opt = np.ones((1, 1), np.float32), fastlstm.Adam(m)
+for call in (lambda: DataParallel(m, comm="world"),
+             lambda: DataParallel(m).train_step(None, y, opt),
+             lambda: DataParallel(m).fit([[1.0]], y, opt),
+             lambda: DataParallel(m).fit(np.ones((4, 3, 2), np.float32), np.ones((4, 1)), opt,
+                                         batch_size="4")):
+    try:
+        call()
+    except TypeError as e:
+        print(e)
+"""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    lines = out.stdout.splitlines()
+    assert lines == ["comm must be an mpi4py communicator (e.g. MPI.COMM_WORLD), got str",
+                     "x must be a numpy.ndarray, got NoneType",
+                     "x must be a numpy.ndarray, got list",
+                     "batch_size must be an int, got str"], out.stdout + out.stderr
