@@ -260,23 +260,33 @@ class Server:
         self._mutex = threading.Lock()
         self._wake = threading.Lock()       # released: a command waits for a sleeping server
         self._wake.acquire()
-        threading.Thread(target=self._loop, daemon=True, name="fastlstm-server").start()
+        self.error = None
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="fastlstm-server")
+        self._thread.start()
+
+    def alive(self):
+        return self._thread.is_alive()
 
     def _pending(self):
         return self.cell[SEQ] > self.cell[DONE]
 
     def _loop(self):
-        while True:
-            with self._mutex:
-                sleep = not self._pending()
+        try:
+            while True:
+                with self._mutex:
+                    sleep = not self._pending()
+                    if sleep:
+                        self._job, self._serving = None, False
+                    else:                       # a wake-up posted for it: taken with it
+                        self._wake.acquire(blocking=False)
+                        job, self._serving = self._job, True
                 if sleep:
-                    self._job, self._serving = None, False
-            if sleep:
-                self._wake.acquire()
-            with self._mutex:
-                job, self._serving = self._job, True
-            job(self.cell, self.spins)
-            job = None
+                    self._wake.acquire()
+                    continue
+                job(self.cell, self.spins)
+                job = None
+        except BaseException as e:      # noqa: BLE001 - handed to the caller by wait()
+            self.error = e              # the thread ends: wait() raises, take_servers replaces it
 
     def _kick(self):
         """Wake the thread if it sleeps with a command waiting. Under _mutex."""
@@ -298,12 +308,17 @@ class Server:
 
     def wait(self, seq):
         """Until command `seq` is done, spinning without the GIL (sleeping between
-        spells), through KeyboardInterrupts (see _uninterrupted)."""
+        spells), through KeyboardInterrupts (see _uninterrupted). A failure in the
+        server's job is raised here, as a RuntimeError from it, and a server thread
+        that has ended is never waited on."""
         with self._mutex:
             self._kick()
 
         def until_done():
             while spin_until_at_least(self.cell, DONE, seq, self.spins) < seq:
+                if not self._thread.is_alive():
+                    raise RuntimeError("a fastlstm server thread failed while running a "
+                                       "split call's part") from self.error
                 time.sleep(1e-4)
         _uninterrupted(until_done)
 
@@ -327,6 +342,7 @@ def take_servers(n):
         if not _state["servers_free"]:
             return None
         servers = _state["servers"]
+        servers[:] = [sv for sv in servers if sv.alive()]      # a failed one is replaced
         while len(servers) < n:
             servers.append(Server(_state["spins"]))
         _state["servers_free"] = False

@@ -8,7 +8,7 @@ import sys
 import textwrap
 
 SCRIPT = textwrap.dedent("""
-    import json, time, tracemalloc
+    import json, tracemalloc
     import numpy as np
     from numba.core.runtime import rtsys
     import fastlstm
@@ -18,9 +18,6 @@ SCRIPT = textwrap.dedent("""
         x = np.ones((T, B, I), np.float32)
         dy = np.ones((T, B, m.output_size), np.float32)
         m.forward(x); m.backward(dy)                        # warm-up: sizes the workspace
-        # a server a previous model's split plan used may enter its serving loop once
-        # more within 4 ms of its last command (_threads.Server): not this model's
-        time.sleep(0.02)
         before = rtsys.get_allocation_stats().alloc
         tracemalloc.start()
         for _ in range(3):

@@ -1,0 +1,109 @@
+"""The spinning servers of split plans (_threads.Server), tested directly: a failing
+job reaches its caller, a dead thread is never waited on, an idle server holds nothing,
+and a burst of commands enters a job's loop once."""
+import gc
+import threading
+import time
+import weakref
+
+import numpy as np
+import pytest
+
+import fastlstm
+from fastlstm import _threads
+from fastlstm._spin import DONE, FORWARD, JOB, SEQ, spin_until_at_least
+
+
+def python_job(number, work, entries):
+    """A serving loop written in Python, by the protocol serve_rows follows; each entry
+    appends the number of commands it served to `entries`."""
+    def serve(cell, spins):
+        entries.append(0)
+        done = int(cell[DONE])
+        while True:
+            seq = spin_until_at_least(cell, SEQ, done + 1, spins)
+            if seq <= done or cell[JOB] != number:
+                return
+            work()
+            entries[-1] += 1
+            done = seq
+            cell[DONE] = seq
+    return serve
+
+
+def test_a_failing_job_raises_in_the_caller():
+    server = _threads.Server(1000)
+    number = _threads.new_job()
+
+    def work():
+        raise ValueError("injected")
+    seq = server.post(number, python_job(number, work, []), FORWARD)
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeError, match="server thread failed") as info:
+        server.wait(seq)
+    assert isinstance(info.value.__cause__, ValueError)
+    assert time.perf_counter() - t0 < 5
+    assert not server.alive()
+
+
+def test_a_dead_server_is_never_waited_on_and_is_replaced():
+    servers = _threads.take_servers(1)
+    assert servers is not None
+    try:
+        server = servers[0]
+        number = _threads.new_job()
+
+        def work():
+            raise SystemExit               # the thread ends, whatever the exception
+        seq = server.post(number, python_job(number, work, []), FORWARD)
+        with pytest.raises(RuntimeError):
+            server.wait(seq)
+    finally:
+        _threads.release_servers()
+    again = _threads.take_servers(1)
+    try:
+        assert again[0] is not server and again[0].alive()
+    finally:
+        _threads.release_servers()
+
+
+def test_no_pass_without_a_command_and_the_idle_server_drops_its_job():
+    server = _threads.Server(int(1e6))            # spins long enough to span the burst
+    number, entries, calls = _threads.new_job(), [], []
+    job = python_job(number, lambda: calls.append(1), entries)
+    for _ in range(20):
+        server.wait(server.post(number, job, FORWARD))
+    ref = weakref.ref(job)
+    del job
+    deadline = time.perf_counter() + 5
+    while ref() is not None and time.perf_counter() < deadline:
+        time.sleep(0.01)
+    assert len(calls) == 20 == sum(entries)
+    assert 0 not in entries, entries               # no pass through the loop for nothing
+    assert ref() is None, "an idle server still holds its job"
+
+
+def test_a_deleted_models_buffers_are_freed():
+    m = fastlstm.LSTM(32, 64, seed=0, threads=2)
+    x = np.ones((50, 32, 32), np.float32)
+    for _ in range(3):                            # the split plan and its servers
+        y, _ = m.forward(x)
+        m.backward(np.ones_like(y))
+    assert len(m._last.split) == 2
+    workspaces = [weakref.ref(p.ws[0].flat) for p in m._parts]
+    del m, y
+    time.sleep(0.05)                              # longer than a server's idle spell
+    gc.collect()
+    assert all(w() is None for w in workspaces)
+
+
+def test_servers_are_given_back_by_the_thread_that_took_them():
+    servers = _threads.take_servers(1)
+    assert servers is not None
+    other = threading.Thread(target=_threads.release_servers)
+    other.start()
+    other.join()
+    assert _threads.take_servers(1) is None        # still this thread's
+    _threads.release_servers()
+    assert _threads.take_servers(1) is not None
+    _threads.release_servers()
