@@ -20,7 +20,6 @@ import os
 import signal
 import threading
 import time
-import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -42,7 +41,6 @@ def _forget_in_child():
         for lib, n in zip(_state["blas"], _state["saved"]):
             lib.set_num_threads(n)
     _state.clear()
-    _active.clear()
 
 
 os.register_at_fork(after_in_child=_forget_in_child)
@@ -78,7 +76,7 @@ def blas_limit():
     While fastlstm itself holds BLAS at one thread, the limit from before."""
     _controller()
     with _lock:
-        if _active:
+        if _state.get("depth"):
             return _state["limit"]
         _restore_blas()
         return min((lib.num_threads for lib in _state["blas"]), default=usable_cores())
@@ -96,39 +94,31 @@ def _restore_blas():
         del _state["saved"]
 
 
-#: the _SingleThreadedBlas contexts inside their ``with``: weakly, so that one whose
-#: __exit__ a KeyboardInterrupt cut off (at its first bytecode, before any statement of
-#: it runs) stops counting once its frame is gone, and the next call restores BLAS
-_active = weakref.WeakSet()
-
-
 class _SingleThreadedBlas:
     """BLAS at one thread while any fastlstm call that needs it runs. Counted, not
     nested threadpoolctl contexts: with two models in two threads, the first to
     leave would restore the limit under the other, and the last would restore the
-    one it saw, 1, for good."""
+    one it saw, 1, for good. Entered only inside deferred_interrupt, so that Ctrl-C
+    cannot cut its __exit__ short: OpenBLAS takes a higher thread count back from the
+    main thread only, and a count left at one would stay so."""
 
     def __enter__(self):
         _controller()
         with _lock:
-            if not _active:
+            if not _state.get("depth"):
                 libs = _state["blas"]
                 if "saved" not in _state:      # else: an interrupted restore's counts
                     _state["saved"] = [lib.num_threads for lib in libs]
                 _state["limit"] = min(_state["saved"], default=usable_cores())
-                try:
-                    for lib in libs:
-                        lib.set_num_threads(1)
-                except BaseException:           # interrupted: no call is inside
-                    _uninterrupted(_restore_blas)
-                    raise
-            _active.add(self)
+                for lib in libs:
+                    lib.set_num_threads(1)
+            _state["depth"] = _state.get("depth", 0) + 1
 
     def __exit__(self, *exc):
         with _lock:
-            _active.discard(self)
-            if not _active:
-                _uninterrupted(_restore_blas)
+            _state["depth"] -= 1
+            if not _state["depth"]:
+                _restore_blas()
 
 
 def batch_parts(threads, B, work):
@@ -152,15 +142,17 @@ def _uninterrupted(wait):
     """wait() to the end, through KeyboardInterrupts, re-raising the first after: a
     part still running in a model's buffers must not outlive the call that owns them
     (its guard released, a next call could run beside it)."""
-    interrupted = None
+    interrupted = False
     while True:
         try:
             result = wait()
             break
-        except KeyboardInterrupt as e:
-            interrupted = interrupted or e
-    if interrupted is not None:
-        raise interrupted
+        except KeyboardInterrupt:
+            # not kept: an exception held in a local of its own traceback's frame makes a
+            # cycle, which would keep the frames (and a _SingleThreadedBlas) until gc runs
+            interrupted = True
+    if interrupted:
+        raise KeyboardInterrupt
     return result
 
 
@@ -170,14 +162,17 @@ class deferred_interrupt:
     that a KeyboardInterrupt can cut between taking a lock and giving it back (a pool
     that hung for good, seen under interrupts at random points); so can the counts of
     _SingleThreadedBlas and the servers' hand-off. Only in the main thread (where Python
-    raises KeyboardInterrupt) and only over Python's own SIGINT handler, not a user's."""
+    raises KeyboardInterrupt) and only over Python's own SIGINT handler, not a user's.
+    Entering and leaving cost about 5 us (two signal.signal calls)."""
 
     def __enter__(self):
-        self.pending = False
-        self.held = (threading.current_thread() is threading.main_thread()
-                     and signal.getsignal(signal.SIGINT) is signal.default_int_handler)
-        if self.held:
-            signal.signal(signal.SIGINT, self._hold)
+        self.pending = self.held = False
+        if threading.current_thread() is threading.main_thread():
+            # one call, not getsignal and signal: each costs microseconds
+            previous = signal.signal(signal.SIGINT, self._hold)
+            self.held = previous is signal.default_int_handler
+            if not self.held:                   # a handler of the user's: theirs it stays
+                signal.signal(signal.SIGINT, previous)
         return self
 
     def _hold(self, signum, frame):
@@ -332,21 +327,21 @@ def new_job():
 
 
 def take_servers(n):
-    """n servers for this caller's exclusive use, or None when another thread has them;
+    """n servers for this thread's exclusive use, or None when another thread has them;
     give them back with ``release_servers``."""
     with _lock:
         if "spins" not in _state:
             _state["spins"] = int(_spins_per_second() * SPIN_SECONDS)
             _state["servers"] = []
             _state["servers_free"] = True
-        if not _state["servers_free"]:
-            return None
+        if not _state["servers_free"] and _state["servers_owner"] != threading.get_ident():
+            return None         # another thread's (this thread's: a call cut short kept them)
         servers = _state["servers"]
         servers[:] = [sv for sv in servers if sv.alive()]      # a failed one is replaced
         while len(servers) < n:
             servers.append(Server(_state["spins"]))
-        _state["servers_free"] = False
-        _state["servers_owner"] = threading.get_ident()
+        me = threading.get_ident()          # no call between the two stores below
+        _state["servers_free"], _state["servers_owner"] = False, me
         return servers[:n]
 
 

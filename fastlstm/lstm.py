@@ -171,6 +171,8 @@ class _SplitPlan:
     def _run(self, src, name, cmd, call):
         """Post each other part's command, its rows of src copied into its workspace's
         `name`; run part 0 here; wait for the others."""
+        # Ctrl-C held back (deferred_interrupt): cut short, BLAS's restore would leave it
+        # at one thread, and OpenBLAS takes a higher count back from the main thread only
         with deferred_interrupt():
             servers = take_servers(len(self.parts) - 1)
             if servers is None:

@@ -44,7 +44,8 @@ class Optimizer:
                             f"SequenceModel), got {type(model).__name__}")
         self.model = model
         self.hyper = hyper
-        self._count = np.zeros(1, np.int64)      # steps: raised by the update kernel
+        #: the step count as a (1,) int64 array, raised by the update kernel itself
+        self.count = np.zeros(1, np.int64)
         self.state = {k: aligned_zeros(model.flat_params.size, model.flat_params.dtype)
                       for k in self.STATE}
         # the update kernel's two state arrays (SGD has one: it is passed twice)
@@ -54,16 +55,11 @@ class Optimizer:
     @property
     def steps(self):
         """The number of steps taken."""
-        return int(self._count[0])
+        return self.count.item()
 
     @steps.setter
     def steps(self, n):
-        self._count[0] = n
-
-    @property
-    def count(self):
-        """The step count as a (1,) int64 array, which the update kernel raises."""
-        return self._count
+        self.count[0] = n
 
     def next_scalars(self, out):
         """Write the next step's scalars (float64, the order the update kernel reads)
@@ -75,7 +71,7 @@ class Optimizer:
         """Update the model's parameters from its gradients."""
         self.next_scalars(self._scalars)
         _updates.update(self.KIND, self.model.flat_params, self.model.flat_grads,
-                        *self.buffers, self._scalars, self._count)
+                        *self.buffers, self._scalars, self.count)
 
     def zero_grad(self):
         self.model.flat_grads.fill(0)
@@ -117,7 +113,8 @@ class SGD(Optimizer):
 
     def next_scalars(self, out):
         h = self.hyper
-        out[:5] = (h["lr"], h["momentum"], h["weight_decay"], h["nesterov"], self.steps == 0)
+        out[:5] = (h["lr"], h["momentum"], h["weight_decay"], h["nesterov"],
+                   self.count.item() == 0)
 
 
 class Adam(Optimizer):
@@ -138,7 +135,7 @@ class Adam(Optimizer):
 
     def next_scalars(self, out):
         h = self.hyper
-        t = self.steps + 1
+        t = self.count.item() + 1
         b1, b2 = h["betas"]
         lr, wd = h["lr"], h["weight_decay"]
         bc1 = 1 - b1 ** t

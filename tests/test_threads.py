@@ -100,10 +100,15 @@ def test_a_deleted_models_buffers_are_freed():
 def test_servers_are_given_back_by_the_thread_that_took_them():
     servers = _threads.take_servers(1)
     assert servers is not None
-    other = threading.Thread(target=_threads.release_servers)
-    other.start()
-    other.join()
-    assert _threads.take_servers(1) is None        # still this thread's
-    _threads.release_servers()
-    assert _threads.take_servers(1) is not None
-    _threads.release_servers()
+    def other_thread(call):
+        out = []
+        t = threading.Thread(target=lambda: out.append(call()))
+        t.start()
+        t.join()
+        return out[0]
+
+    other_thread(_threads.release_servers)         # not the taker: changes nothing
+    assert other_thread(lambda: _threads.take_servers(1)) is None
+    assert _threads.take_servers(1) == servers     # the taker may take them again (a call
+    _threads.release_servers()                     # cut short kept them)
+    assert other_thread(lambda: (_threads.take_servers(1), _threads.release_servers())[0])
