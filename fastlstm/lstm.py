@@ -2,7 +2,6 @@
 import math
 import re
 import threading
-import weakref
 from functools import partial
 
 import numpy as np
@@ -84,19 +83,18 @@ class _Workspace:
 
 class _Last:
     """What backward differentiates: the last forward's shape, lengths, dropout
-    masks, and the thread that ran it. A plan's own record refers to its plan weakly:
-    a dropped plan is then freed at once, with the workspace it holds, instead of
-    when the cyclic collector comes by (T changing every step piled up gigabytes);
-    without its plan, backward takes the general path over the same workspaces."""
+    masks, and the thread that ran it. A plan is its own record (these fields, and
+    the model's ``_last`` the plan itself): a record that referred back to its plan
+    made a cycle, which kept a dropped plan and its workspace alive until the cyclic
+    collector came by (T changing every step piled up gigabytes)."""
 
-    def __init__(self, T, B, lengths, masks, vmasks, split, plan=None, one_thread=True):
+    def __init__(self, T, B, lengths, masks, vmasks, split, one_thread=True):
         self.T, self.B, self.lengths, self.masks, self.split = T, B, lengths, masks, split
         self.vmasks, self.one_thread = vmasks, one_thread
-        self.plan = None if plan is None else weakref.ref(plan)
         self.thread = threading.get_ident()
 
 
-class _Plan:
+class _Plan(_Last):
     """A repeated call, made once: a one-layer, one-direction, one-part model called at
     one x shape without state or lengths. It holds the kernels' arguments, the
     workspace's x and dy and the views a call returns, so that a call is a copy, the
@@ -119,14 +117,14 @@ class _Plan:
                                                       ws.readonly(T, B, "c_n")))
         self.grad_out = (ws.readonly(T, B, "dx", bf), (ws.readonly(T, B, "dh0"),
                                                         ws.readonly(T, B, "dc0")))
-        self.last = _Last(T, B, lens, [None], {}, split, plan=self)
+        _Last.__init__(self, T, B, lens, [None], {}, split)
 
 
 #: split plans (with their own y, dx buffers) an LSTM keeps, the most recent shapes'
 MAX_SPLIT_PLANS = 8
 
 
-class _SplitPlan:
+class _SplitPlan(_Last):
     """A repeated call split across threads, made once: as _Plan, for a shape whose
     batch is split into parts (see _threads). Part 0 runs here as one kernel call that
     copies its rows in and out (_kernels.rows_forward); each other part runs on a server
@@ -166,7 +164,7 @@ class _SplitPlan:
                          (readonly(self.dh0), readonly(self.dc0)))
         self.dy_shape = self.out[0].shape
         self.copies = {}                  # "x", "dy": read-only inputs copied (_writable)
-        self.last = _Last(T, B, lens, [None], {}, split, plan=self)
+        _Last.__init__(self, T, B, lens, [None], {}, split)
 
     def _run(self, src, name, cmd, call):
         """Post each other part's command, its rows of src copied into its workspace's
@@ -704,14 +702,14 @@ class LSTM:
             if type(plan) is _Plan:
                 np.copyto(plan.x, x, casting="same_kind")
                 layer_forward(*plan.fargs)
-                plan.last.thread = threading.get_ident()
-                self._last = plan.last
+                plan.thread = threading.get_ident()
+                self._last = plan
                 return plan.out
             if (type(plan) is _SplitPlan and x.dtype == self.dtype
-                    and self._split(plan.last.T, plan.last.B) is plan.split):
+                    and self._split(plan.T, plan.B) is plan.split):
                 out = plan.forward(x)
-                plan.last.thread = threading.get_ident()
-                self._last = plan.last
+                plan.thread = threading.get_ident()
+                self._last = plan
                 return out
         check.shape("x", x, ("B", "T", self.input_size) if self.batch_first
                     else ("T", "B", self.input_size))
@@ -787,8 +785,8 @@ class LSTM:
         if type(plan) is not _Plan:         # none, or a split one: the fused step has neither
             return None
         np.copyto(plan.x, x, casting="same_kind")
-        plan.last.thread = threading.get_ident()
-        self._last = plan.last
+        plan.thread = threading.get_ident()
+        self._last = plan
         return plan
 
     def backward(self, dy, dstate=None):
@@ -822,7 +820,7 @@ class LSTM:
         T, B, lens, masks = last.T, last.B, last.lengths, last.masks
         L, D, H, P = self.num_layers, self.num_directions, self.hidden_size, self._P
         check.float_array("dy", dy, self.dtype)
-        plan = None if last.plan is None else last.plan()
+        plan = last
         if type(plan) is _Plan and dstate is None and dy.shape == plan.dy.shape:
             np.copyto(plan.dy, dy, casting="same_kind")
             layer_backward(*plan.bargs)
