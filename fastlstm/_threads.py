@@ -41,6 +41,7 @@ def _forget_in_child():
         for lib, n in zip(_state["blas"], _state["saved"]):
             lib.set_num_threads(n)
     _state.clear()
+    _inside.clear()
 
 
 os.register_at_fork(after_in_child=_forget_in_child)
@@ -76,9 +77,11 @@ def blas_limit():
     While fastlstm itself holds BLAS at one thread, the limit from before."""
     _controller()
     with _lock:
-        if _state.get("depth"):
+        if _inside:
             return _state["limit"]
         _restore_blas()
+        if "saved" in _state:           # not restored from this thread (see _restore_blas)
+            return min(_state["saved"], default=usable_cores())
         return min((lib.num_threads for lib in _state["blas"]), default=usable_cores())
 
 
@@ -91,34 +94,55 @@ def _restore_blas():
     if saved is not None:
         for lib, n in zip(_state["blas"], saved):
             lib.set_num_threads(n)
-        del _state["saved"]
+        # OpenBLAS takes a higher count from the main thread only (set to 2 from another
+        # thread, it stays at 1): then the counts stay saved, the limit is theirs, and
+        # the next call in the main thread restores them
+        if threading.current_thread() is threading.main_thread() or all(
+                lib.num_threads >= n for lib, n in zip(_state["blas"], saved)):
+            del _state["saved"]
+
+
+#: tokens of the calls inside a single-threaded BLAS section. A call discards its token
+#: as the first statement of a ``finally`` (set.discard, C: Ctrl-C cannot come between the
+#: section's end and it), so the count is always right; the restore after it may be cut
+#: short, and is then finished by the next call (which keeps the saved counts meanwhile).
+_inside = set()
+
+
+def enter_single_threaded_blas(token):
+    """BLAS at one thread until ``leave_single_threaded_blas`` (counted over calls in
+    all threads: with two models in two threads, the first to leave must not restore
+    the limit under the other). Call it inside the ``try`` whose ``finally`` first runs
+    ``_inside.discard(token)``, then leave_single_threaded_blas()."""
+    _controller()
+    with _lock:
+        if not _inside:
+            libs = _state["blas"]
+            if "saved" not in _state:      # else: an interrupted restore's counts
+                _state["saved"] = [lib.num_threads for lib in libs]
+            _state["limit"] = min(_state["saved"], default=usable_cores())
+            for lib in libs:
+                lib.set_num_threads(1)
+        _inside.add(token)
+
+
+def leave_single_threaded_blas():
+    """Restore BLAS's counts when no call is inside any more."""
+    with _lock:
+        if not _inside:
+            _restore_blas()
 
 
 class _SingleThreadedBlas:
-    """BLAS at one thread while any fastlstm call that needs it runs. Counted, not
-    nested threadpoolctl contexts: with two models in two threads, the first to
-    leave would restore the limit under the other, and the last would restore the
-    one it saw, 1, for good. Entered only inside deferred_interrupt, so that Ctrl-C
-    cannot cut its __exit__ short: OpenBLAS takes a higher thread count back from the
-    main thread only, and a count left at one would stay so."""
+    """enter/leave_single_threaded_blas as a context, for the sections that run inside
+    deferred_interrupt (Ctrl-C held back, so that nothing cuts them short)."""
 
     def __enter__(self):
-        _controller()
-        with _lock:
-            if not _state.get("depth"):
-                libs = _state["blas"]
-                if "saved" not in _state:      # else: an interrupted restore's counts
-                    _state["saved"] = [lib.num_threads for lib in libs]
-                _state["limit"] = min(_state["saved"], default=usable_cores())
-                for lib in libs:
-                    lib.set_num_threads(1)
-            _state["depth"] = _state.get("depth", 0) + 1
+        enter_single_threaded_blas(self)
 
     def __exit__(self, *exc):
-        with _lock:
-            _state["depth"] -= 1
-            if not _state["depth"]:
-                _restore_blas()
+        _inside.discard(self)
+        leave_single_threaded_blas()
 
 
 def batch_parts(threads, B, work):
@@ -163,7 +187,8 @@ class deferred_interrupt:
     that hung for good, seen under interrupts at random points); so can the counts of
     _SingleThreadedBlas and the servers' hand-off. Only in the main thread (where Python
     raises KeyboardInterrupt) and only over Python's own SIGINT handler, not a user's.
-    Entering and leaving cost about 5 us (two signal.signal calls)."""
+    Not on the split plans' path (_SplitPlan._run), where it made a small fwd+bwd
+    about 5 % slower."""
 
     def __enter__(self):
         self.pending = self.held = False
@@ -337,7 +362,8 @@ def take_servers(n):
         if not _state["servers_free"] and _state["servers_owner"] != threading.get_ident():
             return None         # another thread's (this thread's: a call cut short kept them)
         servers = _state["servers"]
-        servers[:] = [sv for sv in servers if sv.alive()]      # a failed one is replaced
+        if any(sv.error is not None for sv in servers):       # a failed one is replaced
+            servers[:] = [sv for sv in servers if sv.error is None]
         while len(servers) < n:
             servers.append(Server(_state["spins"]))
         me = threading.get_ident()          # no call between the two stores below
@@ -355,6 +381,7 @@ def release_servers():
 
 
 def single_threaded_blas():
-    """A context: BLAS at one thread meanwhile (counted; see _SingleThreadedBlas)."""
+    """A context: BLAS at one thread meanwhile (counted), for callers that hold
+    Ctrl-C back themselves (see deferred_interrupt)."""
     _controller()
     return _SingleThreadedBlas()

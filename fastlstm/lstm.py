@@ -26,15 +26,16 @@ from ._shared import Buffers, OneThread, aligned_empty, aligned_zeros, readonly
 from ._spin import BACKWARD, FORWARD
 from ._threads import (
     SPLIT_WORK,
+    _inside,
     batch_parts,
-    deferred_interrupt,
+    enter_single_threaded_blas,
+    leave_single_threaded_blas,
     new_job,
     parallel_worthwhile,
     release_servers,
     run_pair,
     run_parts,
     single_threaded,
-    single_threaded_blas,
     take_servers,
 )
 
@@ -169,28 +170,31 @@ class _SplitPlan(_Last):
     def _run(self, src, name, cmd, call):
         """Post each other part's command, its rows of src copied into its workspace's
         `name`; run part 0 here; wait for the others."""
-        # Ctrl-C held back (deferred_interrupt): cut short, BLAS's restore would leave it
-        # at one thread, and OpenBLAS takes a higher count back from the main thread only
-        with deferred_interrupt():
+        # No deferred_interrupt on this path (it made a small fwd+bwd about 5 % slower):
+        # every lock here is C-level, wait() renews a server's wake-up, take_servers gives
+        # this thread back servers it still holds, and the BLAS token is discarded first
+        # thing in the finally (see _threads._inside).
+        token = object()
+        try:
             servers = take_servers(len(self.parts) - 1)
             if servers is None:
                 run_parts([partial(call, part, b0, sizes)
                            for part, b0, _, _, sizes in self.parts])
                 return
             try:
-                with single_threaded_blas():
-                    try:
-                        for server, job, (_, b0, b1, v, _) in zip(servers, self.jobs,
-                                                                  self.parts[1:]):
-                            np.copyto(v[name], src[:, b0:b1])
-                            server.post(*job, cmd)
-                        part, b0, _, _, sizes = self.parts[0]
-                        call(part, b0, sizes)
-                    finally:        # failed or not: no server still in our buffers
-                        for server in servers:
-                            server.wait(server.posted())
+                enter_single_threaded_blas(token)
+                for server, job, (_, b0, b1, v, _) in zip(servers, self.jobs, self.parts[1:]):
+                    np.copyto(v[name], src[:, b0:b1])
+                    server.post(*job, cmd)
+                part, b0, _, _, sizes = self.parts[0]
+                call(part, b0, sizes)
             finally:
-                release_servers()
+                _inside.discard(token)
+                for server in servers:          # failed or not: none still in our buffers
+                    server.wait(server.posted())
+                leave_single_threaded_blas()
+        finally:
+            release_servers()
 
     def _writable(self, a, name):
         """a, or a copy in a buffer of this plan's when it is read-only: the kernels

@@ -112,3 +112,28 @@ def test_servers_are_given_back_by_the_thread_that_took_them():
     assert _threads.take_servers(1) == servers     # the taker may take them again (a call
     _threads.release_servers()                     # cut short kept them)
     assert other_thread(lambda: (_threads.take_servers(1), _threads.release_servers())[0])
+
+
+def test_a_restore_the_main_thread_owes_is_not_lost_in_another_thread():
+    """OpenBLAS takes a higher thread count back from the main thread only once the main
+    thread lowered it. A main-thread call whose restore Ctrl-C cut short, then a split
+    call in another thread: that thread's restore is ignored, and dropping the saved
+    counts then left BLAS at one thread and the split limit at one for good."""
+    from threadpoolctl import threadpool_info
+
+    def blas():
+        return sorted(i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas")
+    before, limit = blas(), _threads.blas_limit()
+    token = object()
+    _threads.enter_single_threaded_blas(token)     # a main-thread call ...
+    _threads._inside.discard(token)                # ... whose restore was cut short
+    m = fastlstm.LSTM(32, 64, seed=0)
+    x = np.ones((50, 32, 32), np.float32)
+    for _ in range(2):
+        t = threading.Thread(target=lambda: m.forward(x))
+        t.start()
+        t.join()
+    assert _threads.blas_limit() == limit          # the saved counts, not the 1s
+    m.forward(x)                                   # the main thread's next call restores
+    assert blas() == before
+    assert len(m._last.split) == min(limit, _threads.usable_cores())
