@@ -83,19 +83,21 @@ class OneThread:
 
     def __call__(self, what):
         lock = self._lock
-        if lock._is_owned():                 # a nested call of the owning thread
-            return lock
+        step = 0
         try:
-            free = lock.acquire(blocking=False)
-        except BaseException:                # interrupted just after taking it
-            if lock._is_owned():
+            if lock.acquire(blocking=False):     # the owner's nested call succeeds too
+                step = 1
+                lock.release()
+                return lock
+        except BaseException:
+            # Ctrl-C is raised only at the end of a call: at step 0, just after acquire,
+            # which then succeeded if this thread owns the lock now (nested or not); at
+            # step 1, after release, nothing is held
+            if step == 0 and lock._is_owned():
                 lock.release()
             raise
-        if not free:
-            raise RuntimeError(f"{what}() called while this {self._owner} is running in "
-                               "another thread; use one model per thread (or a lock)")
-        lock.release()
-        return lock
+        raise RuntimeError(f"{what}() called while this {self._owner} is running in "
+                           "another thread; use one model per thread (or a lock)")
 
 
 def atomic_write(path, write):
