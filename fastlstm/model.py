@@ -2,7 +2,6 @@
 ``fit``, and checkpoints."""
 import inspect
 import math
-import weakref
 
 import numpy as np
 
@@ -23,12 +22,13 @@ BACKENDS = {"fastlstm": LSTM, "reference": ReferenceLSTM}
 
 
 class _StepPlan:
-    """The fused step's arrays for one x shape (see _step), around the LSTM's plan."""
+    """The fused step's arrays for one x shape (see _step). It refers to no plan of the
+    LSTM's: a plan the layer makes anew at this shape (its workspace grown, say) has the
+    same sizes, and the step passes the current plan's workspace and lengths."""
 
     def __init__(self, model, plan):
         clip, T, B, I, H, P, opts = plan.sizes[1:]
         O = model.output_size
-        self.plan = weakref.ref(plan)     # not the plan's workspace, once the layer drops it
         loss = {"mse": _step.MSE, "bce": _step.BCE, "ce": _step.CE}[model.loss]
         self.ints = np.array([T, B, I, H, P, opts, model.lstm.flat_params.size, O, loss, 0],
                              np.int64)
@@ -264,7 +264,7 @@ class SequenceModel:
     def _fused_step(self, plan, x, y, opt, clip_norm):
         """train_step as one kernel call (_step.train_step), x already in the plan."""
         sp = self._steps.get(x.shape)
-        if sp is None or sp.plan() is not plan:
+        if sp is None:
             sp = self._steps[x.shape] = _StepPlan(self, plan)
         if y.dtype != sp.target.dtype or not y.flags.c_contiguous or not y.flags.writeable:
             np.copyto(sp.target, y, casting="same_kind" if self.loss != "ce" else "unsafe")
