@@ -103,7 +103,8 @@ def real(name, value, lo=None, hi=None, lo_open=False, hi_open=False):
 
 
 def lengths(name, value, B, T):
-    """None, or B integers in [1, T] as a fresh int64 array."""
+    """None, or B integers in [1, T] as a contiguous, writable int64 array (a copy
+    unless it is one already)."""
     if value is None:
         return None
     a = np.asarray(value) if isinstance(value, (list, tuple, np.ndarray)) else None
@@ -116,7 +117,9 @@ def lengths(name, value, B, T):
                          f"got {a.shape}")
     if a.min() < 1 or a.max() > T:
         raise ValueError(f"{name} must lie in [1, T={T}], got min {a.min()} and max {a.max()}")
-    return np.array(a, dtype=np.int64)          # a copy: the kernels take no read-only array
+    if not a.flags.writeable:                   # the kernels take no read-only array
+        return np.array(a, dtype=np.int64)
+    return np.ascontiguousarray(a, dtype=np.int64)
 
 
 def layer_config(input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
