@@ -378,10 +378,3 @@ def release_servers():
         if _state.get("servers_owner") == threading.get_ident():
             _state["servers_free"] = True
             del _state["servers_owner"]
-
-
-def single_threaded_blas():
-    """A context: BLAS at one thread meanwhile (counted), for callers that hold
-    Ctrl-C back themselves (see deferred_interrupt)."""
-    _controller()
-    return _SingleThreadedBlas()
