@@ -173,7 +173,7 @@ def _uninterrupted(wait):
             break
         except KeyboardInterrupt:
             # not kept: an exception held in a local of its own traceback's frame makes a
-            # cycle, which would keep the frames (and a _SingleThreadedBlas) until gc runs
+            # cycle, which would keep the frames (and what they hold) until gc runs
             interrupted = True
     if interrupted:
         raise KeyboardInterrupt
@@ -184,8 +184,8 @@ class deferred_interrupt:
     """Ctrl-C held back while a call hands work to other threads, its KeyboardInterrupt
     raised when the call is over. ThreadPoolExecutor's locks and futures are Python code
     that a KeyboardInterrupt can cut between taking a lock and giving it back (a pool
-    that hung for good, seen under interrupts at random points); so can the counts of
-    _SingleThreadedBlas and the servers' hand-off. Only in the main thread (where Python
+    that hung for good, seen under interrupts at random points), and _SingleThreadedBlas's
+    Python __exit__ likewise. Only in the main thread (where Python
     raises KeyboardInterrupt) and only over Python's own SIGINT handler, not a user's.
     Not on the split plans' path (_SplitPlan._run), where it made a small fwd+bwd
     about 5 % slower."""
