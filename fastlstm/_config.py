@@ -25,9 +25,8 @@ JIT = dict(
 def _cache_folder(path):
     """The folder Numba caches the functions of source file `path` in (the first of its
     locators that takes the file, as Numba picks one), or None."""
-    from numba.core import caching
-    impl = getattr(caching, "CacheImpl", None) or caching._CacheImpl
-    for cls in impl._locator_classes:
+    from ._numba_ext import cache_locators
+    for cls in cache_locators():
         locator = cls.from_function(follow, path)
         if locator is not None:
             return locator.get_cache_path()

@@ -17,11 +17,9 @@ registers across a loop: written as loops over arrays, LLVM loads and stores C o
 """
 from llvmlite import ir
 from numba import njit, types
-from numba.core import cgutils
-from numba.extending import intrinsic
-from numba.np.arrayobj import make_array
 
 from ._config import JIT
+from ._numba_ext import cgutils, intrinsic, make_array
 
 __all__ = ["panel_width", "pack_panels", "pack_panels_transposed", "packed_product",
            "gradient_product", "gradient_product_pays", "narrow_product", "narrow_pays"]

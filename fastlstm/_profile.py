@@ -8,7 +8,8 @@ the kernels do."""
 import numpy as np
 from numba import njit
 
-from ._config import JIT
+from . import _gemm, _recurrence
+from ._config import JIT, follow
 from ._gemm import (
     NV,
     VECTOR_BYTES,
@@ -18,9 +19,11 @@ from ._gemm import (
     narrow_product,
     packed_product,
 )
-from ._kernels import CHUNK_BYTES, transposed_product_pays
+from ._recurrence import CHUNK_BYTES, transposed_product_pays
 from ._threads import run_parts, single_threaded
 from ._timing import median_time
+
+follow(__file__, _gemm.__file__, _recurrence.__file__)
 
 
 @njit(**JIT)

@@ -1,18 +1,29 @@
 """Atomic loads and stores on an int64 array and a spin-wait, for handing work to a thread
-that waits in compiled code (see _threads.Server) instead of on a lock.
+that waits in compiled code (see _threads.Server) instead of on a lock; and that
+thread's serving loop, ``serve_rows``.
 
 On these machines waking a thread that sleeps on a lock took 50-70 us, and every hand-off
 between two Python threads pays it again for the GIL; a part of a split batch at small
 size runs in about 500 us. A thread that spins in nopython code sees a store in about a
 microsecond and needs no GIL to start its work."""
 from numba import njit, types
-from numba.extending import intrinsic
-from numba.np.arrayobj import make_array
 
-from ._config import JIT
+from . import _kernels
+from ._config import JIT, follow
+from ._kernels import (
+    _backward_rows_out,
+    _forward_rows_out,
+    layer_backward,
+    layer_forward,
+    workspace_of,
+)
+from ._numba_ext import intrinsic, make_array
+
+# serve_rows carries the entries' code in its cache entry
+follow(__file__, *_kernels.SOURCES)
 
 __all__ = ["load_acquire", "store_release", "spin_while_equal", "spin_until_at_least", "post",
-           "SEQ", "CMD", "JOB", "DONE", "FORWARD", "BACKWARD"]
+           "SEQ", "CMD", "JOB", "DONE", "FORWARD", "BACKWARD", "serve_rows"]
 
 
 @intrinsic
@@ -74,3 +85,41 @@ def post(cell, job, cmd):
     cell[JOB] = job
     store_release(cell, SEQ, seq)
     return seq
+
+
+def _serve_sigs():
+    out = []
+    for ft in (types.float32, types.float64):
+        flat, io = types.Array(ft, 1, "C"), types.Array(ft, 3, "C")
+        out.append(types.void(types.Array(types.int64, 1, "C"), types.int64, types.int64,
+                              *[flat] * 3,
+                              *[io] * 6, types.int64, types.Array(types.int64, 1, "C"), ft,
+                              *[types.int64] * 6))
+    return out
+
+
+@njit(_serve_sigs(), **JIT)
+def serve_rows(cell, spins, me, p, g, ws, y, h_n, c_n, dx, dh0, dc0, b0, lengths, clip,
+               T, B, I, H, P, opts):
+    """A worker thread's side of a split plan (see _threads.Server): runs the commands
+    posted in cell for job `me` on rows [b0, b0 + B); returns, leaving it, at a command
+    for another job, or when none came in `spins` reads. FORWARD: ``layer_forward`` on
+    x already in the workspace, its rows of y, h_n, c_n written as ``rows_forward``
+    does. BACKWARD: g zeroed, then ``layer_backward`` on dy already in the workspace,
+    and its rows of dx, dh0, dc0 written."""
+    v = workspace_of(ws, T, B, I, H, P, opts)
+    done = load_acquire(cell, DONE)
+    while True:
+        seq = spin_while_equal(cell, SEQ, done, spins)
+        if seq == done or load_acquire(cell, JOB) != me:
+            return
+        cmd = load_acquire(cell, CMD)
+        if cmd == FORWARD:
+            layer_forward(p, ws, lengths, clip, T, B, I, H, P, opts)
+            _forward_rows_out(v, y, h_n, c_n, b0)
+        elif cmd == BACKWARD:
+            g[:] = 0
+            layer_backward(p, g, ws, lengths, clip, T, B, I, H, P, opts)
+            _backward_rows_out(v, dx, dh0, dc0, b0)
+        done = seq
+        store_release(cell, DONE, seq)

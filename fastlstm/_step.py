@@ -14,12 +14,12 @@ import numpy as np
 from numba import njit, types
 from numba.extending import overload
 
-from . import _kernels, _layout, _losses, _updates
+from . import _kernels, _losses, _updates
 from ._config import JIT, follow
-from ._kernels import LAYER_NORM, RDROP, ZONEOUT, _carve_workspace, layer_backward, layer_forward
+from ._kernels import layer_backward, layer_forward, workspace_of
 
-# this file's cached kernel carries the code of all four
-follow(__file__, _kernels.__file__, _layout.__file__, _losses.__file__, _updates.__file__)
+# this file's cached kernel carries the code of the entries, the losses and the updates
+follow(__file__, *_kernels.SOURCES, _losses.__file__, _updates.__file__)
 
 __all__ = ["MSE", "BCE", "CE", "N_SCALARS", "train_step"]
 
@@ -65,8 +65,7 @@ def train_step(p, g, ws, lengths, y, valid, scratch, s1, s2, hyper, ints, count)
     clip, max_norm = p.dtype.type(hyper[8]), hyper[9]
     g[:] = 0
     layer_forward(p[:n], ws, lengths, clip, T, B, I, H, P, opts)
-    v = _carve_workspace(ws, T, B, I, H, P, opts & LAYER_NORM != 0, opts & ZONEOUT != 0,
-                         opts & RDROP != 0)
+    v = workspace_of(ws, T, B, I, H, P, opts)
     feats = scratch[:B * P].reshape((B, P))
     dfeats = scratch[B * P:2 * B * P].reshape((B, P))
     logits = scratch[2 * B * P:2 * B * P + B * O].reshape((B, O))

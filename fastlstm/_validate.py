@@ -122,38 +122,6 @@ def lengths(name, value, B, T):
     return np.ascontiguousarray(a, dtype=np.int64)
 
 
-def layer_config(input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
-                 dropout=0.0, bidirectional=False, proj_size=0, dtype=np.float32, seed=None,
-                 forget_bias=0.0, cell_clip=None, threads=None, peephole=False,
-                 layer_norm=False, zoneout=0.0, zoneout_cell=0.0, recurrent_dropout=0.0):
-    """An LSTM layer's constructor arguments, validated, as a dict: one set of checks
-    for every backend (fastlstm.LSTM, reference.ReferenceLSTM)."""
-    c = dict(input_size=positive_int("input_size", input_size),
-             hidden_size=positive_int("hidden_size", hidden_size),
-             num_layers=positive_int("num_layers", num_layers),
-             bias=boolean("bias", bias), batch_first=boolean("batch_first", batch_first),
-             bidirectional=boolean("bidirectional", bidirectional),
-             dropout=real("dropout", dropout, lo=0.0, hi=1.0, hi_open=True),
-             proj_size=nonnegative_int("proj_size", proj_size))
-    if c["proj_size"] >= c["hidden_size"]:
-        raise ValueError(f"proj_size must be smaller than hidden_size={c['hidden_size']}, "
-                         f"got {c['proj_size']}")
-    c["dtype"] = globals()["dtype"]("dtype", dtype)
-    c["forget_bias"] = real("forget_bias", forget_bias)
-    if c["forget_bias"] != 0 and not c["bias"]:
-        raise ValueError(f"forget_bias={c['forget_bias']} needs bias=True")
-    c["cell_clip"] = None if cell_clip is None else real("cell_clip", cell_clip, lo=0.0,
-                                                         lo_open=True)
-    c["seed"] = globals()["seed"]("seed", seed)
-    c["threads"] = None if threads is None else positive_int("threads", threads)
-    c["peephole"] = boolean("peephole", peephole)
-    c["layer_norm"] = boolean("layer_norm", layer_norm)
-    for name, p in (("zoneout", zoneout), ("zoneout_cell", zoneout_cell),
-                    ("recurrent_dropout", recurrent_dropout)):
-        c[name] = real(name, p, lo=0.0, hi=1.0, hi_open=True)
-    return c
-
-
 def seed(name, value):
     """None, or a non-negative int (NumPy's generators take no negative seed)."""
     return None if value is None else nonnegative_int(name, value)

@@ -9,6 +9,7 @@ from functools import partial
 
 import numpy as np
 
+from . import _options
 from ._profile import ALL_ROWS, gemm_parts
 from ._timing import median_time
 from .lstm import LSTM
@@ -35,13 +36,7 @@ def flops(B, T, I, H, num_layers=1, bidirectional=False, proj_size=0):
 
 
 #: the variants `fastlstm bench --variants` times, as options of fastlstm.LSTM
-VARIANTS = {
-    "plain": {},
-    "peephole": dict(peephole=True),
-    "layer_norm": dict(layer_norm=True),
-    "zoneout": dict(zoneout=0.1, zoneout_cell=0.1),
-    "recurrent_dropout": dict(recurrent_dropout=0.25),
-}
+VARIANTS = _options.bench_variants()
 
 
 def matmul_gflops(dtype, n=2048, min_time=0.5):

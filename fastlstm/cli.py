@@ -7,6 +7,8 @@ import sys
 
 import numpy as np
 
+from . import _options
+
 #: What each run of `fastlstm train` takes, with its defaults. An option given on the
 #: command line that its run does not take is refused, never silently ignored.
 TRAIN_DEFAULTS = {
@@ -21,9 +23,8 @@ TRAIN_DEFAULTS = {
     "article": dict(hidden=3, lr=0.01, max_steps=3000, dtype="float64"),
 }
 COMMON_DEFAULTS = dict(seed=0, backend="fastlstm", threads=None)
-#: the LSTM variants (options of fastlstm.LSTM), off by default
-VARIANTS = dict(peephole=False, layer_norm=False, zoneout=0.0, zoneout_cell=0.0,
-                recurrent_dropout=0.0)
+#: the LSTM variants (options of fastlstm.LSTM, from _options' table), off by default
+VARIANTS = dict(_options.VARIANTS)
 for _task in ("adding", "sine", "data"):       # the runs that train a SequenceModel
     TRAIN_DEFAULTS[_task].update(distributed=False, export_onnx=None, **VARIANTS)
 #: command-line spelling of each setting
@@ -31,9 +32,8 @@ FLAGS = dict(seq_len="--seq-len", hidden="--hidden", layers="--layers",
              batch_size="--batch-size", lr="--lr", optimizer="--optimizer", max_steps="--steps",
              max_seconds="--max-seconds", curriculum="--no-curriculum", dtype="--dtype",
              epochs="--epochs", save="--save", distributed="--distributed",
-             export_onnx="--export-onnx", peephole="--peephole", layer_norm="--layer-norm",
-             zoneout="--zoneout", zoneout_cell="--zoneout-cell",
-             recurrent_dropout="--recurrent-dropout")
+             export_onnx="--export-onnx",
+             **{o.name: o.cli[0] for o in _options.OPTIONS if o.cli})
 
 
 def _settings(args, parser):
@@ -77,9 +77,8 @@ def _check_run(task, run, args, parser):
         if run.get(key):
             _writable_path(FLAGS[key], run[key], parser)
     if run.get("export_onnx"):
-        from .interop import _INEXPRESSIBLE
-        for k in _INEXPRESSIBLE:
-            if run.get(k):
+        for k in _options.inexpressible("onnx"):
+            if run.get(k) and k in FLAGS:
                 parser.error(f"--export-onnx cannot express {FLAGS[k]}: ONNX's LSTM "
                              "operator has no such option (train without it, or drop "
                              "--export-onnx)")
@@ -360,17 +359,11 @@ def build_parser():
     t.add_argument("--threads", type=_positive(int),
                    help="threads while training: the LSTM's batch split and BLAS "
                         "(default: the cores available)")
-    t.add_argument("--peephole", action="store_const", const=True,
-                   help="peephole connections from the cell to the gates")
-    t.add_argument("--layer-norm", action="store_const", const=True,
-                   help="layer normalisation of the gates' inputs and of the cell")
-    t.add_argument("--zoneout", type=_probability, metavar="P",
-                   help="zoneout of the hidden state: each unit keeps its value with "
-                        "probability P in training")
-    t.add_argument("--zoneout-cell", type=_probability, metavar="P",
-                   help="zoneout of the cell state")
-    t.add_argument("--recurrent-dropout", type=_probability, metavar="P",
-                   help="dropout on h_{t-1} before W_hh, one mask per sequence")
+    for o in _options.OPTIONS:            # the layer's variants, as _options spells them
+        if o.cli and o.cli[1] == "switch":
+            t.add_argument(o.cli[0], action="store_const", const=True, help=o.help)
+        elif o.cli:
+            t.add_argument(o.cli[0], type=_probability, metavar="P", help=o.help)
     t.add_argument("--save", help="write the trained model to this .npz")
     t.add_argument("--export-onnx", metavar="PATH",
                    help="write the trained model as an ONNX graph (needs pip install "
@@ -403,8 +396,9 @@ def build_parser():
     b.add_argument("--train", action="store_true",
                    help="time a whole training step (LSTM + linear head + MSE + Adam) instead")
     b.add_argument("--variants", action="store_true",
-                   help="time each LSTM variant (peephole, layer norm, zoneout, recurrent "
-                        "dropout) against the plain layer and against a torch-autograd step "
+                   help="time each LSTM variant ("
+                        + ", ".join(list(_options.bench_variants())[1:])
+                        + ") against the plain layer and against a torch-autograd step "
                         "loop (default sizes: small and medium; dtype: float32)")
     b.add_argument("--distributed", action="store_true",
                    help="under mpiexec -n N: data-parallel training steps per second and "

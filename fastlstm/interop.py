@@ -19,6 +19,7 @@ import os
 
 import numpy as np
 
+from . import _options
 from ._shared import atomic_write
 from .lstm import LSTM
 
@@ -28,12 +29,8 @@ DEFAULT_OPSET = 17
 _ONNX_GATES = (0, 3, 1, 2)     # torch's (i, f, g, o) blocks in ONNX's order (i, o, f, c)
 
 
-#: options neither ONNX's LSTM operator nor Keras' LSTM can express
-_INEXPRESSIBLE = ("proj_size", "cell_clip", "layer_norm", "zoneout", "zoneout_cell")
-
-
-def _refuse(lstm, where, also=()):
-    for option in _INEXPRESSIBLE + also:
+def _refuse(lstm, where, target):
+    for option in _options.inexpressible(target):
         bad = getattr(lstm, option)
         if bad:
             raise ValueError(f"{where} cannot express {option}={bad!r}: export or convert a "
@@ -144,7 +141,7 @@ def export_onnx(model, path, opset=None):
     opset = int(opset)
     sequence_model = hasattr(model, "lstm") and hasattr(model, "head")
     lstm = _layer(model.lstm if sequence_model else model)
-    _refuse(lstm, "ONNX's LSTM operator")
+    _refuse(lstm, "ONNX's LSTM operator", "onnx")
     g = _Graph(onnx, lstm.dtype)
     I, H, D, L = lstm.input_size, lstm.hidden_size, lstm.num_directions, lstm.num_layers
     F = D * H
@@ -199,7 +196,7 @@ def to_keras(model):
     layer's three then the backward layer's. Without biases each list has two arrays
     (``use_bias=False``). Keras has one bias: it receives ``bias_ih + bias_hh``."""
     lstm = _layer(getattr(model, "lstm", model))
-    _refuse(lstm, "Keras' LSTM", also=("peephole",))
+    _refuse(lstm, "Keras' LSTM", "keras")
     out = []
     for k in range(lstm.num_layers):
         layer = []
@@ -261,7 +258,7 @@ def from_keras(weights, dtype=np.float32, batch_first=False, **options):
         As ``fastlstm.LSTM`` (``dropout``, ``seed``; ``forget_bias`` is Keras'
         ``unit_forget_bias``, an initialisation that the loaded weights replace).
     """
-    for bad in _INEXPRESSIBLE + ("peephole",):
+    for bad in _options.inexpressible("keras"):
         if options.get(bad):
             raise ValueError(f"Keras' LSTM has no {bad}: from_keras cannot make one")
     layers = _keras_layers(weights)

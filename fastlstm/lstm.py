@@ -1,4 +1,9 @@
-"""The public LSTM: validates, owns the buffers, calls the kernels."""
+"""The public LSTM: validates, owns the buffers, splits the batch, calls the parts.
+
+The rooms behind it: ``_options`` (what each option is), ``_layout`` (the flat
+buffers), ``_parts`` (the workspaces and the general path), ``_plans`` (repeated
+calls made once), ``_threads`` (the batch split), ``_kernels`` (the Numba entries).
+"""
 import math
 import re
 import threading
@@ -6,391 +11,24 @@ from functools import partial
 
 import numpy as np
 
-from . import _layout
+from . import _layout, _options
 from . import _validate as check
 from ._config import exact_activations
-from ._kernels import (
-    ONE_THREAD,
-    PADDED,
-    ZERO_STATE,
-    layer_backward,
-    layer_forward,
-    opts_bits,
-    reverse_in_time,
-    rows_backward,
-    rows_forward,
-    serve_rows,
-    zero_padding,
-)
-from ._shared import Buffers, OneThread, aligned_empty, aligned_zeros, readonly
-from ._spin import BACKWARD, FORWARD
-from ._threads import (
-    SPLIT_WORK,
-    _inside,
-    batch_parts,
-    enter_single_threaded_blas,
-    leave_single_threaded_blas,
-    new_job,
-    parallel_worthwhile,
-    release_servers,
-    run_pair,
-    run_parts,
-    single_threaded,
-    take_servers,
-)
+from ._kernels import layer_backward, layer_forward, opts_bits
+from ._parts import Part, Spec, rows
+from ._plans import MAX_SPLIT_PLANS, Last, Plan, SplitPlan
+from ._shared import Buffers, OneThread, aligned_zeros, readonly
+from ._threads import SPLIT_WORK, batch_parts, run_parts, single_threaded
 
 __all__ = ["LSTM"]
-
-
-class _Workspace:
-    """One direction of one layer: a flat buffer for every activation and
-    gradient of a (T, B) call, up to a capacity, carved by the layout table the
-    kernels are compiled from. ``views(T, B)`` caches its views, so a repeated
-    shape costs nothing."""
-
-    def __init__(self, T, B, I, H, P, flags, dtype):
-        self.T, self.B, self.I, self.H, self.P, self.flags = T, B, I, H, P, flags
-        n = _layout.workspace_size(T, B, I, H, P, *flags)
-        self.flat = check.allocate(n, dtype, f"the workspace for T={T}, B={B} (x's shape)")
-        self._cache = {}
-
-    def fits(self, T, B):
-        return T <= self.T and B <= self.B
-
-    def views(self, T, B):
-        v = self._cache.get((T, B))
-        if v is None:
-            table = _layout.workspace_table(T, B, self.I, self.H, self.P, *self.flags)
-            n = _layout.workspace_size(T, B, self.I, self.H, self.P, *self.flags)
-            v = _layout.carve(self.flat[:n], table)
-            v["h_out"] = v["h"][1:]
-            v["h_n"], v["c_n"] = v["h"][T:], v["c"][T:]
-            v["dh0"], v["dc0"] = v["dh"][None], v["dc"][None]
-            v["readonly"] = {}
-            self._cache[(T, B)] = v
-        return v
-
-    def readonly(self, T, B, name, transpose=False):
-        """A read-only view of buffer `name` at (T, B), (B, T, ...) with `transpose`:
-        the same object every call, as making one costs about half a microsecond and a
-        one-layer call returns six."""
-        ro = self.views(T, B)["readonly"]
-        a = ro.get((name, transpose))
-        if a is None:
-            a = self.views(T, B)[name]
-            a = ro[(name, transpose)] = readonly(a.transpose(1, 0, 2) if transpose else a)
-        return a
-
-
-class _Last:
-    """What backward differentiates: the last forward's shape, lengths, dropout
-    masks, and the thread that ran it. A plan is its own record (these fields, and
-    the model's ``_last`` the plan itself): a record that referred back to its plan
-    made a cycle, which kept a dropped plan and its workspace alive until the cyclic
-    collector came by (T changing every step piled up gigabytes)."""
-
-    def __init__(self, T, B, lengths, masks, vmasks, split, one_thread=True):
-        self.T, self.B, self.lengths, self.masks, self.split = T, B, lengths, masks, split
-        self.vmasks, self.one_thread = vmasks, one_thread
-        self.thread = threading.get_ident()
-
-
-class _Plan(_Last):
-    """A repeated call, made once: a one-layer, one-direction, one-part model called at
-    one x shape without state or lengths. It holds the kernels' arguments, the
-    workspace's x and dy and the views a call returns, so that a call is a copy, the
-    kernel and a return; at seed size, building these each call was two thirds of a
-    forward+backward. Plans are dropped when the workspace or the parameters move."""
-
-    def __init__(self, model, T, B, split):
-        part = model._part(0)
-        v = part.views(0, T, B)
-        ws, bf = part.ws[0], model.batch_first
-        lens = model._full_lengths[(T, B)]
-        sizes = (lens, model._clip, T, B, model.input_size, model.hidden_size, model._P,
-                 model._opts | ZERO_STATE | ONE_THREAD)
-        self.ws, self.lens, self.sizes = ws.flat, lens, sizes
-        self.fargs = (model._pblocks[0], ws.flat) + sizes
-        self.bargs = (model._pblocks[0], part.gblock(0), ws.flat) + sizes
-        self.x, self.dy = (v["x"], v["dy"]) if not bf else (
-            v["x"].transpose(1, 0, 2), v["dy"].transpose(1, 0, 2))
-        self.out = (ws.readonly(T, B, "h_out", bf), (ws.readonly(T, B, "h_n"),
-                                                      ws.readonly(T, B, "c_n")))
-        self.grad_out = (ws.readonly(T, B, "dx", bf), (ws.readonly(T, B, "dh0"),
-                                                        ws.readonly(T, B, "dc0")))
-        _Last.__init__(self, T, B, lens, [None], {}, split)
-
-
-#: split plans (with their own y, dx buffers) an LSTM keeps, the most recent shapes'
-MAX_SPLIT_PLANS = 8
-
-
-class _SplitPlan(_Last):
-    """A repeated call split across threads, made once: as _Plan, for a shape whose
-    batch is split into parts (see _threads). Part 0 runs here as one kernel call that
-    copies its rows in and out (_kernels.rows_forward); each other part runs on a server
-    thread that waits for it in compiled code (_threads.Server, _kernels.serve_rows),
-    its rows of x or dy copied into its workspace here first. So neither thread waits on
-    the other's Python or on a wake-up: at small size (float32) a forward's wall time
-    beyond part 0's kernel went from about 130 us (the pool's hand-off) to 50-80 us.
-    Taken while the model would split the batch the same way, and for x and dy of the
-    model's dtype; when another thread holds the servers, the parts go to the thread
-    pool instead."""
-
-    def __init__(self, model, T, B, split):
-        self.m, self.split = model, split
-        P, H = model._P, model.hidden_size
-        dt = model.dtype
-        self.y = aligned_empty((T, B, P), dt)
-        self.h_n, self.c_n = aligned_empty((1, B, P), dt), aligned_empty((1, B, H), dt)
-        self.dx = aligned_empty((T, B, model.input_size), dt)
-        self.dh0, self.dc0 = aligned_empty((1, B, P), dt), aligned_empty((1, B, H), dt)
-        lens = model._full_lengths[(T, B)]
-        self.parts, self.jobs = [], []
-        for part, b0, b1 in split:
-            v = part.views(0, T, b1 - b0)            # its workspace, allocated now
-            sizes = (lens[b0:b1], model._clip, T, b1 - b0, model.input_size, H, P,
-                     model._opts | ZERO_STATE | ONE_THREAD)
-            self.parts.append((part, b0, b1, v, sizes))
-        for part, b0, _, _, sizes in self.parts[1:]:
-            number = new_job()
-            args = (number, model._pblocks[0], part.gblock(0), part.ws[0].flat, self.y,
-                    self.h_n, self.c_n, self.dx, self.dh0, self.dc0, b0) + sizes
-            self.jobs.append((number, lambda cell, spins, args=args:
-                              serve_rows(cell, spins, *args)))
-        bf = model.batch_first
-        self.out = (readonly(self.y.transpose(1, 0, 2) if bf else self.y),
-                    (readonly(self.h_n), readonly(self.c_n)))
-        self.grad_out = (readonly(self.dx.transpose(1, 0, 2) if bf else self.dx),
-                         (readonly(self.dh0), readonly(self.dc0)))
-        self.dy_shape = self.out[0].shape
-        self.copies = {}                  # "x", "dy": read-only inputs copied (_writable)
-        _Last.__init__(self, T, B, lens, [None], {}, split)
-
-    def _run(self, src, name, cmd, call):
-        """Post each other part's command, its rows of src copied into its workspace's
-        `name`; run part 0 here; wait for the others."""
-        # No deferred_interrupt on this path (it made a small fwd+bwd about 5 % slower):
-        # every lock here is C-level, wait() renews a server's wake-up, take_servers gives
-        # this thread back servers it still holds, and the BLAS token is discarded first
-        # thing in the finally (see _threads._inside).
-        token = object()
-        try:
-            servers = take_servers(len(self.parts) - 1)
-            if servers is None:
-                run_parts([partial(call, part, b0, sizes)
-                           for part, b0, _, _, sizes in self.parts])
-                return
-            try:
-                enter_single_threaded_blas(token)
-                for server, job, (_, b0, b1, v, _) in zip(servers, self.jobs, self.parts[1:]):
-                    np.copyto(v[name], src[:, b0:b1])
-                    server.post(*job, cmd)
-                part, b0, _, _, sizes = self.parts[0]
-                call(part, b0, sizes)
-            finally:
-                _inside.discard(token)
-                for server in servers:          # failed or not: none still in our buffers
-                    server.wait(server.posted())
-                leave_single_threaded_blas()
-        finally:
-            release_servers()
-
-    def _writable(self, a, name):
-        """a, or a copy in a buffer of this plan's when it is read-only: the kernels
-        read the caller's rows in place but take no read-only array."""
-        if a.flags.writeable:
-            return a
-        buf = self.copies.get(name)
-        if buf is None:
-            buf = self.copies[name] = aligned_empty(a.shape, a.dtype)
-        np.copyto(buf, a)
-        return buf
-
-    def forward(self, x):
-        m = self.m
-        xt = self._writable(m._time_major(x), "x")
-        self._run(xt, "x", FORWARD, lambda part, b0, sizes: rows_forward(
-            m._pblocks[0], part.ws[0].flat, xt, self.y, self.h_n, self.c_n, b0, *sizes))
-        return self.out
-
-    def backward(self, dy):
-        m = self.m
-        dyt = self._writable(m._time_major(dy), "dy")
-
-        def call(part, b0, sizes):
-            if part is not self.parts[0][0]:          # the pool's way: the others' sums
-                part.flat_grads.fill(0)
-            rows_backward(m._pblocks[0], part.gblock(0), part.ws[0].flat, dyt, self.dx,
-                          self.dh0, self.dc0, b0, *sizes)
-        self._run(dyt, "dy", BACKWARD, call)
-        for part, _, _, _, _ in self.parts[1:]:      # in order: the same sum every time
-            m.flat_grads += part.flat_grads
-        return self.grad_out
-
-
-#: how each optional parameter's option is spelled, for error messages
-_OPTION_SPELLING = {"bias": "bias=True", "proj": "proj_size > 0", "peephole": "peephole=True",
-                    "layer_norm": "layer_norm=True"}
 
 
 def _options_of(keys, lead):
     """'; <lead> peephole=True, ...' for the options the parameter names belong to."""
     when = {name: w for name, _, w in _layout.PARAMS}
     bases = [re.sub(r"_l\d+(_reverse)?$", "", k) for k in keys]
-    opts = sorted({_OPTION_SPELLING[when[b]] for b in bases if when.get(b)})
+    opts = sorted({_options.spelling(when[b]) for b in bases if when.get(b)})
     return f"; {lead} {', '.join(opts)}" if opts else ""
-
-
-def _rows(state, cut):
-    """A state's batch slice, or None."""
-    return None if state is None else state[:, cut]
-
-
-class _Part:
-    """The buffers of one part of the batch: a workspace per (layer, direction),
-    scratch arrays, and where its weight gradients go. It runs the layers over its
-    sequences; the model splits the batch and joins the parts' results."""
-
-    def __init__(self, model, flat_grads):
-        self.m = model
-        self.flat_grads = flat_grads
-        self.ws = [None] * len(model._blocks)
-        self.buf = Buffers(model.dtype)
-
-    def gblock(self, j):
-        if self.flat_grads is None:
-            return self.m._gblocks[j]
-        o, n, _ = self.m._blocks[j]
-        return self.flat_grads[o:o + n]
-
-    def views(self, j, T, B):
-        ws = self.ws[j]
-        if ws is None or not ws.fits(T, B):
-            T_cap = T if ws is None else max(T, ws.T)
-            B_cap = B if ws is None else max(B, ws.B)
-            ws = self.ws[j] = _Workspace(T_cap, B_cap, self.m._blocks[j][2], self.m.hidden_size,
-                                         self.m._P, self.m._wflags, self.m.dtype)
-            self.m._plans.clear()          # they hold the old workspace
-        return ws.views(T, B)
-
-    def _paired(self, D, work, pairs):
-        """Whether a layer's two directions run at once, one thread each: when that pays
-        and this part has the machine to itself (see _threads)."""
-        return D == 2 and pairs and parallel_worthwhile(work, self.m.threads)
-
-    @staticmethod
-    def _run(calls, paired):
-        if paired:
-            run_pair(*calls)
-        else:
-            for call in calls:
-                call()
-
-    def forward(self, xt, h0, c0, lens, padded, masks, vmasks, pairs=False, one_thread=True):
-        """one_thread: each kernel call has one thread (BLAS too), so its products may
-        run packed (see _gemm); a pair of directions run at once always has."""
-        m = self.m
-        T, B = xt.shape[:2]
-        L, D, H, P = m.num_layers, m.num_directions, m.hidden_size, m._P
-        src = xt
-        for k in range(L):
-            outs, calls = [], []
-            paired = self._paired(D, T * B * 4 * H * (m._blocks[k * D][2] + P), pairs)
-            one = ONE_THREAD if one_thread or paired else 0
-            for d in range(D):
-                j = k * D + d
-                v = self.views(j, T, B)
-                if d == 0:
-                    np.copyto(v["x"], src, casting="same_kind")
-                    if padded:
-                        zero_padding(v["x"], lens)
-                else:    # the reverse direction reads each sequence last step first
-                    reverse_in_time(self.views(k * D, T, B)["x"], v["x"], lens)
-                if h0 is not None:
-                    np.copyto(v["h"][0], h0[j], casting="same_kind")
-                    np.copyto(v["c"][0], c0[j], casting="same_kind")
-                for name, a in vmasks.items():
-                    np.copyto(v[name], a[j])
-                calls.append(partial(layer_forward, m._pblocks[j], self.ws[j].flat, lens,
-                                     m._clip, T, B, m._blocks[j][2], H, P,
-                                     m._opts | (PADDED if padded else 0)
-                                     | (ZERO_STATE if h0 is None else 0) | one))
-                outs.append(v["y"] if padded else v["h_out"])
-            self._run(calls, paired)
-            if D == 1:
-                out = outs[0]
-            else:
-                out = self.buf.get(f"out{k}", (T, B, 2 * P))
-                out[:, :, :P] = outs[0]
-                reverse_in_time(outs[1], out[:, :, P:], lens)
-            if masks[k] is not None:
-                src = self.buf.get(f"dropped{k}", out.shape)
-                np.multiply(out, masks[k], out=src)
-            else:
-                src = out
-        if L * D == 1:
-            v = self.views(0, T, B)
-            return out, v["h_n"], v["c_n"]
-        h_n = self.buf.get("h_n", (L * D, B, P))
-        c_n = self.buf.get("c_n", (L * D, B, H))
-        for j in range(L * D):
-            v = self.views(j, T, B)
-            h_n[j], c_n[j] = v["h"][T], v["c"][T]
-        return out, h_n, c_n
-
-    def backward(self, grad, dh_n, dc_n, lens, masks, pairs=False, one_thread=True):
-        m = self.m
-        T, B = grad.shape[:2]
-        L, D, H, P = m.num_layers, m.num_directions, m.hidden_size, m._P
-        single = L * D == 1
-        if not single:
-            dh0 = self.buf.get("dh0", (L * D, B, P))
-            dc0 = self.buf.get("dc0", (L * D, B, H))
-        for k in range(L - 1, -1, -1):
-            calls = []
-            paired = self._paired(D, T * B * 4 * H * (m._blocks[k * D][2] + P), pairs)
-            one = ONE_THREAD if one_thread or paired else 0
-            for d in range(D):
-                j = k * D + d
-                v = self.views(j, T, B)
-                if D == 1:
-                    np.copyto(v["dy"], grad, casting="same_kind")
-                elif d == 0:
-                    np.copyto(v["dy"], grad[:, :, :P], casting="same_kind")
-                else:
-                    g_rev = grad[:, :, P:]
-                    if g_rev.dtype != m.dtype or not g_rev.flags.writeable:
-                        # the kernels take the model's dtype and no read-only array
-                        g_rev = self.buf.get(f"dy_rev{k}", g_rev.shape)
-                        np.copyto(g_rev, grad[:, :, P:], casting="same_kind")
-                    reverse_in_time(g_rev, v["dy"], lens)
-                if dh_n is not None:
-                    np.copyto(v["dh"], dh_n[j], casting="same_kind")
-                    np.copyto(v["dc"], dc_n[j], casting="same_kind")
-                calls.append(partial(layer_backward, m._pblocks[j], self.gblock(j),
-                                     self.ws[j].flat, lens, m._clip, T, B, m._blocks[j][2], H,
-                                     P, m._opts | (ZERO_STATE if dh_n is None else 0) | one))
-            self._run(calls, paired)
-            if not single:
-                for d in range(D):
-                    v = self.views(k * D + d, T, B)
-                    dh0[k * D + d], dc0[k * D + d] = v["dh"], v["dc"]
-            if D == 1:
-                dx = self.views(k * D, T, B)["dx"]
-            else:
-                dx = self.buf.get(f"dx{k}", self.views(k * D, T, B)["dx"].shape)
-                reverse_in_time(self.views(k * D + 1, T, B)["dx"], dx, lens)
-                dx += self.views(k * D, T, B)["dx"]
-            if k > 0 and masks[k - 1] is not None:
-                grad = self.buf.get(f"dmasked{k}", dx.shape)
-                np.multiply(dx, masks[k - 1], out=grad)
-            else:
-                grad = dx
-        if single:
-            v = self.views(0, T, B)
-            dh0, dc0 = v["dh0"], v["dc0"]
-        return grad, dh0, dc0
 
 
 class LSTM:
@@ -469,7 +107,7 @@ class LSTM:
                  dropout=0.0, bidirectional=False, proj_size=0, dtype=np.float32, seed=None,
                  forget_bias=0.0, cell_clip=None, threads=None, peephole=False,
                  layer_norm=False, zoneout=0.0, zoneout_cell=0.0, recurrent_dropout=0.0):
-        config = check.layer_config(
+        config = _options.layer_config(
             input_size, hidden_size, num_layers=num_layers, bias=bias, batch_first=batch_first,
             dropout=dropout, bidirectional=bidirectional, proj_size=proj_size, dtype=dtype,
             seed=seed, forget_bias=forget_bias, cell_clip=cell_clip, threads=threads,
@@ -486,10 +124,8 @@ class LSTM:
                 f"hidden_size={H}, num_layers={self.num_layers}"
                 + (", bidirectional=True" if self.bidirectional else "")
                 + (f", proj_size={self.proj_size}" if self.proj_size else "") + ")")
-        flags = (self.bias, bool(self.proj_size), self.peephole, self.layer_norm)
-        # the workspace's options (_layout.WORKSPACE_FLAGS)
-        self._wflags = (self.layer_norm, bool(self.zoneout or self.zoneout_cell),
-                        self.recurrent_dropout > 0)
+        flags = _options.param_flags(config)
+        self._wflags = _options.workspace_flags(config)
         total = D * (_layout.param_size(self.input_size, H, P, *flags)
                      + (self.num_layers - 1) * _layout.param_size(D * P, H, P, *flags))
         check.affordable(2 * total, self.dtype, what)     # before any list of that size is built
@@ -497,6 +133,14 @@ class LSTM:
         self._blocks, self._layout = _layout.layer_blocks(self.input_size, H, P,
                                                           self.num_layers, D, *flags)
         offset = sum(size for _, size, _ in self._blocks)
+        self._clip = self.dtype.type(np.inf if self.cell_clip is None else self.cell_clip)
+        self._exact = exact_activations()
+        # the kernels' options, as the bits of one integer (see _kernels.opts_bits)
+        self._opts = opts_bits(**_options.flags(config), exact=self._exact)
+        self._parts = []       # per part of the batch: workspaces and scratch (_parts.Part)
+        self._splits = {}
+        self._plans = {}       # x.shape -> Plan or SplitPlan
+        self._fast_paths = True  # False: every call takes the general path (for tests)
         self.bind(check.allocate(offset, self.dtype, what), aligned_zeros(offset, self.dtype))
         bound = 1.0 / math.sqrt(H)
         self.flat_params[:] = np.random.default_rng(self.seed).uniform(-bound, bound, offset)
@@ -506,18 +150,9 @@ class LSTM:
             elif name.startswith("ln_"):           # layer norm: gain 1, bias 0
                 a[:] = 1.0 if "_weight_" in name else 0.0
         self._rng = np.random.default_rng(None if self.seed is None else [self.seed, 1])
-        self._clip = self.dtype.type(np.inf if self.cell_clip is None else self.cell_clip)
-        self._exact = exact_activations()
-        # the kernels' options, as the bits of one integer (see _kernels.opts_bits)
-        self._opts = opts_bits(bias=self.bias, proj=bool(self.proj_size), peephole=self.peephole,
-                               layer_norm=self.layer_norm, zoneout=self._wflags[1],
-                               rdrop=self._wflags[2], exact=self._exact)
-        self._parts = []       # per part of the batch: workspaces and scratch (_Part)
         self._buf = Buffers(self.dtype)
         self._full_lengths = {}
         self._affordable = set()
-        self._splits = {}
-        self._plans = {}       # x.shape -> _Plan or _SplitPlan
         self._last = None
         self._guard = OneThread("LSTM")
 
@@ -538,9 +173,17 @@ class LSTM:
         self.params = _layout.carve(flat_params, self._layout)
         self.grads = _layout.carve(flat_grads, self._layout)
         # The kernels take one direction of one layer as one flat slice.
-        self._pblocks = [flat_params[o:o + k] for o, k, _ in self._blocks]
-        self._gblocks = [flat_grads[o:o + k] for o, k, _ in self._blocks]
-        self._plans = {}
+        self._spec = Spec(
+            pblocks=tuple(flat_params[o:o + k] for o, k, _ in self._blocks),
+            gblocks=tuple(flat_grads[o:o + k] for o, k, _ in self._blocks),
+            flat_grads=flat_grads, offsets=tuple(o for o, _, _ in self._blocks),
+            in_sizes=tuple(i for _, _, i in self._blocks), H=self.hidden_size, P=self._P,
+            L=self.num_layers, D=self.num_directions, clip=self._clip, opts=self._opts,
+            wflags=self._wflags, dtype=self.dtype, batch_first=self.batch_first,
+            threads=self.threads)
+        self._plans.clear()          # they hold the old blocks
+        for part in self._parts:
+            part.spec = self._spec
 
     def get_rng_state(self):
         """The dropout generator's state (a dict, JSON-serialisable), for checkpoints."""
@@ -565,11 +208,8 @@ class LSTM:
     def num_directions(self):
         return 2 if self.bidirectional else 1
 
-    #: the constructor's options after the two sizes, with their defaults
-    OPTIONS = (("num_layers", 1), ("bias", True), ("batch_first", False), ("dropout", 0.0),
-               ("bidirectional", False), ("proj_size", 0), ("forget_bias", 0.0),
-               ("cell_clip", None), ("peephole", False), ("layer_norm", False),
-               ("zoneout", 0.0), ("zoneout_cell", 0.0), ("recurrent_dropout", 0.0))
+    #: the constructor's options after the two sizes, with their defaults (_options' table)
+    OPTIONS = tuple(_options.DEFAULTS.items())
 
     def config(self):
         """The validated constructor arguments as plain Python values (JSON-ready):
@@ -632,9 +272,7 @@ class LSTM:
         """Part r of the batch's buffers; part 0 adds into ``flat_grads`` itself, the
         others into gradient buffers of their own, summed after the backward."""
         while len(self._parts) <= r:
-            own = len(self._parts) > 0
-            grads = aligned_zeros(self.flat_grads.size, self.dtype) if own else None
-            self._parts.append(_Part(self, grads))
+            self._parts.append(Part(self._spec, len(self._parts) > 0, self._plans))
         return self._parts[r]
 
     # -- forward / backward ------------------------------------------------
@@ -643,7 +281,7 @@ class LSTM:
         """[(part, first, end)] over the batch: one part per thread when the work
         pays for the hand-off, else the whole batch as part 0 (see _threads)."""
         n = batch_parts(self.threads, B, T * B * 4 * self.hidden_size
-                        * (self._blocks[0][2] + self._P) * self.num_layers)
+                        * (self.input_size + self._P) * self.num_layers)
         key = (n, B)
         split = self._splits.get(key)          # cached: small calls cannot spare building it
         if split is None:
@@ -701,15 +339,15 @@ class LSTM:
 
     def _forward(self, x, state, lengths):
         check.float_array("x", x, self.dtype)
-        if state is None and lengths is None:
+        if state is None and lengths is None and self._fast_paths:
             plan = self._plans.get(x.shape)        # a shape this model has run before
-            if type(plan) is _Plan:
+            if type(plan) is Plan:
                 np.copyto(plan.x, x, casting="same_kind")
                 layer_forward(*plan.fargs)
                 plan.thread = threading.get_ident()
                 self._last = plan
                 return plan.out
-            if (type(plan) is _SplitPlan and x.dtype == self.dtype
+            if (type(plan) is SplitPlan and x.dtype == self.dtype
                     and self._split(plan.T, plan.B) is plan.split):
                 out = plan.forward(x)
                 plan.thread = threading.get_ident()
@@ -747,13 +385,13 @@ class LSTM:
                 masks[k] = mask
         vmasks = self._variant_masks(T, B)
         split = self._split(T, B)
-        one_thread = single_threaded(len(split), T * B * 4 * H * (self._blocks[0][2] + P) * L)
+        one_thread = single_threaded(len(split), T * B * 4 * H * (self.input_size + P) * L)
         if len(split) == 1:
             out, h_n, c_n = split[0][0].forward(xt, h0, c0, lens, padded, masks, vmasks,
                                                 pairs=True, one_thread=one_thread)
         else:
             def run(part, cut):
-                return part.forward(xt[:, cut], _rows(h0, cut), _rows(c0, cut), lens[cut],
+                return part.forward(xt[:, cut], rows(h0, cut), rows(c0, cut), lens[cut],
                                     padded, [None if m is None else m[:, cut] for m in masks],
                                     {k: a[:, cut] if k == "rmask" else a[:, :, cut]
                                      for k, a in vmasks.items()})
@@ -763,18 +401,18 @@ class LSTM:
             c_n = self._buf.get("c_n", (L * D, B, H))
             for (_, b0, b1), (o, h, c) in zip(split, results):
                 out[:, b0:b1], h_n[:, b0:b1], c_n[:, b0:b1] = o, h, c
-        self._last = _Last(T, B, lens, masks, vmasks, split, one_thread=one_thread)
-        if state is None and not padded and L * D == 1 and not vmasks:
+        self._last = Last(T, B, lens, masks, vmasks, split, one_thread=one_thread)
+        if state is None and not padded and L * D == 1 and not vmasks and self._fast_paths:
             if len(split) == 1 and (B < 2 or T * B * 4 * H * (self.input_size + P) < SPLIT_WORK):
                 # the next call at this shape takes the plan (never split, whatever the threads)
-                self._plans[x.shape] = _Plan(self, T, B, split)
+                self._plans[x.shape] = Plan(self._spec, T, B, split, lens)
             elif len(split) > 1:
                 # a split plan owns its output buffers: keep the last few shapes' only,
                 # so that a run over many shapes (e.g. varying T) does not pile them up
-                held = [k for k, p in self._plans.items() if type(p) is _SplitPlan]
+                held = [k for k, p in self._plans.items() if type(p) is SplitPlan]
                 for k in held[:max(len(held) - MAX_SPLIT_PLANS + 1, 0)]:
                     del self._plans[k]
-                self._plans[x.shape] = _SplitPlan(self, T, B, split)
+                self._plans[x.shape] = SplitPlan(self._spec, T, B, split, lens)
         if len(split) == 1 and L * D == 1:      # the workspace's own, cached read-only views
             ws = split[0][0].ws[0]
             return (ws.readonly(T, B, "y" if padded else "h_out", self.batch_first),
@@ -786,7 +424,7 @@ class LSTM:
         plan for x's shape, with x copied in and the call recorded as the last
         forward, or None when there is none. x must be a validated float array."""
         plan = self._plans.get(x.shape)
-        if type(plan) is not _Plan:         # none, or a split one: the fused step has neither
+        if type(plan) is not Plan:          # none, or a split one: the fused step has neither
             return None
         np.copyto(plan.x, x, casting="same_kind")
         plan.thread = threading.get_ident()
@@ -825,11 +463,11 @@ class LSTM:
         L, D, H, P = self.num_layers, self.num_directions, self.hidden_size, self._P
         check.float_array("dy", dy, self.dtype)
         plan = last
-        if type(plan) is _Plan and dstate is None and dy.shape == plan.dy.shape:
+        if type(plan) is Plan and dstate is None and dy.shape == plan.dy.shape:
             np.copyto(plan.dy, dy, casting="same_kind")
             layer_backward(*plan.bargs)
             return plan.grad_out
-        if (type(plan) is _SplitPlan and dstate is None and dy.shape == plan.dy_shape
+        if (type(plan) is SplitPlan and dstate is None and dy.shape == plan.dy_shape
                 and dy.dtype == self.dtype):
             return plan.backward(dy)
         check.shape("dy", dy, (B, T, D * P) if self.batch_first else (T, B, D * P))
@@ -843,7 +481,7 @@ class LSTM:
                 part = self._part(r)
                 if r:
                     part.flat_grads.fill(0)
-                return part.backward(grad[:, cut], _rows(dh_n, cut), _rows(dc_n, cut),
+                return part.backward(grad[:, cut], rows(dh_n, cut), rows(dc_n, cut),
                                      lens[cut], [None if m is None else m[:, cut] for m in masks])
             results = run_parts([partial(run, r, slice(b0, b1))
                                  for r, (_, b0, b1) in enumerate(last.split)])

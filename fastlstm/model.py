@@ -1,11 +1,10 @@
 """SequenceModel: an LSTM, a linear head and a loss, with a one-call training step,
 ``fit``, and checkpoints."""
-import inspect
 import math
 
 import numpy as np
 
-from . import _layout, _losses, _step, checkpoint, training
+from . import _layout, _losses, _options, _step, checkpoint, training
 from . import _validate as check
 from ._layout import carve
 from ._shared import Buffers, OneThread, aligned_empty, aligned_zeros
@@ -369,7 +368,7 @@ def load(path, with_optimizer=False):
     return checkpoint.load(path, SequenceModel, param_shapes, with_optimizer)
 
 
-_CONFIG_KEYS = (set(inspect.signature(check.layer_config).parameters)
+_CONFIG_KEYS = ({"input_size", "hidden_size", "dtype", "seed", "threads"} | set(_options.DEFAULTS)
                 | {"output_size", "head", "loss", "backend"})
 
 
@@ -387,10 +386,10 @@ def param_shapes(config, count=None):
         value = layer.pop(key, allowed[0])
         if value not in allowed:
             raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
-    c = check.layer_config(**layer)
+    c = _options.layer_config(**layer)
     H, D = c["hidden_size"], 2 if c["bidirectional"] else 1
     P = c["proj_size"] or H
-    flags = (c["bias"], bool(c["proj_size"]), c["peephole"], c["layer_norm"])
+    flags = _options.param_flags(c)
     n = c["num_layers"] * D * len(_layout.param_table(1, H, P, *flags)) + 2
     if count is not None and n != count and n > 10 * count + 1000:   # before n names are made
         raise ValueError(f"it describes {n} parameter arrays, the file holds {count}")

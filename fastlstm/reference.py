@@ -55,7 +55,7 @@ equations, not to be fast.
 """
 import numpy as np
 
-from . import _validate as check
+from . import _options
 from ._layout import carve, param_table
 
 __all__ = ["forward", "backward", "sigmoid", "ReferenceLSTM"]
@@ -262,17 +262,16 @@ class ReferenceLSTM:
 
     num_directions = 1
 
-    #: the variant options, with their defaults (also fastlstm.LSTM's)
-    VARIANTS = (("peephole", False), ("layer_norm", False), ("zoneout", 0.0),
-                ("zoneout_cell", 0.0), ("recurrent_dropout", 0.0))
+    #: the variant options, with their defaults (also fastlstm.LSTM's; _options' table)
+    VARIANTS = tuple(_options.VARIANTS.items())
 
     def __init__(self, input_size, hidden_size, num_layers=1, dtype=np.float64, seed=None,
                  batch_first=False, forget_bias=0.0, **options):
         # fastlstm.LSTM's checks, then a refusal of what the reference does not have
-        c = check.layer_config(input_size, hidden_size, num_layers=num_layers, dtype=dtype,
+        c = _options.layer_config(input_size, hidden_size, num_layers=num_layers, dtype=dtype,
                                seed=seed, batch_first=batch_first, forget_bias=forget_bias,
                                **options)
-        default = check.layer_config(1, 2)
+        default = _options.layer_config(1, 2)
         extra = {k: c[k] for k in options
                  if k not in dict(self.VARIANTS) and c[k] != default[k]}
         if c["num_layers"] != 1 or extra:

@@ -99,17 +99,17 @@ def run_torch(torch, m, prob, lengths, cfg):
     return {k: v.detach().numpy() for k, v in out.items()}
 
 
-def torch_step_loop(torch, m, prob, lengths):
+def torch_step_loop(torch, m, prob, lengths, masks=None):
     """The LSTM with every option and variant, written as a loop of torch autograd
     ops over steps (what a user of torch writes for a variant torch.nn.LSTM lacks),
-    with m's parameters and the masks m's last forward used (``m.last_masks``).
+    with m's parameters and the masks m's last forward used (``m.last_masks``), or `masks`.
     Returns what ``run_ours`` returns: outputs, states and every gradient."""
     tdt = torch.float64 if m.dtype == np.float64 else torch.float32
     leaf = lambda a: torch.tensor(np.ascontiguousarray(a), dtype=tdt,  # noqa: E731
                                   requires_grad=True)
     t = lambda a: torch.tensor(np.ascontiguousarray(a), dtype=tdt)  # noqa: E731
     params = {k: leaf(v) for k, v in m.state_dict().items()}
-    masks = m.last_masks
+    masks = m.last_masks if masks is None else masks
     bf = m.batch_first
     x = leaf(prob["x"])
     h0, c0 = leaf(prob["h0"]), leaf(prob["c0"])

@@ -49,7 +49,7 @@ SCRIPT = textwrap.dedent("""
                               for T, B in [(100, 16), (200, 64)]}
                        for name, opts in variants.items()}
     res["wrappers"] = 3 * wrappers          # per part of the batch (each calls the kernels)
-    # A repeated one-layer call split across threads (lstm._SplitPlan): part 0 calls
+    # A repeated one-layer call split across threads (_plans.SplitPlan): part 0 calls
     # rows_forward and rows_backward; each other part's command is one post, a wait
     # (a spell of spinning per 2 ms; at most three here) and, when its server had gone to
     # sleep, one entry into its serving loop.

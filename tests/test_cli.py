@@ -74,7 +74,10 @@ def test_options_a_run_does_not_take_are_refused(args, message):
     assert out.returncode == 2 and message in out.stderr, out.stderr
 
 
-def test_bench_profile_splits_a_call_into_parts_that_add_up():
+def test_bench_profile_times_every_gemm_within_the_whole_call():
+    """Each GEMM kind is timed alone (so it must take some time) and together they must
+    take less than the whole fwd+bwd they are part of; "the rest" is what remains. (The
+    parts adding up to the total is true by construction and proves nothing.)"""
     # 64 sequences of 40 steps: enough work for the layer to split the batch
     out = subprocess.run([sys.executable, "-m", "fastlstm", "bench", "--profile", "--size",
                           "64,40,16,32", "--dtype", "float32", "--min-time", "0.05", "--json"],
@@ -83,10 +86,11 @@ def test_bench_profile_splits_a_call_into_parts_that_add_up():
     res = json.loads(out.stdout.strip().splitlines()[-1])["64,40,16,32 float32"]
     for impl in ("fastlstm", "reference"):
         p = res[impl]
-        parts = [v for k, v in p.items() if k not in ("total", "parts of the batch", "GEMM share",
-                                                       "recurrent GEMMs at the all-rows rate")]
-        assert abs(sum(parts) - p["total"]) < 1e-9 * p["total"]
-        assert 0 < p["GEMM share"] and p["total"] > 0
+        gemms = {k: v for k, v in p.items() if "GEMM" in k and k not in (
+            "GEMM share", "recurrent GEMMs at the all-rows rate")}
+        assert len(gemms) >= 3 and all(v > 0 for v in gemms.values()), p
+        assert sum(gemms.values()) < p["total"], p
+        assert 0 < p["GEMM share"] < 1 and p["elementwise and the rest"] > 0, p
     assert res["reference"]["parts of the batch"] == 1
     assert res["fastlstm"]["parts of the batch"] >= 1
     assert res["fastlstm"]["recurrent GEMMs at the all-rows rate"] > 0

@@ -1,7 +1,6 @@
 """Hardening: properties over random configurations, determinism, numerical
 edges, threads and processes, the Numba cache, memory over a long run."""
 import multiprocessing
-import os
 import subprocess
 import sys
 import threading
@@ -315,17 +314,6 @@ def test_fork_after_the_direction_pool_ran(tmp_path, script_text):
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
-def test_unwritable_cache_falls_back_with_a_warning():
-    code = ("import warnings, numpy as np\nwarnings.simplefilter('always')\nimport fastlstm\n"
-            "x = np.ones((2, 1, 2), np.float32)\n"
-            "print(float(fastlstm.LSTM(2, 3, seed=0).forward(x)[0].sum()))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env=dict(os.environ, NUMBA_CACHE_DIR="/dev/null/not-a-folder"))
-    assert out.returncode == 0, out.stderr
-    assert "is not writable" in out.stderr
-    assert np.isfinite(float(out.stdout.strip().splitlines()[-1]))
-
-
 # -- memory over a long run -----------------------------------------------------------------
 
 @pytest.mark.slow
@@ -372,34 +360,3 @@ def test_one_thread_means_one_thread_for_the_directions_too(monkeypatch):
     assert calls == []
     fastlstm.LSTM(128, 512, bidirectional=True, threads=2).forward(x)    # and 2 means 2
     assert calls == [2]
-
-
-def test_cache_entries_follow_the_files_they_inline(tmp_path, monkeypatch):
-    """A kernel's cache entry carries the code it inlined from other files, and Numba
-    checks only the kernel's own file: _config.follow drops the entries of `path` when
-    a dependency's contents change, and only then."""
-    from fastlstm._config import _cache_folder, follow
-    monkeypatch.delenv("NUMBA_CACHE_DIR", raising=False)
-    path, dep = tmp_path / "kern.py", tmp_path / "dep.py"
-    path.write_text("x = 1\n")
-    dep.write_text("y = 1\n")
-    folder = tmp_path / "__pycache__"
-    folder.mkdir()
-    assert _cache_folder(str(path)) == str(folder)
-
-    def entries():
-        for name in ("kern.f-3.py311.nbi", "kern.f-3.py311.1.nbc", "other.g-1.py311.nbi"):
-            (folder / name).write_bytes(b"")
-
-    def left():
-        return sorted(p.name for p in folder.iterdir() if not p.name.endswith(".deps"))
-
-    entries()
-    follow(str(path), str(dep))          # no stamp yet: entries of unknown age go
-    assert left() == ["other.g-1.py311.nbi"]
-    entries()
-    follow(str(path), str(dep))          # unchanged: kept
-    assert left() == ["kern.f-3.py311.1.nbc", "kern.f-3.py311.nbi", "other.g-1.py311.nbi"]
-    dep.write_text("y = 2\n")
-    follow(str(path), str(dep))          # the dependency changed: dropped
-    assert left() == ["other.g-1.py311.nbi"]

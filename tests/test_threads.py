@@ -8,10 +8,13 @@ import weakref
 
 import numpy as np
 import pytest
+from test_layers import CONFIGS, cfg_id, make_problem
 
 import fastlstm
 from fastlstm import _threads
 from fastlstm._spin import DONE, FORWARD, JOB, SEQ, spin_until_at_least
+
+from helpers import TOL, rel_err, run_ours, run_torch
 
 
 def python_job(number, work, entries):
@@ -137,3 +140,61 @@ def test_a_restore_the_main_thread_owes_is_not_lost_in_another_thread():
     m.forward(x)                                   # the main thread's next call restores
     assert blas() == before
     assert len(m._last.split) == min(limit, _threads.usable_cores())
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=lambda d: d.__name__)
+@pytest.mark.parametrize("case", CONFIGS[::3], ids=[cfg_id(c) for c in CONFIGS[::3]])
+def test_batch_split_over_threads_matches_torch_and_one_thread(torch, monkeypatch, case, dtype):
+    """Every size splits here (no work threshold): parts of 1 to 3 sequences run on
+    their own threads and their gradients are summed."""
+    from fastlstm import _threads
+    monkeypatch.setattr(_threads, "SPLIT_WORK", 0)
+    cfg, use_lengths = case
+    lengths = [3, 7, 1, 5, 7] if use_lengths else None
+    results = {}
+    for threads in (1, 2, 3):
+        m, prob = make_problem(11, 7, 5, 3, dict(cfg, threads=threads), dtype)
+        results[threads] = run_ours(m, prob, lengths)
+        assert len(m._last.split) == threads
+    want = run_torch(torch, m, prob, lengths, cfg)
+    for threads, got in results.items():
+        for k in want:
+            assert rel_err(got[k], want[k]) <= TOL[dtype], (threads, k)
+    again = run_ours(m, prob, lengths)                # a fixed count repeats bitwise
+    for k in again:
+        assert np.array_equal(again[k], results[3][k]), k
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=lambda d: d.__name__)
+def test_packed_products_and_blas_agree(monkeypatch, dtype):
+    """An unsplit call whose BLAS may use two threads multiplies through BLAS; under a
+    one-thread limit it uses the packed products (_gemm). H = 64, I = 64: every product
+    packs in both dtypes; B = 7 leaves three rows past the micro-kernel's blocks."""
+    from threadpoolctl import threadpool_limits
+
+    from fastlstm import _threads
+    monkeypatch.setattr(_threads, "SPLIT_WORK", 0)
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6, 7, 64)).astype(dtype)
+    dy = rng.standard_normal((6, 7, 128)).astype(dtype)
+    got = {}
+    for limit in (2, 1):        # 2, not the default: under a one-thread BLAS (OPENBLAS_NUM_
+        m = fastlstm.LSTM(64, 64, num_layers=2, bidirectional=True, dtype=dtype, seed=4,
+                          threads=1)           # THREADS=1) both runs would be packed
+        with threadpool_limits(limit):
+            y = m.forward(x)[0].copy()
+            dx = m.backward(dy)[0].copy()
+        got[limit] = (m._last.one_thread, y, dx, m.flat_grads.copy())
+    assert got[1][0] and not got[2][0]          # the two paths, each checked taken
+    tol = 1e-12 if dtype == np.float64 else 1e-5
+    for a, b in zip(got[2][1:], got[1][1:]):
+        assert rel_err(a, b) <= tol
+
+def test_batch_split_keeps_dropout_masks(monkeypatch):
+    """The masks are drawn for the whole batch before it is split: the same at any count."""
+    from fastlstm import _threads
+    monkeypatch.setattr(_threads, "SPLIT_WORK", 0)
+    x = np.random.default_rng(0).standard_normal((6, 4, 3))
+    ys = [fastlstm.LSTM(3, 5, num_layers=3, dropout=0.5, dtype=np.float64, seed=2,
+                        threads=t).forward(x)[0].copy() for t in (1, 2)]
+    np.testing.assert_allclose(ys[0], ys[1], rtol=1e-13, atol=1e-15)

@@ -71,9 +71,8 @@ def test_variant_float32_matches_torch_float64(torch, variant):
     got = run_ours(m, prob, [3, 7, 1, 5, 7])
     m64 = fastlstm.LSTM(**dict(m.config(), dtype="float64"))
     m64.load_state_dict(m.state_dict())
-    m64._last = m._last        # the same masks: the loop reads them from last_masks
     p64 = {k: v.astype(np.float64) for k, v in prob.items()}
-    want = torch_step_loop(torch, m64, p64, [3, 7, 1, 5, 7])
+    want = torch_step_loop(torch, m64, p64, [3, 7, 1, 5, 7], masks=m.last_masks)
     for k in want:
         assert rel_err(got[k], want[k]) <= TOL[np.float32], (k, rel_err(got[k], want[k]))
 
@@ -101,9 +100,8 @@ def test_variant_with_packed_products_matches_torch(torch, variant, shape, dtype
     got = run_ours(m, prob, lengths)
     m64 = fastlstm.LSTM(**dict(m.config(), dtype="float64"))
     m64.load_state_dict(m.state_dict())
-    m64._last = m._last        # the same masks: the loop reads them from last_masks
     p64 = {k: v.astype(np.float64) for k, v in prob.items()}
-    want = torch_step_loop(torch, m64, p64, lengths)
+    want = torch_step_loop(torch, m64, p64, lengths, masks=m.last_masks)
     tol = 1e-9 if dtype == np.float64 else TOL[np.float32]
     for k in want:
         assert rel_err(got[k], want[k]) <= tol, (k, rel_err(got[k], want[k]))

@@ -1,0 +1,205 @@
+"""The activations the kernels use: vectorisable tanh and sigmoid, and libm's on request.
+
+Inlined (``inline="always"``) into the cell loops of ``_cell``; ``tanh_array`` and
+``sigmoid_array`` apply them to an array, for tests and benchmarks.
+"""
+import math
+import warnings
+
+import numpy as np
+from numba import njit, types
+from numba.extending import overload
+
+from ._config import JIT
+from ._numba_ext import NumbaIRAssumptionWarning
+
+__all__ = ["tanh_array", "sigmoid_array"]
+
+# Numba's pedantic SSA check complains about the activations once they are
+# inlined (inline="always", below); the compiled code is right (the tests
+# compare it with libm, the reference and torch). Scoped to these functions' names.
+warnings.filterwarnings("ignore", category=NumbaIRAssumptionWarning,
+                        message=r"variable '_(tanh|tanh_approx|sigmoid)_impl__locals__")
+
+
+# --------------------------------------------------------------------------
+# Activations
+#
+# libm's tanh/exp are scalar calls (no SVML in this llvmlite), which keeps the
+# gate loop from vectorising. Instead:
+#   tanh(x) = e / (e + 2) with e = expm1(2|x|), sign restored,
+#   expm1(2a) computed as expm1(u) by its Taylor series at u = 2a / 2^k, then
+#   k doublings expm1(2u) = expm1(u) * (expm1(u) + 2).
+# Only + * / and a compare: LLVM vectorises it. The doublings do not amplify
+# the relative error for small arguments, and for large ones the error in e is
+# divided by (e + 2) in the quotient. |x| is clamped where tanh rounds to 1.
+# sigmoid(x) = 0.5 + 0.5 tanh(x / 2): exact to an absolute ulp of 0.5.
+# tests/test_activations.py measures the error over the whole real line.
+# --------------------------------------------------------------------------
+
+def _fast_consts(bitwidth):
+    """(numpy type, clamp, tiny) per precision. Past `clamp` tanh rounds to +-1;
+    below `tiny` it rounds to x, and returning x there also keeps the scaling
+    by 2^-8 from shifting subnormal inputs' bits away."""
+    if bitwidth == 32:
+        return np.float32, 10.0, 2e-4
+    return np.float64, 20.0, 1e-8
+
+
+def _tanh_approx(x):  # pragma: no cover - Python stand-in; Numba compiles the overload
+    return math.tanh(x)
+
+
+def _tanh(x, exact):  # pragma: no cover - Python stand-in
+    return math.tanh(x)
+
+
+def _sigmoid(x, exact):  # pragma: no cover - Python stand-in
+    return 0.5 * (1.0 + math.tanh(0.5 * x))
+
+
+def _expm1_series(u):  # pragma: no cover - Python stand-in; Numba compiles the overload
+    return math.expm1(u)
+
+
+@overload(_expm1_series, inline="always", jit_options=JIT)
+def _expm1_series_impl(u):
+    """expm1(u) for |u| <= 0.16 (float64) or 0.08 (float32), by its Taylor series
+    u (1 + u (1/2! + u (1/3! + ...))) in Horner's form, one multiply-add per term (the
+    nested form u (1 + u/2 (1 + u/3 (...))) took two: at float64's eleven terms, a fifth
+    of tanh's work). Written out: a loop over a tuple of constants kept LLVM from
+    vectorising the float64 version. float64 takes the terms to u^11/11! (the tail
+    u^12/12! ~ 4e-19 is below its ulp); float32, whose |u| is at most 20/256, to u^5/5!
+    (the tail u^6/6! < 3e-10, far below its ulp of 6e-8)."""
+    if not isinstance(u, types.Float):
+        return None
+    ftype = _fast_consts(u.bitwidth)[0]
+    ONE = ftype(1.0)
+    F2, F3, F4, F5, F6, F7, F8, F9, F10, F11 = (ftype(1.0 / math.factorial(n))
+                                                for n in range(2, 12))
+    if u.bitwidth == 32:
+        def impl(u):
+            p = F5 * u + F4
+            p = p * u + F3
+            p = p * u + F2
+            p = p * u + ONE
+            return u * p
+        return impl
+
+    def impl(u):
+        p = F11 * u + F10
+        p = p * u + F9
+        p = p * u + F8
+        p = p * u + F7
+        p = p * u + F6
+        p = p * u + F5
+        p = p * u + F4
+        p = p * u + F3
+        p = p * u + F2
+        p = p * u + ONE
+        return u * p
+    return impl
+
+
+@overload(_tanh_approx, inline="always", jit_options=JIT)
+def _tanh_approx_impl(x):
+    if not isinstance(x, types.Float):
+        return None
+    ftype, clamp, tiny = _fast_consts(x.bitwidth)
+    CLAMP, TINY, TWO = ftype(clamp), ftype(tiny), ftype(2.0)
+    SCALE = ftype(2.0 / 256.0)          # u = 2|x| / 2^8, so |u| <= 0.16
+
+    def impl(x):
+        a = abs(x)
+        u = (CLAMP if a > CLAMP else a) * SCALE    # NaN compares False and stays NaN
+        e = _expm1_series(u)
+        # Eight doublings expm1(2u) = expm1(u) (expm1(u) + 2), written out:
+        # a loop here trips Numba's SSA check when the function is inlined.
+        e = e * (e + TWO)
+        e = e * (e + TWO)
+        e = e * (e + TWO)
+        e = e * (e + TWO)
+        e = e * (e + TWO)
+        e = e * (e + TWO)
+        e = e * (e + TWO)
+        e = e * (e + TWO)
+        t = e / (e + TWO)
+        return x if a < TINY else (t if x >= 0 else -t)
+    return impl
+
+
+# All three are inlined by Numba (inline="always"), so that where `exact` is a
+# constant (see below) the untaken branch disappears and the loop vectorises.
+
+@overload(_tanh, inline="always", jit_options=JIT)
+def _tanh_impl(x, exact):
+    if not isinstance(x, types.Float):
+        return None
+
+    def impl(x, exact):
+        return math.tanh(x) if exact else _tanh_approx(x)
+    return impl
+
+
+@overload(_sigmoid, inline="always", jit_options=JIT)
+def _sigmoid_impl(x, exact):
+    if not isinstance(x, types.Float):
+        return None
+    ftype = _fast_consts(x.bitwidth)[0]
+    HALF, ONE = ftype(0.5), ftype(1.0)
+
+    def impl(x, exact):
+        if exact:
+            return ONE / (ONE + math.exp(-x))
+        return HALF + HALF * _tanh_approx(HALF * x)
+    return impl
+
+
+def _sigs(*kinds):
+    """Explicit float32 and float64 signatures; kinds are the array ranks,
+    0 for the trailing `exact` flag."""
+    out = []
+    for ft in (types.float32, types.float64):
+        args = []
+        for k in kinds:
+            if k == 0:
+                args.append(types.boolean)
+            else:
+                args.append(types.Array(ft, k, "C"))
+        out.append(types.void(*args))
+    return out
+
+
+# `exact` reaches the loops below as a literal True or False: each loop body is
+# an inline="always" function, inlined by Numba into one copy per branch, so LLVM
+# sees a constant and deletes the libm path from the fast loop. A runtime flag
+# inside the loop kept LLVM from vectorising it (the loop was too large to unswitch).
+
+@njit(inline="always", **JIT)
+def _map_tanh(x, out, exact):
+    for k in range(x.shape[0]):
+        out[k] = _tanh(x[k], exact)
+
+
+@njit(inline="always", **JIT)
+def _map_sigmoid(x, out, exact):
+    for k in range(x.shape[0]):
+        out[k] = _sigmoid(x[k], exact)
+
+
+@njit(_sigs(1, 1, 0), **JIT)
+def tanh_array(x, out, exact):
+    """out[:] = tanh(x) with the kernels' activation (for tests and benchmarks)."""
+    if exact:
+        _map_tanh(x, out, True)
+    else:
+        _map_tanh(x, out, False)
+
+
+@njit(_sigs(1, 1, 0), **JIT)
+def sigmoid_array(x, out, exact):
+    """out[:] = sigmoid(x) with the kernels' activation."""
+    if exact:
+        _map_sigmoid(x, out, True)
+    else:
+        _map_sigmoid(x, out, False)

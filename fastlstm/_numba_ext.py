@@ -1,0 +1,60 @@
+"""Every use of Numba's internals, in one place.
+
+fastlstm reaches below Numba's public API in three ways: LLVM-level array structs
+(``make_array``, ``populate_array``, ``cgutils``) for views and atomics written as
+intrinsics, ``impl_ret_borrowed`` for a view that shares its parent's reference, and
+the cache's locator classes (to find where Numba caches a file's functions, see
+``_config.follow``). These names have moved between Numba releases, which is why
+``pyproject.toml`` bounds ``numba`` from above and CI tests that bound.
+"""
+from numba import types
+from numba.core import caching, cgutils
+from numba.core.errors import NumbaIRAssumptionWarning
+from numba.core.imputils import impl_ret_borrowed
+from numba.extending import intrinsic
+from numba.np.arrayobj import make_array, populate_array
+
+__all__ = ["cgutils", "make_array", "intrinsic", "make_view", "cache_locators",
+           "NumbaIRAssumptionWarning"]
+
+
+def cache_locators():
+    """Numba's cache locator classes, in the order it tries them."""
+    impl = getattr(caching, "CacheImpl", None) or caching._CacheImpl
+    return impl._locator_classes
+
+
+def make_view(counted):
+    """An intrinsic ``_view(flat, offset, shape)``: flat[offset:offset + prod(shape)]
+    .reshape(shape) for a contiguous 1-D flat, written as the array's struct directly
+    (Numba's reshape calls a C helper on every view, and carving ~50 views cost ~0.6 us
+    per kernel call with it). `counted` False leaves the view without the flat's
+    reference count: inside a kernel entry the caller holds the flat alive, and each
+    counted view costs an atomic increment and decrement on every slice taken of it
+    (hundreds per call). Views that are returned to Python must be counted."""
+
+    @intrinsic
+    def _view(typingctx, flat, offset, shape):
+        ndim = len(shape)
+        retty = types.Array(flat.dtype, ndim, "C")
+
+        def codegen(context, builder, sig, args):
+            src = make_array(sig.args[0])(context, builder, args[0])
+            out = make_array(retty)(context, builder)
+            itemsize = context.get_constant(types.intp, context.get_abi_sizeof(
+                context.get_data_type(flat.dtype)))
+            dims = cgutils.unpack_tuple(builder, args[2], ndim)
+            strides, acc = [], itemsize
+            for d in reversed(dims):             # C order
+                strides.insert(0, acc)
+                acc = builder.mul(acc, d)
+            populate_array(out, data=builder.gep(src.data, [args[1]]),
+                           shape=cgutils.pack_array(builder, dims),
+                           strides=cgutils.pack_array(builder, strides), itemsize=itemsize,
+                           meminfo=src.meminfo if counted else None,
+                           parent=src.parent if counted else None)
+            if counted:
+                return impl_ret_borrowed(context, builder, retty, out._getvalue())
+            return out._getvalue()
+        return retty(flat, offset, shape), codegen
+    return _view

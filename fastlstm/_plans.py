@@ -1,0 +1,171 @@
+"""Plans: a repeated call, made once.
+
+A model called again at a shape it has run takes a plan instead of the general path
+(``_parts.Part``): the kernels' arguments, the buffers and the views a call returns
+are built on the first call, so that a call is a copy, the kernel and a return. A
+plan is also the record of its forward (``Last``) that ``backward`` differentiates.
+"""
+import threading
+from functools import partial
+
+import numpy as np
+
+from ._kernels import ONE_THREAD, ZERO_STATE, rows_backward, rows_forward
+from ._shared import aligned_empty, readonly
+from ._spin import BACKWARD, FORWARD, serve_rows
+from ._threads import (
+    _inside,
+    enter_single_threaded_blas,
+    leave_single_threaded_blas,
+    new_job,
+    release_servers,
+    run_parts,
+    take_servers,
+)
+
+__all__ = ["Last", "Plan", "SplitPlan", "MAX_SPLIT_PLANS"]
+
+
+class Last:
+    """What backward differentiates: the last forward's shape, lengths, dropout
+    masks, and the thread that ran it. A plan is its own record (these fields, and
+    the model's ``_last`` the plan itself): a record that referred back to its plan
+    made a cycle, which kept a dropped plan and its workspace alive until the cyclic
+    collector came by (T changing every step piled up gigabytes)."""
+
+    def __init__(self, T, B, lengths, masks, vmasks, split, one_thread=True):
+        self.T, self.B, self.lengths, self.masks, self.split = T, B, lengths, masks, split
+        self.vmasks, self.one_thread = vmasks, one_thread
+        self.thread = threading.get_ident()
+
+
+class Plan(Last):
+    """A repeated call, made once: a one-layer, one-direction, one-part model called at
+    one x shape without state or lengths. It holds the kernels' arguments, the
+    workspace's x and dy and the views a call returns, so that a call is a copy, the
+    kernel and a return; at seed size, building these each call was two thirds of a
+    forward+backward. Plans are dropped when the workspace or the parameters move."""
+
+    def __init__(self, spec, T, B, split, lens):
+        part = split[0][0]
+        v = part.views(0, T, B)
+        ws, bf = part.ws[0], spec.batch_first
+        sizes = (lens, spec.clip, T, B, spec.in_sizes[0], spec.H, spec.P,
+                 spec.opts | ZERO_STATE | ONE_THREAD)
+        self.ws, self.lens, self.sizes = ws.flat, lens, sizes
+        self.fargs = (spec.pblocks[0], ws.flat) + sizes
+        self.bargs = (spec.pblocks[0], part.gblock(0), ws.flat) + sizes
+        self.x, self.dy = (v["x"], v["dy"]) if not bf else (
+            v["x"].transpose(1, 0, 2), v["dy"].transpose(1, 0, 2))
+        self.out = (ws.readonly(T, B, "h_out", bf), (ws.readonly(T, B, "h_n"),
+                                                      ws.readonly(T, B, "c_n")))
+        self.grad_out = (ws.readonly(T, B, "dx", bf), (ws.readonly(T, B, "dh0"),
+                                                        ws.readonly(T, B, "dc0")))
+        Last.__init__(self, T, B, lens, [None], {}, split)
+
+
+#: split plans (with their own y, dx buffers) an LSTM keeps, the most recent shapes'
+MAX_SPLIT_PLANS = 8
+
+
+class SplitPlan(Last):
+    """A repeated call split across threads, made once: as _Plan, for a shape whose
+    batch is split into parts (see _threads). Part 0 runs here as one kernel call that
+    copies its rows in and out (_kernels.rows_forward); each other part runs on a server
+    thread that waits for it in compiled code (_threads.Server, _kernels.serve_rows),
+    its rows of x or dy copied into its workspace here first. So neither thread waits on
+    the other's Python or on a wake-up: at small size (float32) a forward's wall time
+    beyond part 0's kernel went from about 130 us (the pool's hand-off) to 50-80 us.
+    Taken while the model would split the batch the same way, and for x and dy of the
+    model's dtype; when another thread holds the servers, the parts go to the thread
+    pool instead."""
+
+    def __init__(self, spec, T, B, split, lens):
+        self.spec, self.split = spec, split
+        P, H, I = spec.P, spec.H, spec.in_sizes[0]
+        dt = spec.dtype
+        self.y = aligned_empty((T, B, P), dt)
+        self.h_n, self.c_n = aligned_empty((1, B, P), dt), aligned_empty((1, B, H), dt)
+        self.dx = aligned_empty((T, B, I), dt)
+        self.dh0, self.dc0 = aligned_empty((1, B, P), dt), aligned_empty((1, B, H), dt)
+        self.parts, self.jobs = [], []
+        for part, b0, b1 in split:
+            v = part.views(0, T, b1 - b0)            # its workspace, allocated now
+            sizes = (lens[b0:b1], spec.clip, T, b1 - b0, I, H, P,
+                     spec.opts | ZERO_STATE | ONE_THREAD)
+            self.parts.append((part, b0, b1, v, sizes))
+        for part, b0, _, _, sizes in self.parts[1:]:
+            number = new_job()
+            args = (number, spec.pblocks[0], part.gblock(0), part.ws[0].flat, self.y,
+                    self.h_n, self.c_n, self.dx, self.dh0, self.dc0, b0) + sizes
+            self.jobs.append((number, lambda cell, spins, args=args:
+                              serve_rows(cell, spins, *args)))
+        bf = spec.batch_first
+        self.out = (readonly(self.y.transpose(1, 0, 2) if bf else self.y),
+                    (readonly(self.h_n), readonly(self.c_n)))
+        self.grad_out = (readonly(self.dx.transpose(1, 0, 2) if bf else self.dx),
+                         (readonly(self.dh0), readonly(self.dc0)))
+        self.dy_shape = self.out[0].shape
+        self.copies = {}                  # "x", "dy": read-only inputs copied (_writable)
+        Last.__init__(self, T, B, lens, [None], {}, split)
+
+    def _run(self, src, name, cmd, call):
+        """Post each other part's command, its rows of src copied into its workspace's
+        `name`; run part 0 here; wait for the others."""
+        # No deferred_interrupt on this path (it made a small fwd+bwd about 5 % slower):
+        # every lock here is C-level, wait() renews a server's wake-up, take_servers gives
+        # this thread back servers it still holds, and the BLAS token is discarded first
+        # thing in the finally (see _threads._inside).
+        token = object()
+        try:
+            servers = take_servers(len(self.parts) - 1)
+            if servers is None:
+                run_parts([partial(call, part, b0, sizes)
+                           for part, b0, _, _, sizes in self.parts])
+                return
+            try:
+                enter_single_threaded_blas(token)
+                for server, job, (_, b0, b1, v, _) in zip(servers, self.jobs, self.parts[1:]):
+                    np.copyto(v[name], src[:, b0:b1])
+                    server.post(*job, cmd)
+                part, b0, _, _, sizes = self.parts[0]
+                call(part, b0, sizes)
+            finally:
+                _inside.discard(token)
+                for server in servers:          # failed or not: none still in our buffers
+                    server.wait(server.posted())
+                leave_single_threaded_blas()
+        finally:
+            release_servers()
+
+    def _writable(self, a, name):
+        """a, or a copy in a buffer of this plan's when it is read-only: the kernels
+        read the caller's rows in place but take no read-only array."""
+        if a.flags.writeable:
+            return a
+        buf = self.copies.get(name)
+        if buf is None:
+            buf = self.copies[name] = aligned_empty(a.shape, a.dtype)
+        np.copyto(buf, a)
+        return buf
+
+    def forward(self, x):
+        m = self.spec
+        xt = self._writable(m.time_major(x), "x")
+        self._run(xt, "x", FORWARD, lambda part, b0, sizes: rows_forward(
+            m.pblocks[0], part.ws[0].flat, xt, self.y, self.h_n, self.c_n, b0, *sizes))
+        return self.out
+
+    def backward(self, dy):
+        m = self.spec
+        dyt = self._writable(m.time_major(dy), "dy")
+
+        def call(part, b0, sizes):
+            if part is not self.parts[0][0]:          # the pool's way: the others' sums
+                part.flat_grads.fill(0)
+            rows_backward(m.pblocks[0], part.gblock(0), part.ws[0].flat, dyt, self.dx,
+                          self.dh0, self.dc0, b0, *sizes)
+        self._run(dyt, "dy", BACKWARD, call)
+        for part, _, _, _, _ in self.parts[1:]:      # in order: the same sum every time
+            np.add(m.flat_grads, part.flat_grads, out=m.flat_grads)
+        return self.grad_out
