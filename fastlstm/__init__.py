@@ -8,9 +8,10 @@ from . import reference
 from .interop import export_onnx, from_keras, to_keras
 from .lstm import LSTM
 from .model import SequenceModel, load
-from .optim import SGD, Adam, AdamW, RMSprop, clip_grad_norm
+from .optim import OPTIMIZERS, clip_grad_norm
 
-__all__ = ["LSTM", "SequenceModel", "load", "SGD", "Adam", "AdamW", "RMSprop",
-           "clip_grad_norm", "reference", "export_onnx", "from_keras", "to_keras",
-           "__version__"]
+globals().update(OPTIMIZERS)        # fastlstm.SGD, fastlstm.Adam, ...: every optimizer class
+
+__all__ = ["LSTM", "SequenceModel", "load", *OPTIMIZERS, "clip_grad_norm", "reference",
+           "export_onnx", "from_keras", "to_keras", "__version__"]
 __version__ = "0.2.0"

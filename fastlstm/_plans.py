@@ -72,7 +72,7 @@ class SplitPlan(Last):
     """A repeated call split across threads, made once: as _Plan, for a shape whose
     batch is split into parts (see _threads). Part 0 runs here as one kernel call that
     copies its rows in and out (_kernels.rows_forward); each other part runs on a server
-    thread that waits for it in compiled code (_threads.Server, _kernels.serve_rows),
+    thread that waits for it in compiled code (_threads.Server, _spin.serve_rows),
     its rows of x or dy copied into its workspace here first. So neither thread waits on
     the other's Python or on a wake-up: at small size (float32) a forward's wall time
     beyond part 0's kernel went from about 130 us (the pool's hand-off) to 50-80 us.

@@ -60,7 +60,7 @@ def _panels(b, nr):
 @njit(**JIT)
 def _weight_gemms(dz, x, hs, w_ih, panels, narrow, dx, g_ih, g_hh, in_place, rows):
     """dx and the weight gradients over chunks of `rows` rows, as the kernels run them
-    (see _kernels.CHUNK_BYTES)."""
+    (see _recurrence.CHUNK_BYTES)."""
     g_ihT = g_ih.reshape((g_ih.shape[1], g_ih.shape[0]))
     g_hhT = g_hh.reshape((g_hh.shape[1], g_hh.shape[0]))
     for r0 in range(0, dz.shape[0], rows):

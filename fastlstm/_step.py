@@ -5,7 +5,7 @@ clipping and the optimizer's update.
 At seed size a step made of separate calls spent most of its time in Python
 between them (42 us a step, of which the kernels were about 6). SequenceModel
 takes this path when its LSTM has a plan for x's shape (one layer, one
-direction, one part of the batch, no state or lengths: see lstm._Plan) and its
+direction, one part of the batch, no state or lengths: see _plans.Plan) and its
 head is "last"; the general path runs the same kernels one by one.
 """
 import math
@@ -21,12 +21,22 @@ from ._kernels import layer_backward, layer_forward, workspace_of
 # this file's cached kernel carries the code of the entries, the losses and the updates
 follow(__file__, *_kernels.SOURCES, _losses.__file__, _updates.__file__)
 
-__all__ = ["MSE", "BCE", "CE", "N_SCALARS", "train_step"]
+__all__ = ["LOSSES", "INTS", "HYPER", "N_SCALARS", "train_step"]
 
-#: the loss, ints[8]
+#: the losses, by SequenceModel's name: the kernel's code for each (ints[LOSS])
 MSE, BCE, CE = 0, 1, 2
-#: hyper's length: the optimizer's scalars in [0, 8), the cell clip, the clipping norm
-N_SCALARS = 10
+LOSSES = {"mse": MSE, "bce": BCE, "ce": CE}
+
+#: train_step's two small arrays, slot by slot (the kernel reads the slots' indices as
+#: constants): ints (int64) holds the layer call's sizes and option bits, the layer's
+#: parameter count n, the head's outputs O, the loss and the optimizer's rule
+INTS = ("T", "B", "I", "H", "P", "opts", "n", "O", "loss", "rule")
+_T, _B, _I, _H, _P, _OPTS, _N, _O, LOSS, RULE = range(len(INTS))
+#: hyper (float64) holds the optimizer's scalars (_updates.N_SCALARS), the cell clip and
+#: the norm to clip the gradient to (0: none)
+HYPER = tuple(f"optimizer {k}" for k in range(_updates.N_SCALARS)) + ("clip", "max_norm")
+CLIP, MAX_NORM = _updates.N_SCALARS, _updates.N_SCALARS + 1
+N_SCALARS = len(HYPER)
 
 
 def _loss(kind, logits, y, valid, dlogits):  # pragma: no cover - compiled by the overload
@@ -56,13 +66,11 @@ def train_step(p, g, ws, lengths, y, valid, scratch, s1, s2, hyper, ints, count)
     then the head's W (O, P) and b (O,). ws, lengths: the layer's workspace and
     its (B,) lengths. y: targets (B, O), or (B,) int64 labels for CE; valid (B,)
     uint8 ones. scratch: 2 B (P + O) elements. s1, s2: the optimizer's state
-    arrays. hyper (float64): the optimizer's scalars (see _updates), the cell clip,
-    the norm to clip the gradient to (0: none). ints: the layer call's T, B, I, H,
-    P, opts; then n, O, the loss, the optimizer's rule.
+    arrays. hyper (float64) and ints (int64): their slots are named by HYPER and INTS.
     """
-    T, B, I, H, P, opts = ints[0], ints[1], ints[2], ints[3], ints[4], ints[5]
-    n, O, loss_kind, rule = ints[6], ints[7], ints[8], ints[9]
-    clip, max_norm = p.dtype.type(hyper[8]), hyper[9]
+    T, B, I, H, P, opts = ints[_T], ints[_B], ints[_I], ints[_H], ints[_P], ints[_OPTS]
+    n, O, loss_kind, rule = ints[_N], ints[_O], ints[LOSS], ints[RULE]
+    clip, max_norm = p.dtype.type(hyper[CLIP]), hyper[MAX_NORM]
     g[:] = 0
     layer_forward(p[:n], ws, lengths, clip, T, B, I, H, P, opts)
     v = workspace_of(ws, T, B, I, H, P, opts)

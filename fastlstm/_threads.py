@@ -27,7 +27,24 @@ import numpy as np
 from ._spin import DONE, SEQ, post, spin_until_at_least
 
 _lock = threading.Lock()
-_state = {}
+
+
+class _State:
+    """What this process's threading has set up, made when first needed (under _lock)
+    and forgotten in a forked child."""
+
+    def __init__(self):
+        self.controller = None      # threadpoolctl's controller
+        self.blas = []              # its BLAS libraries
+        self.pool = None            # the thread pool of run_parts and run_pair
+        self.saved = None           # BLAS's thread counts while fastlstm holds them at 1
+        self.limit = None           # ... and the fewest of them (blas_limit meanwhile)
+        self.spins = None           # spin-reads of a server before it sleeps
+        self.servers = []           # the split plans' spinning servers
+        self.servers_owner = None   # the thread that took them; None: free
+
+
+_state = _State()
 
 
 def _forget_in_child():
@@ -35,12 +52,12 @@ def _forget_in_child():
     submitted there would wait forever. Start afresh (a new lock too: the parent's
     may have been held by another thread at the fork), and give BLAS back the thread
     count that a call running in another thread of the parent had lowered."""
-    global _lock
+    global _lock, _state
     _lock = threading.Lock()
-    if _state.get("saved") is not None:
-        for lib, n in zip(_state["blas"], _state["saved"]):
+    if _state.saved is not None:
+        for lib, n in zip(_state.blas, _state.saved):
             lib.set_num_threads(n)
-    _state.clear()
+    _state = _State()
     _inside.clear()
 
 
@@ -61,14 +78,14 @@ def usable_cores():
 
 def _controller():
     with _lock:
-        if "controller" not in _state:
+        if _state.controller is None:
             from threadpoolctl import ThreadpoolController
             controller = ThreadpoolController()
-            _state["controller"] = controller
-            _state["blas"] = controller.select(user_api="blas").lib_controllers
-            _state["pool"] = ThreadPoolExecutor(max_workers=max(usable_cores() - 1, 1),
-                                                thread_name_prefix="fastlstm")
-    return _state["controller"], _state["pool"]
+            _state.blas = controller.select(user_api="blas").lib_controllers
+            _state.pool = ThreadPoolExecutor(max_workers=max(usable_cores() - 1, 1),
+                                             thread_name_prefix="fastlstm")
+            _state.controller = controller
+    return _state.controller, _state.pool
 
 
 def blas_limit():
@@ -78,11 +95,11 @@ def blas_limit():
     _controller()
     with _lock:
         if _inside:
-            return _state["limit"]
+            return _state.limit
         _restore_blas()
-        if "saved" in _state:           # not restored from this thread (see _restore_blas)
-            return min(_state["saved"], default=usable_cores())
-        return min((lib.num_threads for lib in _state["blas"]), default=usable_cores())
+        if _state.saved is not None:    # not restored from this thread (see _restore_blas)
+            return min(_state.saved, default=usable_cores())
+        return min((lib.num_threads for lib in _state.blas), default=usable_cores())
 
 
 def _restore_blas():
@@ -90,16 +107,16 @@ def _restore_blas():
     _lock, with no call inside. "saved" goes only once every library has its count
     back: a restore that a KeyboardInterrupt cut short is finished by the next call
     here, and a call that enters meanwhile keeps the saved counts, not the 1s."""
-    saved = _state.get("saved")
+    saved = _state.saved
     if saved is not None:
-        for lib, n in zip(_state["blas"], saved):
+        for lib, n in zip(_state.blas, saved):
             lib.set_num_threads(n)
         # OpenBLAS takes a higher count from the main thread only (set to 2 from another
         # thread, it stays at 1): then the counts stay saved, the limit is theirs, and
         # the next call in the main thread restores them
         if threading.current_thread() is threading.main_thread() or all(
-                lib.num_threads >= n for lib, n in zip(_state["blas"], saved)):
-            del _state["saved"]
+                lib.num_threads >= n for lib, n in zip(_state.blas, saved)):
+            _state.saved = None
 
 
 #: tokens of the calls inside a single-threaded BLAS section. A call discards its token
@@ -117,10 +134,10 @@ def enter_single_threaded_blas(token):
     _controller()
     with _lock:
         if not _inside:
-            libs = _state["blas"]
-            if "saved" not in _state:      # else: an interrupted restore's counts
-                _state["saved"] = [lib.num_threads for lib in libs]
-            _state["limit"] = min(_state["saved"], default=usable_cores())
+            libs = _state.blas
+            if _state.saved is None:       # else: an interrupted restore's counts
+                _state.saved = [lib.num_threads for lib in libs]
+            _state.limit = min(_state.saved, default=usable_cores())
             for lib in libs:
                 lib.set_num_threads(1)
         _inside.add(token)
@@ -258,7 +275,7 @@ def _spins_per_second():
 
 class Server:
     """A worker thread that runs a job's serving loop in compiled code (e.g.
-    _kernels.serve_rows): it waits for commands by spinning on `cell` without the GIL,
+    _spin.serve_rows): it waits for commands by spinning on `cell` without the GIL,
     for SPIN_SECONDS after each, and only then sleeps. A command posted while it spins
     starts within microseconds instead of the 50-70 us of a wake-up (see _spin). One
     caller at a time: ``take_servers``.
@@ -355,19 +372,17 @@ def take_servers(n):
     """n servers for this thread's exclusive use, or None when another thread has them;
     give them back with ``release_servers``."""
     with _lock:
-        if "spins" not in _state:
-            _state["spins"] = int(_spins_per_second() * SPIN_SECONDS)
-            _state["servers"] = []
-            _state["servers_free"] = True
-        if not _state["servers_free"] and _state["servers_owner"] != threading.get_ident():
+        if _state.spins is None:
+            _state.spins = int(_spins_per_second() * SPIN_SECONDS)
+        me = threading.get_ident()
+        if _state.servers_owner not in (None, me):
             return None         # another thread's (this thread's: a call cut short kept them)
-        servers = _state["servers"]
+        servers = _state.servers
         if any(sv.error is not None for sv in servers):       # a failed one is replaced
             servers[:] = [sv for sv in servers if sv.error is None]
         while len(servers) < n:
-            servers.append(Server(_state["spins"]))
-        me = threading.get_ident()          # no call between the two stores below
-        _state["servers_free"], _state["servers_owner"] = False, me
+            servers.append(Server(_state.spins))
+        _state.servers_owner = me           # one store: taken, or not
         return servers[:n]
 
 
@@ -375,6 +390,5 @@ def release_servers():
     """Give back the servers this thread took (nothing when it holds none, so that a
     ``finally`` may call it whether or not ``take_servers`` got them)."""
     with _lock:
-        if _state.get("servers_owner") == threading.get_ident():
-            _state["servers_free"] = True
-            del _state["servers_owner"]
+        if _state.servers_owner == threading.get_ident():
+            _state.servers_owner = None

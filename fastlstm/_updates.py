@@ -13,10 +13,12 @@ from numba import njit
 
 from ._config import JIT
 
-__all__ = ["SGD", "ADAM", "RMSPROP", "update", "sum_squares", "scale"]
+__all__ = ["SGD", "ADAM", "RMSPROP", "N_SCALARS", "update", "sum_squares", "scale"]
 
 #: update(kind, ...): which rule; the layout of `s` for each is in its kernel
 SGD, ADAM, RMSPROP = 0, 1, 2
+#: the length of `s`: the most scalars any rule reads
+N_SCALARS = 8
 
 
 @njit(inline="always", **JIT)

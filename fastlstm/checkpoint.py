@@ -9,12 +9,11 @@ import zipfile
 import numpy as np
 
 from ._shared import atomic_write
-from .optim import SGD, Adam, AdamW, RMSprop
+from .optim import OPTIMIZERS
 
 __all__ = ["save", "load"]
 
 FORMAT = 1
-OPTIMIZERS = {c.__name__: c for c in (SGD, Adam, AdamW, RMSprop)}
 
 
 def save(model, path, optimizer=None):
@@ -138,8 +137,8 @@ def load(path, build, shapes, with_optimizer=False):
         raise ValueError(f"{path}: its config does not build a model: {e}") from None
     opt = None
     if with_optimizer and opt_keys:
-        if "betas" in hyper and isinstance(hyper["betas"], list):
-            hyper["betas"] = tuple(hyper["betas"])
+        # JSON keeps tuples (Adam's betas) as lists
+        hyper = {k: tuple(v) if isinstance(v, list) else v for k, v in hyper.items()}
         try:
             opt = OPTIMIZERS[name](model, **hyper)
         except (TypeError, ValueError) as e:

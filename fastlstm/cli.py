@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 
-from . import _options
+from . import _options, optim
 
 #: What each run of `fastlstm train` takes, with its defaults. An option given on the
 #: command line that its run does not take is refused, never silently ignored.
@@ -342,7 +342,7 @@ def build_parser():
     t.add_argument("--batch-size", type=_positive(int), help="sequences per step (default 32)")
     t.add_argument("--lr", type=_positive(float), help="learning rate (adding: 1e-2; --data: 3e-3; "
                                                          "sine: 1e-2; article: 0.01)")
-    t.add_argument("--optimizer", choices=["adam", "adamw", "sgd", "rmsprop"],
+    t.add_argument("--optimizer", choices=sorted(k.lower() for k in optim.OPTIMIZERS),
                    help="default adam (the article's run is plain gradient descent)")
     t.add_argument("--epochs", type=_positive(int), help="epochs over --data (default 10)")
     t.add_argument("--steps", type=_positive(int), dest="max_steps",

@@ -15,7 +15,7 @@ from .reference import ReferenceLSTM
 __all__ = ["SequenceModel", "load", "BACKENDS"]
 
 HEADS = ("last", "all")
-LOSSES = ("mse", "bce", "ce")
+LOSSES = tuple(_step.LOSSES)
 #: the layer classes a SequenceModel can be built around, by backend name
 BACKENDS = {"fastlstm": LSTM, "reference": ReferenceLSTM}
 
@@ -28,11 +28,11 @@ class _StepPlan:
     def __init__(self, model, plan):
         clip, T, B, I, H, P, opts = plan.sizes[1:]
         O = model.output_size
-        loss = {"mse": _step.MSE, "bce": _step.BCE, "ce": _step.CE}[model.loss]
-        self.ints = np.array([T, B, I, H, P, opts, model.lstm.flat_params.size, O, loss, 0],
-                             np.int64)
+        fields = dict(T=T, B=B, I=I, H=H, P=P, opts=opts, n=model.lstm.flat_params.size, O=O,
+                      loss=_step.LOSSES[model.loss], rule=0)
+        self.ints = np.array([fields[k] for k in _step.INTS], np.int64)
         self.hyper = np.zeros(_step.N_SCALARS)
-        self.hyper[8] = clip
+        self.hyper[_step.CLIP] = clip
         self.valid = np.ones(B, np.uint8)
         self.scratch = np.empty(2 * B * (P + O), model.dtype)
         self.target = np.empty(B, np.int64) if model.loss == "ce" else np.empty((B, O),
@@ -269,8 +269,8 @@ class SequenceModel:
             np.copyto(sp.target, y, casting="same_kind" if self.loss != "ce" else "unsafe")
             y = sp.target
         opt.next_scalars(sp.hyper)
-        sp.hyper[9] = 0.0 if clip_norm is None else clip_norm
-        sp.ints[9] = opt.KIND
+        sp.hyper[_step.MAX_NORM] = 0.0 if clip_norm is None else clip_norm
+        sp.ints[_step.RULE] = opt.KIND
         s1, s2 = opt.buffers
         return float(_step.train_step(self.flat_params, self.flat_grads, plan.ws, plan.lens, y,
                                       sp.valid, sp.scratch, s1, s2, sp.hyper, sp.ints,

@@ -12,7 +12,11 @@ from . import _updates
 from . import _validate as check
 from ._shared import aligned_zeros
 
-__all__ = ["SGD", "Adam", "AdamW", "RMSprop", "clip_grad_norm"]
+__all__ = ["SGD", "Adam", "AdamW", "RMSprop", "clip_grad_norm", "OPTIMIZERS", "by_name"]
+
+#: every optimizer class by name, filled as each is defined (Optimizer.__init_subclass__):
+#: checkpoints, ``fastlstm train --optimizer`` and the package's exports read it
+OPTIMIZERS = {}
 
 
 def clip_grad_norm(model, max_norm):
@@ -38,6 +42,10 @@ class Optimizer:
     #: the update rule, an ``_updates`` kind
     KIND = None
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        OPTIMIZERS[cls.__name__] = cls
+
     def __init__(self, model, **hyper):
         if not (hasattr(model, "flat_params") and hasattr(model, "flat_grads")):
             raise TypeError(f"model must expose flat_params and flat_grads (an LSTM or a "
@@ -50,7 +58,7 @@ class Optimizer:
                       for k in self.STATE}
         # the update kernel's two state arrays (SGD has one: it is passed twice)
         self.buffers = (self.state[self.STATE[0]], self.state[self.STATE[-1]])
-        self._scalars = np.zeros(8)
+        self._scalars = np.zeros(_updates.N_SCALARS)
 
     @property
     def steps(self):
@@ -169,3 +177,13 @@ class RMSprop(Optimizer):
         h = self.hyper
         out[:6] = (h["lr"], h["alpha"], 1 - h["alpha"], h["eps"], h["weight_decay"],
                    h["momentum"])
+
+
+def by_name(name):
+    """The optimizer class called `name`, case-insensitively ("adam", "AdamW")."""
+    lower = {k.lower(): cls for k, cls in OPTIMIZERS.items()}
+    try:
+        return lower[name.lower()]
+    except (KeyError, AttributeError):
+        raise ValueError(f"unknown optimizer {name!r}; known: {', '.join(sorted(lower))}") \
+            from None

@@ -120,9 +120,7 @@ PAPER_ADDING_T100 = dict(sequences=74_000, test_wrong=1, test_size=2560)
 
 def _optimizer(name, model, lr):
     from . import optim
-    cls = {"adam": optim.Adam, "adamw": optim.AdamW, "sgd": optim.SGD,
-           "rmsprop": optim.RMSprop}[name]
-    return cls(model, lr=lr)
+    return optim.by_name(name)(model, lr=lr)
 
 
 def _runner(model, distributed):

@@ -29,8 +29,8 @@ SCRIPT = textwrap.dedent("""
 
     from numba import types
     from fastlstm import _spin
-    from fastlstm._kernels import (layer_backward, layer_forward, rows_backward, rows_forward,
-                                   serve_rows)
+    from fastlstm._kernels import layer_backward, layer_forward, rows_backward, rows_forward
+    from fastlstm._spin import serve_rows
     # Numba wraps every array argument in a meminfo on entry; that is the only
     # NRT "allocation" a call may make (it holds no data).
     def arrays(*kernels):

@@ -46,3 +46,20 @@ def test_cache_entries_follow_the_files_they_inline(tmp_path, monkeypatch):
     dep.write_text("y = 2\n")
     follow(str(path), str(dep))          # the dependency changed: dropped
     assert left() == ["other.g-1.py311.nbi"]
+
+
+def test_numba_is_within_the_tested_bound():
+    """pyproject.toml bounds numba from above because _numba_ext reaches its internals;
+    CI installs the newest numba within the bound, so this checks the bound CI tests."""
+    import re
+
+    import numba
+    text = open(os.path.join(os.path.dirname(__file__), "..", "pyproject.toml")).read()
+    lo, hi = re.search(r'"numba>=([\d.]+),<([\d.]+)"', text).groups()
+
+    def version(s):
+        return tuple(int(p) for p in re.findall(r"\d+", s)[:2])
+
+    assert version(lo) <= version(numba.__version__) < version(hi)
+    from fastlstm import _numba_ext  # every internal it names still exists
+    assert callable(_numba_ext.make_array) and _numba_ext.cache_locators()

@@ -284,7 +284,7 @@ def child(q):
 
 if __name__ == "__main__":
     from fastlstm import _threads
-    assert _threads._state, "the parent must have started the pool"
+    assert _threads._state.pool is not None, "the parent must have started the pool"
     q = mp.get_context("fork").Queue()
     p = mp.get_context("fork").Process(target=child, args=(q,))
     p.start()
@@ -301,7 +301,7 @@ if __name__ == "__main__":
 FORK_AFTER_SERVER = FORK_AFTER_POOL.replace(
     "m = fastlstm.LSTM(128, 128, bidirectional=True, seed=0)",
     "m = fastlstm.LSTM(128, 128, seed=0, threads=2)\nm.forward(x)").replace(
-    "_threads._state,", "_threads._state.get('servers'),")
+    "_threads._state.pool is not None,", "_threads._state.servers,")
 
 
 @pytest.mark.parametrize("script_text", [FORK_AFTER_POOL, FORK_AFTER_SERVER],

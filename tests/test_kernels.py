@@ -11,7 +11,7 @@ from helpers import RESULT_KEYS, TOL, random_problem, rel_err, run_fastlstm, run
 # B = 6 and 7 leave 2 and 3 rows past the micro-kernel's blocks of 4; T * B = 200 takes
 # the weight gradients (_gemm.gradient_product) past one block of rows; T = 80 at H = 64
 # runs the backward's row-wise products in two (float32) or three (float64) chunks of
-# steps (_kernels.CHUNK_BYTES), I = 16 its dx through _gemm.narrow_product.
+# steps (_recurrence.CHUNK_BYTES), I = 16 its dx through _gemm.narrow_product.
 SHAPES = [(1, 1, 1, 1), (1, 4, 3, 5), (7, 1, 2, 3), (3, 2, 2, 3), (10, 5, 13, 7),
           (4, 3, 20, 9), (6, 8, 16, 32), (25, 3, 5, 17), (4, 7, 5, 16), (5, 6, 8, 64),
           (3, 1, 4, 64), (40, 5, 6, 16), (80, 4, 16, 64)]

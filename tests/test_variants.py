@@ -85,7 +85,7 @@ def test_variant_with_packed_products_matches_torch(torch, variant, shape, dtype
     """H = 64 (and a projection to 32 in float64): the recurrent products run from
     packed panels (_gemm) in both directions; B = 6 leaves two rows past the
     micro-kernel's blocks of four. T = 48: the backward's row-wise products run in two
-    or three chunks of steps (_kernels.CHUNK_BYTES), padded steps among them."""
+    or three chunks of steps (_recurrence.CHUNK_BYTES), padded steps among them."""
     T = 48 if shape == "L1-T48" else 5
     m, prob = make(5, variant, "L1" if T == 48 else shape, dtype, T=T, B=6, I=4, H=64)
     if shape == "L2-proj-clip":
