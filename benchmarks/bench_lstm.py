@@ -6,11 +6,11 @@ from .common import (
     SIZES,
     FastCase,
     ReferenceCase,
+    TorchLoop,
     TrainCase,
     flops,
     median_time,
     need_torch,
-    skip,
 )
 
 
@@ -121,8 +121,8 @@ VARIANTS = {
 
 class Variants:
     """Each variant's fwd+bwd in training mode, float32: fastlstm, and the same layer
-    written as a torch-autograd step loop (``fastlstm.bench.TorchLoop``, the peer a
-    torch user has for these; skipped where a commit lacks it)."""
+    written as a torch-autograd step loop (``common.TorchLoop``, the peer a torch user
+    has for these)."""
     params = [["fastlstm", "torch_loop"], list(VARIANTS), ["small", "medium"]]
     param_names = ["impl", "variant", "size"]
     timeout = 300
@@ -132,10 +132,6 @@ class Variants:
             self.case = FastCase(*SIZES[size], "float32", **VARIANTS[variant])
             return
         need_torch()
-        try:
-            from fastlstm.bench import TorchLoop
-        except ImportError:
-            skip("this fastlstm has no torch step loop")
         self.case = TorchLoop(*SIZES[size], "float32", **VARIANTS[variant])
 
     def time_fwd_bwd(self, impl, variant, size):

@@ -161,3 +161,64 @@ class TrainCase:
         out, _ = self.lstm(self.x)
         ((self.head(out[:, -1]) - self.y) ** 2).mean().backward()
         self.opt.step()
+
+
+class TorchLoop:
+    """The same layer written with torch autograd ops, a step loop as a torch user
+    writes a variant that torch.nn.LSTM lacks (torch.nn.LSTMCell's maths, the input
+    projection of all steps in one product, functional layer_norm, masks drawn by
+    torch.bernoulli each call); training mode, one layer, one direction. The suite's
+    copy of fastlstm's own peer (fastlstm/_bench_cases.py): the suite imports nothing
+    but the public API."""
+
+    def __init__(self, B, T, I, H, dtype, seed=0, **opts):
+        import torch
+        self.torch, self.F = torch, torch.nn.functional
+        tdt = {np.float32: torch.float32, np.float64: torch.float64}[np.dtype(dtype).type]
+        gen = torch.Generator().manual_seed(seed)
+        bound = 1.0 / np.sqrt(H)
+
+        def param(*shape, fill=None):
+            t = (torch.full(shape, float(fill), dtype=tdt) if fill is not None
+                 else (torch.rand(shape, generator=gen, dtype=tdt) * 2 - 1) * bound)
+            return t.requires_grad_(True)
+        self.w_ih, self.w_hh, self.b = param(4 * H, I), param(4 * H, H), param(4 * H)
+        self.opts, self.H = opts, H
+        if opts.get("peephole"):
+            self.w_ci, self.w_cf, self.w_co = param(H), param(H), param(H)
+        if opts.get("layer_norm"):
+            self.ln = [(param(n, fill=1.0), param(n, fill=0.0)) for n in (4 * H, 4 * H, H)]
+        self.x = torch.randn(T, B, I, generator=gen, dtype=tdt)
+        self.dy = torch.randn(T, B, H, generator=gen, dtype=tdt)
+
+    def fwd_bwd(self):
+        torch, F, o, H = self.torch, self.F, self.opts, self.H
+        T, B, I = self.x.shape
+        zx = (self.x.reshape(T * B, I) @ self.w_ih.T).reshape(T, B, 4 * H)
+        if o.get("layer_norm"):
+            zx = F.layer_norm(zx, (4 * H,), *self.ln[0])
+        p = o.get("recurrent_dropout", 0.0)
+        mask = torch.bernoulli(torch.full((B, H), 1 - p, dtype=zx.dtype)) / (1 - p) if p else None
+        pz = o.get("zoneout", 0.0), o.get("zoneout_cell", 0.0)
+        zone = [torch.bernoulli(torch.full((T, B, H), q, dtype=zx.dtype)) for q in pz] \
+            if any(pz) else None
+        h = c = torch.zeros(B, H, dtype=zx.dtype)
+        ys = []
+        for t in range(T):
+            zr = (h * mask if mask is not None else h) @ self.w_hh.T
+            if o.get("layer_norm"):
+                zr = F.layer_norm(zr, (4 * H,), *self.ln[1])
+            zi, zf, zg, zo = (zx[t] + zr + self.b).chunk(4, 1)
+            if o.get("peephole"):
+                zi, zf = zi + self.w_ci * c, zf + self.w_cf * c
+            cn = torch.sigmoid(zf) * c + torch.sigmoid(zi) * torch.tanh(zg)
+            if o.get("peephole"):
+                zo = zo + self.w_co * cn
+            cc = F.layer_norm(cn, (H,), *self.ln[2]) if o.get("layer_norm") else cn
+            hn = torch.sigmoid(zo) * torch.tanh(cc)
+            if zone is not None:
+                zh, zc = zone[0][t], zone[1][t]
+                cn, hn = zc * c + (1 - zc) * cn, zh * h + (1 - zh) * hn
+            c, h = cn, hn
+            ys.append(h)
+        torch.stack(ys).backward(self.dy)

@@ -1,221 +1,23 @@
-"""Timing fastlstm against the NumPy reference and torch.nn.LSTM.
+"""`fastlstm bench`'s tables: fastlstm against the NumPy reference and torch.nn.LSTM.
 
-Used by ``fastlstm bench`` (the asv suite has its own harness, benchmarks/common.py).
-Every ratio is taken from medians measured side by side in one process.
+The rooms: the cases timed (``_bench_cases``), the worker protocol that times each
+implementation in a process of its own (``_bench_worker``), and here the tables built
+from the workers' medians and their formatting. The asv suite has its own harness
+(benchmarks/common.py).
 """
-
 import time
 from functools import partial
 
 import numpy as np
 
-from . import _options
+from ._bench_cases import IMPLS, SIZES, VARIANTS, Case, flops, torch_available
+from ._bench_worker import _alternated, _cases, _ratio_stats, _run_worker
 from ._profile import ALL_ROWS, gemm_parts
 from ._timing import median_time
-from .lstm import LSTM
-from .reference import ReferenceLSTM
 
-#: name: (B, T, I, H)
-SIZES = {
-    "seed": (1, 3, 2, 3),
-    "small": (32, 50, 32, 64),
-    "long": (8, 1000, 16, 64),
-    "medium": (64, 100, 128, 256),
-    "large": (128, 100, 512, 512),
-}
-
-
-def flops(B, T, I, H, num_layers=1, bidirectional=False, proj_size=0):
-    """FLOPs of one forward+backward, counting the matrix products only."""
-    D, P = (2 if bidirectional else 1), (proj_size or H)
-    total = 0
-    for k in range(num_layers):
-        I_k = I if k == 0 else D * P
-        total += D * 2 * T * B * ((I_k + P) * 4 * H + (H * P if proj_size else 0)) * 3
-    return total
-
-
-#: the variants `fastlstm bench --variants` times, as options of fastlstm.LSTM
-VARIANTS = _options.bench_variants()
-
-
-def matmul_gflops(dtype, n=2048, min_time=0.5):
-    """The ceiling: GFLOP/s of an n x n ``a @ a`` in this process."""
-    a = np.random.default_rng(0).standard_normal((n, n)).astype(dtype)
-    return 2 * n ** 3 / median_time(lambda: a @ a, min_time=min_time, min_repeats=3) / 1e9
-
-
-class Case:
-    """One (implementation, size, dtype) with ``forward``, ``backward`` and ``fwd_bwd``."""
-
-    def __init__(self, impl, B, T, I, H, dtype, seed=0, **layer):
-        dtype = np.dtype(dtype)
-        rng = np.random.default_rng(seed)
-        D = 2 if layer.get("bidirectional") else 1
-        self.x = rng.standard_normal((T, B, I)).astype(dtype)
-        self.dy = rng.standard_normal((T, B, D * (layer.get("proj_size") or H))).astype(dtype)
-        self.impl = impl
-        if impl == "torch":
-            import torch
-            tdt = {np.float32: torch.float32, np.float64: torch.float64}[dtype.type]
-            self.model = torch.nn.LSTM(I, H, **layer).to(tdt)
-            self.x = torch.from_numpy(self.x).requires_grad_(True)
-            self.dy = torch.from_numpy(self.dy)
-        elif impl == "fastlstm":
-            self.model = LSTM(I, H, dtype=dtype, seed=seed, **layer)
-        else:
-            if any(layer.values()):
-                raise ValueError("the NumPy reference is one layer, one direction")
-            self.model = ReferenceLSTM(I, H, dtype=dtype, seed=seed)
-        self.forward()
-
-    def forward(self):
-        self.y = self.model.forward(self.x)[0] if self.impl != "torch" else self.model(self.x)[0]
-
-    def backward(self):
-        if self.impl == "torch":
-            self.y.backward(self.dy, retain_graph=True)
-        else:
-            self.model.backward(self.dy)
-
-    def fwd_bwd(self):
-        self.forward()
-        if self.impl == "torch":
-            self.y.backward(self.dy)
-        else:
-            self.model.backward(self.dy)
-
-
-IMPLS = ("fastlstm", "reference", "torch")
-
-
-class TorchLoop:
-    """The same layer written with torch autograd ops, a step loop as a torch user
-    writes a variant that torch.nn.LSTM lacks (torch.nn.LSTMCell's maths, the input
-    projection of all steps in one product, functional layer_norm, masks drawn by
-    torch.bernoulli each call); training mode, one layer, one direction."""
-
-    def __init__(self, B, T, I, H, dtype, seed=0, **opts):
-        import torch
-        self.torch, self.F = torch, torch.nn.functional
-        tdt = {np.float32: torch.float32, np.float64: torch.float64}[np.dtype(dtype).type]
-        gen = torch.Generator().manual_seed(seed)
-        bound = 1.0 / np.sqrt(H)
-
-        def param(*shape, fill=None):
-            t = (torch.full(shape, float(fill), dtype=tdt) if fill is not None
-                 else (torch.rand(shape, generator=gen, dtype=tdt) * 2 - 1) * bound)
-            return t.requires_grad_(True)
-        self.w_ih, self.w_hh, self.b = param(4 * H, I), param(4 * H, H), param(4 * H)
-        self.opts, self.H = opts, H
-        if opts.get("peephole"):
-            self.w_ci, self.w_cf, self.w_co = param(H), param(H), param(H)
-        if opts.get("layer_norm"):
-            self.ln = [(param(n, fill=1.0), param(n, fill=0.0)) for n in (4 * H, 4 * H, H)]
-        self.x = torch.randn(T, B, I, generator=gen, dtype=tdt)
-        self.dy = torch.randn(T, B, H, generator=gen, dtype=tdt)
-
-    def fwd_bwd(self):
-        torch, F, o, H = self.torch, self.F, self.opts, self.H
-        T, B, I = self.x.shape
-        zx = (self.x.reshape(T * B, I) @ self.w_ih.T).reshape(T, B, 4 * H)
-        if o.get("layer_norm"):
-            zx = F.layer_norm(zx, (4 * H,), *self.ln[0])
-        p = o.get("recurrent_dropout", 0.0)
-        mask = torch.bernoulli(torch.full((B, H), 1 - p, dtype=zx.dtype)) / (1 - p) if p else None
-        pz = o.get("zoneout", 0.0), o.get("zoneout_cell", 0.0)
-        zone = [torch.bernoulli(torch.full((T, B, H), q, dtype=zx.dtype)) for q in pz] \
-            if any(pz) else None
-        h = c = torch.zeros(B, H, dtype=zx.dtype)
-        ys = []
-        for t in range(T):
-            zr = (h * mask if mask is not None else h) @ self.w_hh.T
-            if o.get("layer_norm"):
-                zr = F.layer_norm(zr, (4 * H,), *self.ln[1])
-            zi, zf, zg, zo = (zx[t] + zr + self.b).chunk(4, 1)
-            if o.get("peephole"):
-                zi, zf = zi + self.w_ci * c, zf + self.w_cf * c
-            cn = torch.sigmoid(zf) * c + torch.sigmoid(zi) * torch.tanh(zg)
-            if o.get("peephole"):
-                zo = zo + self.w_co * cn
-            cc = F.layer_norm(cn, (H,), *self.ln[2]) if o.get("layer_norm") else cn
-            hn = torch.sigmoid(zo) * torch.tanh(cc)
-            if zone is not None:
-                zh, zc = zone[0][t], zone[1][t]
-                cn, hn = zc * c + (1 - zc) * cn, zh * h + (1 - zh) * hn
-            c, h = cn, hn
-            ys.append(h)
-        torch.stack(ys).backward(self.dy)
-
-
-def torch_available():
-    try:
-        import torch  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-# -- each library in its own process --------------------------------------------
-# Inside one process OpenBLAS's and torch's OpenMP threads keep spinning after a call
-# and steal the cores from the other library (one torch call read 82 ms in one run and
-# 181 ms in another). So every implementation is timed by a worker process of its own,
-# `python -m fastlstm.bench SPEC`, the workers alternated A B A B over rounds, and
-# each ratio is taken round by round.
-
-def _worker(spec):
-    """Time the cases of `spec` in this process; returns {case key: median ms}."""
-    out = {}
-    if spec["kind"] == "ceiling":
-        return {dt: matmul_gflops(dt) for dt in spec["dtypes"]}
-    for key, (B, T, I, H, dtype) in spec["cases"].items():
-        if spec["kind"] == "train":
-            fn = TrainCase(spec["impl"], B, T, I, H, dtype).step
-        elif spec["kind"] == "variants":
-            opts = VARIANTS[key.split()[0]]
-            fn = (TorchLoop(B, T, I, H, dtype, **opts) if spec["impl"] == "torch_loop"
-                  else Case("fastlstm", B, T, I, H, dtype, **opts)).fwd_bwd
-        else:
-            fn = Case(spec["impl"], B, T, I, H, dtype, **spec["layer"]).fwd_bwd
-        out[key] = median_time(fn, min_time=spec["min_time"]) * 1e3
-    return out
-
-
-def _run_worker(spec):
-    import json
-    import subprocess
-    import sys
-    done = subprocess.run([sys.executable, "-m", "fastlstm.bench", json.dumps(spec)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"the {spec.get('impl', spec['kind'])} worker failed:\n"
-                           f"{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
-
-
-def _alternated(kind, impls, cases, rounds, min_time, progress, layer=None):
-    """{impl: {case: [ms per round]}}, the implementations' workers taking turns."""
-    times = {impl: {key: [] for key in cases} for impl in impls}
-    for r in range(rounds):
-        for impl in impls:
-            if progress:
-                progress(f"round {r + 1}/{rounds}: {impl} ({len(cases)} cases, own process)")
-            got = _run_worker(dict(kind=kind, impl=impl, cases=cases, min_time=min_time,
-                                   layer=layer or {}))
-            for key, ms in got.items():
-                times[impl][key].append(ms)
-    return times
-
-
-def _ratio_stats(num, den):
-    """Median, min and max of the per-round ratios num[r] / den[r]."""
-    ratios = np.array(num) / np.array(den)
-    return float(np.median(ratios)), float(ratios.min()), float(ratios.max())
-
-
-def _cases(sizes, dtypes):
-    return {f"{name} {np.dtype(dt).name}": (*shape, np.dtype(dt).name)
-            for dt in dtypes for name, shape in sizes.items()}
+__all__ = ["SIZES", "VARIANTS", "bench_table", "train_table", "variants_table", "profile",
+           "distributed_table", "format_table", "format_train_table", "format_variants_table",
+           "format_distributed_table"]
 
 
 def bench_table(sizes, dtypes, min_time=0.2, progress=None, rounds=3, **layer):
@@ -304,44 +106,6 @@ def profile(B, T, I, H, dtype, min_time=0.2):
         if all_rows is not None:
             out[impl][ALL_ROWS] = all_rows * 1e3
     return out
-
-
-class TrainCase:
-    """One training step (LSTM, linear head on the last step, MSE, Adam) for
-    fastlstm or torch, on fixed random data."""
-
-    def __init__(self, impl, B, T, I, H, dtype, seed=0):
-        dtype = np.dtype(dtype)
-        rng = np.random.default_rng(seed)
-        x = rng.standard_normal((B, T, I)).astype(dtype)
-        y = rng.standard_normal((B, 1)).astype(dtype)
-        self.impl = impl
-        if impl == "torch":
-            import torch
-            tdt = {np.float32: torch.float32, np.float64: torch.float64}[dtype.type]
-            self.lstm = torch.nn.LSTM(I, H, batch_first=True).to(tdt)
-            self.head = torch.nn.Linear(H, 1).to(tdt)
-            self.opt = torch.optim.Adam(list(self.lstm.parameters()) + list(self.head.parameters()),
-                                        lr=1e-3)
-            self.loss = torch.nn.MSELoss()
-            self.x, self.y = torch.from_numpy(x), torch.from_numpy(y)
-        else:
-            from .model import SequenceModel
-            from .optim import Adam
-            backend = "reference" if impl == "reference" else "fastlstm"
-            self.model = SequenceModel(I, H, 1, dtype=dtype, seed=seed, backend=backend)
-            self.opt = Adam(self.model, lr=1e-3)
-            self.x, self.y = x, y
-
-    def step(self):
-        if self.impl == "torch":
-            self.opt.zero_grad()
-            out, _ = self.lstm(self.x)
-            loss = self.loss(self.head(out[:, -1]), self.y)
-            loss.backward()
-            self.opt.step()
-        else:
-            self.model.train_step(self.x, self.y, self.opt)
 
 
 def train_table(sizes, dtypes, min_time=0.2, progress=None, rounds=3):
@@ -474,9 +238,3 @@ def format_distributed_table(result):
                      f"{r['step_ms']:9.3f} {r['steps_per_s']:8.1f} {r['allreduce_ms']:13.4f} "
                      f"{100 * r['collective_share']:14.1f}%")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":      # a timing worker: python -m fastlstm.bench SPEC
-    import json
-    import sys
-    print(json.dumps(_worker(json.loads(sys.argv[1]))))

@@ -338,25 +338,3 @@ print(start, rss_mb())
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     start, end = map(float, out.stdout.split())
     assert end - start < 3.0, (start, end)
-
-
-def test_one_thread_means_one_thread_for_the_directions_too(monkeypatch):
-    """threads=1 (or a BLAS limit of 1) also keeps a bidirectional layer's two
-    directions on one thread, as it keeps the batch unsplit."""
-    from threadpoolctl import threadpool_limits
-
-    from fastlstm import lstm
-    calls = []
-
-    def pair(*fns):
-        calls.append(len(fns))
-        for fn in fns:
-            fn()
-    monkeypatch.setattr(lstm, "run_pair", pair)
-    x = np.ones((100, 1, 128), np.float32)                # B=1: no batch split; work > 50M
-    fastlstm.LSTM(128, 512, bidirectional=True, threads=1).forward(x)
-    with threadpool_limits(limits=1, user_api="blas"):
-        fastlstm.LSTM(128, 512, bidirectional=True).forward(x)
-    assert calls == []
-    fastlstm.LSTM(128, 512, bidirectional=True, threads=2).forward(x)    # and 2 means 2
-    assert calls == [2]

@@ -1,5 +1,6 @@
 """SequenceModel: heads and losses against torch, train_step, fit, checkpoints."""
 import json
+import os
 import subprocess
 import sys
 
@@ -310,3 +311,21 @@ def test_one_version():
 
 
 # -- the fused step (_step.train_step): the same training as the step made of calls ---------
+
+
+def test_a_checkpoint_written_by_0_2_0_loads():
+    """tests/data/v0.2.0.npz was written by fastlstm 0.2.0 (commit e3ad57b) after three
+    Adam steps of a two-layer bidirectional model with a projection, peepholes and
+    zoneout; v0.2.0-expected.npz holds what that version computed from it."""
+    here = os.path.join(os.path.dirname(__file__), "data")
+    want = np.load(os.path.join(here, "v0.2.0-expected.npz"))
+    m, opt = fastlstm.load(os.path.join(here, "v0.2.0.npz"), with_optimizer=True)
+    assert type(opt) is fastlstm.Adam and opt.steps == int(want["steps"]) == 3
+    np.testing.assert_array_equal(m.flat_params, want["flat_params"])
+    np.testing.assert_array_equal(opt.state["exp_avg"], want["exp_avg"])
+    assert m.lstm.peephole and m.lstm.zoneout == 0.1 and m.lstm.proj_size == 4
+    m.lstm.eval()
+    np.testing.assert_allclose(m.predict(want["x"]), want["pred"], rtol=1e-12, atol=1e-14)
+    m.lstm.train()
+    m.train_step(want["x"], want["y"], opt)              # and it trains on
+    assert opt.steps == 4

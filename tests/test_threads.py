@@ -198,3 +198,25 @@ def test_batch_split_keeps_dropout_masks(monkeypatch):
     ys = [fastlstm.LSTM(3, 5, num_layers=3, dropout=0.5, dtype=np.float64, seed=2,
                         threads=t).forward(x)[0].copy() for t in (1, 2)]
     np.testing.assert_allclose(ys[0], ys[1], rtol=1e-13, atol=1e-15)
+
+
+def test_one_thread_means_one_thread_for_the_directions_too(monkeypatch):
+    """threads=1 (or a BLAS limit of 1) also keeps a bidirectional layer's two
+    directions on one thread, as it keeps the batch unsplit."""
+    from threadpoolctl import threadpool_limits
+
+    from fastlstm import _parts
+    calls = []
+
+    def pair(*fns):
+        calls.append(len(fns))
+        for fn in fns:
+            fn()
+    monkeypatch.setattr(_parts, "run_pair", pair)
+    x = np.ones((100, 1, 128), np.float32)                # B=1: no batch split; work > 50M
+    fastlstm.LSTM(128, 512, bidirectional=True, threads=1).forward(x)
+    with threadpool_limits(limits=1, user_api="blas"):
+        fastlstm.LSTM(128, 512, bidirectional=True).forward(x)
+    assert calls == []
+    fastlstm.LSTM(128, 512, bidirectional=True, threads=2).forward(x)    # and 2 means 2
+    assert calls == [2]

@@ -1,0 +1,68 @@
+"""The worker protocol of `fastlstm bench`: each implementation timed in a process of
+its own, the processes alternated A B A B over rounds, ratios taken round by round.
+
+Inside one process OpenBLAS's and torch's OpenMP threads keep spinning after a call
+and steal the cores from the other library (one torch call read 82 ms in one run and
+181 ms in another). A worker is `python -m fastlstm._bench_worker SPEC` (SPEC: JSON);
+it prints {case key: median ms} as its last line.
+"""
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from ._bench_cases import VARIANTS, Case, TorchLoop, TrainCase, matmul_gflops
+from ._timing import median_time
+
+
+def _worker(spec):
+    """Time the cases of `spec` in this process; returns {case key: median ms}."""
+    out = {}
+    if spec["kind"] == "ceiling":
+        return {dt: matmul_gflops(dt) for dt in spec["dtypes"]}
+    for key, (B, T, I, H, dtype) in spec["cases"].items():
+        if spec["kind"] == "train":
+            fn = TrainCase(spec["impl"], B, T, I, H, dtype).step
+        elif spec["kind"] == "variants":
+            opts = VARIANTS[key.split()[0]]
+            fn = (TorchLoop(B, T, I, H, dtype, **opts) if spec["impl"] == "torch_loop"
+                  else Case("fastlstm", B, T, I, H, dtype, **opts)).fwd_bwd
+        else:
+            fn = Case(spec["impl"], B, T, I, H, dtype, **spec["layer"]).fwd_bwd
+        out[key] = median_time(fn, min_time=spec["min_time"]) * 1e3
+    return out
+
+def _run_worker(spec):
+    done = subprocess.run([sys.executable, "-m", "fastlstm._bench_worker", json.dumps(spec)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"the {spec.get('impl', spec['kind'])} worker failed:\n"
+                           f"{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+def _alternated(kind, impls, cases, rounds, min_time, progress, layer=None):
+    """{impl: {case: [ms per round]}}, the implementations' workers taking turns."""
+    times = {impl: {key: [] for key in cases} for impl in impls}
+    for r in range(rounds):
+        for impl in impls:
+            if progress:
+                progress(f"round {r + 1}/{rounds}: {impl} ({len(cases)} cases, own process)")
+            got = _run_worker(dict(kind=kind, impl=impl, cases=cases, min_time=min_time,
+                                   layer=layer or {}))
+            for key, ms in got.items():
+                times[impl][key].append(ms)
+    return times
+
+def _ratio_stats(num, den):
+    """Median, min and max of the per-round ratios num[r] / den[r]."""
+    ratios = np.array(num) / np.array(den)
+    return float(np.median(ratios)), float(ratios.min()), float(ratios.max())
+
+def _cases(sizes, dtypes):
+    return {f"{name} {np.dtype(dt).name}": (*shape, np.dtype(dt).name)
+            for dt in dtypes for name, shape in sizes.items()}
+
+
+if __name__ == "__main__":
+    print(json.dumps(_worker(json.loads(sys.argv[1]))))
