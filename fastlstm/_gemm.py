@@ -1,4 +1,8 @@
-"""A small matrix product with pre-packed weights, for the recurrent product of each step.
+"""The layer's own matrix products, where OpenBLAS's cost more than their arithmetic:
+the recurrent product of each step from pre-packed weights (``packed_product``), the
+weight gradients from dz's rows in place (``gradient_product``) and the products with
+a narrow right-hand side (``narrow_product``); each has a ``*_pays`` rule that says
+when it beats BLAS.
 
 Every step multiplies a few rows of h by the same W_hh. OpenBLAS packs its right-hand
 operand into panels on every call: at medium size (32 rows of h per part of the batch,
