@@ -140,7 +140,7 @@ class LSTM:
         self._parts = []       # per part of the batch: workspaces and scratch (_parts.Part)
         self._splits = {}
         self._plans = {}       # x.shape -> Plan or SplitPlan
-        self._fast_paths = True  # False: every call takes the general path (for tests)
+        self._fast_paths = True  # False (before the first call): no plans are made
         self.bind(check.allocate(offset, self.dtype, what), aligned_zeros(offset, self.dtype))
         bound = 1.0 / math.sqrt(H)
         self.flat_params[:] = np.random.default_rng(self.seed).uniform(-bound, bound, offset)
@@ -339,7 +339,7 @@ class LSTM:
 
     def _forward(self, x, state, lengths):
         check.float_array("x", x, self.dtype)
-        if state is None and lengths is None and self._fast_paths:
+        if state is None and lengths is None:
             plan = self._plans.get(x.shape)        # a shape this model has run before
             if type(plan) is Plan:
                 np.copyto(plan.x, x, casting="same_kind")

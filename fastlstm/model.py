@@ -8,6 +8,7 @@ from . import _layout, _losses, _options, _step, checkpoint, training
 from . import _validate as check
 from ._layout import carve
 from ._shared import Buffers, OneThread, aligned_empty, aligned_zeros
+from ._step import CLIP, MAX_NORM, RULE
 from .lstm import LSTM
 from .optim import clip_grad_norm
 from .reference import ReferenceLSTM
@@ -32,7 +33,7 @@ class _StepPlan:
                       loss=_step.LOSSES[model.loss], rule=0)
         self.ints = np.array([fields[k] for k in _step.INTS], np.int64)
         self.hyper = np.zeros(_step.N_SCALARS)
-        self.hyper[_step.CLIP] = clip
+        self.hyper[CLIP] = clip
         self.valid = np.ones(B, np.uint8)
         self.scratch = np.empty(2 * B * (P + O), model.dtype)
         self.target = np.empty(B, np.int64) if model.loss == "ce" else np.empty((B, O),
@@ -265,12 +266,13 @@ class SequenceModel:
         sp = self._steps.get(x.shape)
         if sp is None:
             sp = self._steps[x.shape] = _StepPlan(self, plan)
-        if y.dtype != sp.target.dtype or not y.flags.c_contiguous or not y.flags.writeable:
+        flags = y.flags                          # one flags object, not two
+        if y.dtype != sp.target.dtype or not flags.c_contiguous or not flags.writeable:
             np.copyto(sp.target, y, casting="same_kind" if self.loss != "ce" else "unsafe")
             y = sp.target
         opt.next_scalars(sp.hyper)
-        sp.hyper[_step.MAX_NORM] = 0.0 if clip_norm is None else clip_norm
-        sp.ints[_step.RULE] = opt.KIND
+        sp.hyper[MAX_NORM] = 0.0 if clip_norm is None else clip_norm
+        sp.ints[RULE] = opt.KIND
         s1, s2 = opt.buffers
         return float(_step.train_step(self.flat_params, self.flat_grads, plan.ws, plan.lens, y,
                                       sp.valid, sp.scratch, s1, s2, sp.hyper, sp.ints,
