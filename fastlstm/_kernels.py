@@ -31,35 +31,38 @@ __all__ = ["layer_forward", "layer_backward", "rows_forward", "rows_backward", "
            "OPTS", "reverse_in_time", "zero_padding", "param_views", "workspace_views",
            "params_of", "workspace_of"]
 
-def _compile_carving(fname, table, tuple_cls, dims, counted=False):
+def _compile_carving(fname, table, tuple_cls, dims, counted=False, bits=False):
     ns = {tuple_cls.__name__: tuple_cls, "_view": make_view(counted)}
-    exec(_layout.carving_source(fname, table, tuple_cls.__name__, dims), ns)
+    exec(_layout.carving_source(fname, table, tuple_cls.__name__, dims, bits), ns)
     # Not cached on its own (it has no source file); the cached kernels that
     # inline it carry it in their own cache entries.
     return njit(inline="always", **dict(JIT, cache=False))(ns[fname])
 
 
-_carve_params = _compile_carving("_carve_params", _layout.PARAMS, _layout.Params, ("I", "H", "P"))
-_carve_workspace = _compile_carving("_carve_workspace", _layout.WORKSPACE, _layout.Workspace,
-                                    _layout.DIMS)
+#: the one decode-and-carve of every entry: flat buffer, sizes and option bits in, views out
+params_of = _compile_carving("params_of", _layout.PARAMS, _layout.Params, ("I", "H", "P"),
+                             bits=True)
+workspace_of = _compile_carving("workspace_of", _layout.WORKSPACE, _layout.Workspace,
+                                _layout.DIMS, bits=True)
 # for the views param_views / workspace_views return to Python
-_carve_params_counted = _compile_carving("_carve_params", _layout.PARAMS, _layout.Params,
-                                         ("I", "H", "P"), counted=True)
-_carve_workspace_counted = _compile_carving("_carve_workspace", _layout.WORKSPACE,
-                                            _layout.Workspace, _layout.DIMS, counted=True)
+_params_counted = _compile_carving("params_of", _layout.PARAMS, _layout.Params,
+                                   ("I", "H", "P"), counted=True, bits=True)
+_workspace_counted = _compile_carving("workspace_of", _layout.WORKSPACE, _layout.Workspace,
+                                      _layout.DIMS, counted=True, bits=True)
 
 
 @njit(**JIT)
-def param_views(p, I, H, P, has_bias, has_proj, has_peephole, has_layer_norm):
-    """The kernels' carving of one direction's parameters (a ``_layout.Params``);
-    an absent parameter is empty. For tests: Python carves with ``_layout.carve``."""
-    return _carve_params_counted(p, I, H, P, has_bias, has_proj, has_peephole, has_layer_norm)
+def param_views(p, I, H, P, opts):
+    """The kernels' carving of one direction's parameters (a ``_layout.Params``) by the
+    option bits; an absent parameter is empty. For tests: Python carves with
+    ``_layout.carve``."""
+    return _params_counted(p, I, H, P, opts)
 
 
 @njit(**JIT)
-def workspace_views(ws, T, B, I, H, P, has_layer_norm, has_zoneout, has_rdrop):
+def workspace_views(ws, T, B, I, H, P, opts):
     """The kernels' carving of one direction's workspace (a ``_layout.Workspace``)."""
-    return _carve_workspace_counted(ws, T, B, I, H, P, has_layer_norm, has_zoneout, has_rdrop)
+    return _workspace_counted(ws, T, B, I, H, P, opts)
 
 
 #: bit k of a kernel call's `opts` is option k: the layout's flags, then four of the call's
@@ -68,7 +71,8 @@ def workspace_views(ws, T, B, I, H, P, has_layer_norm, has_zoneout, has_rdrop):
 #: one_thread: the call has one thread, so its products may run packed, see _gemm)
 OPTS = _layout.FLAGS + ("padded", "exact", "zero_state", "one_thread")
 BIAS, PROJ, PEEPHOLE, LAYER_NORM, ZONEOUT, RDROP, PADDED, EXACT, ZERO_STATE, ONE_THREAD = (
-    1 << k for k in range(len(OPTS)))
+    1 << OPTS.index(k) for k in ("bias", "proj", "peephole", "layer_norm", "zoneout", "rdrop",
+                                 "padded", "exact", "zero_state", "one_thread"))
 
 
 def opts_bits(**flags):
@@ -77,20 +81,6 @@ def opts_bits(**flags):
     if unknown:
         raise ValueError(f"unknown kernel options {sorted(unknown)}; known: {OPTS}")
     return sum(1 << OPTS.index(k) for k, on in flags.items() if on)
-
-
-@njit(inline="always", **JIT)
-def params_of(p, I, H, P, opts):
-    """One direction's flat parameters (or gradients) carved by the option bits."""
-    return _carve_params(p, I, H, P, opts & BIAS != 0, opts & PROJ != 0, opts & PEEPHOLE != 0,
-                         opts & LAYER_NORM != 0)
-
-
-@njit(inline="always", **JIT)
-def workspace_of(ws, T, B, I, H, P, opts):
-    """One direction's flat workspace carved by the option bits."""
-    return _carve_workspace(ws, T, B, I, H, P, opts & LAYER_NORM != 0, opts & ZONEOUT != 0,
-                            opts & RDROP != 0)
 
 
 def _entry_sigs(n_arrays):

@@ -169,14 +169,19 @@ def carve(flat, table):
     return out
 
 
-def carving_source(fname, table, tuple_name, dims):
+def carving_source(fname, table, tuple_name, dims, bits=False):
     """Source of a Numba-compilable ``fname(flat, *dims, has_<flag>...)`` returning the
-    named tuple of views: offsets written out, so nothing is allocated per call. The
-    namespace it runs in provides ``_view(flat, offset, shape)``, the C-ordered view
-    ``flat[offset:offset + prod(shape)].reshape(shape)``."""
+    named tuple of views: offsets written out, so nothing is allocated per call. With
+    `bits`, ``fname(flat, *dims, opts)`` instead: flag k is bit k of opts (FLAGS' order,
+    the kernels' option bits). The namespace it runs in provides ``_view(flat, offset,
+    shape)``, the C-ordered view ``flat[offset:offset + prod(shape)].reshape(shape)``."""
     flags = [f for f in FLAGS if any(when == f for _, _, when in table)]
-    args = ", ".join(["flat", *dims, *(f"has_{f}" for f in flags)])
-    lines = [f"def {fname}({args}):", "    o = 0"]
+    if bits:
+        lines = [f"def {fname}({', '.join(['flat', *dims, 'opts'])}):"]
+        lines += [f"    has_{f} = opts & {1 << FLAGS.index(f)} != 0" for f in flags]
+    else:
+        lines = [f"def {fname}({', '.join(['flat', *dims, *(f'has_{f}' for f in flags)])}):"]
+    lines.append("    o = 0")
     for name, expr, when in table:
         terms = _terms(expr)
         if when is not None:               # absent: the same rank, no elements

@@ -95,8 +95,9 @@ def test_numba_and_python_carve_the_layout_alike(flags):
     """The kernels' carving (compiled from _layout's tables) and Python's views of
     the same flat buffers: the same names, offsets and shapes, with every option."""
     from fastlstm import _layout
-    from fastlstm._kernels import param_views, workspace_views
+    from fastlstm._kernels import opts_bits, param_views, workspace_views
     bias, proj, peephole, layer_norm, zoneout, rdrop = flags
+    opts = opts_bits(**dict(zip(_layout.FLAGS, flags)), exact=True)   # a call bit as well
     pflags, wflags = (bias, proj, peephole, layer_norm), (layer_norm, zoneout, rdrop)
     T, B, I, H = 3, 2, 4, 5
     P = 2 if proj else H
@@ -106,10 +107,10 @@ def test_numba_and_python_carve_the_layout_alike(flags):
 
     for flat, numba, python in (
             (np.zeros(_layout.param_size(I, H, P, *pflags)),
-             lambda a: param_views(a, I, H, P, *pflags),
+             lambda a: param_views(a, I, H, P, opts),
              _layout.param_table(I, H, P, *pflags)),
             (np.zeros(_layout.workspace_size(T, B, I, H, P, *wflags)),
-             lambda a: workspace_views(a, T, B, I, H, P, *wflags),
+             lambda a: workspace_views(a, T, B, I, H, P, opts),
              _layout.workspace_table(T, B, I, H, P, *wflags))):
         base = flat.__array_interface__["data"][0]
         ours = numba(flat)._asdict()
