@@ -1,0 +1,521 @@
+"""fastlstm inside torch: ``LSTM``, a drop-in ``torch.nn.LSTM`` that runs on fastlstm's
+kernels, and ``convert``, which puts it in place of every ``nn.LSTM`` of a model.
+
+The layer is a torch custom operator (``fastlstm::lstm`` and ``fastlstm::lstm_backward``,
+``torch.library.custom_op`` with ``register_autograd`` and fake implementations), so
+autograd, ``torch.compile(fullgraph=True)`` and torch's optimizers see an ordinary op.
+
+How it holds its state:
+
+* The parameters are ``nn.Parameter`` views into one flat tensor, which fastlstm's
+  layers read in place (no copy per call). When torch gives them new storage
+  (``.double()``, ``load_state_dict(assign=True)``, ``copy.deepcopy``, unpickling) the
+  next call notices (their data pointers moved) and binds them into a new flat tensor.
+* A forward that will be differentiated runs on an *engine* of its own (a
+  ``fastlstm.LSTM`` bound to the shared parameters, with its own workspace), which
+  keeps that forward's activations until autograd frees the graph: several forwards
+  before one backward each backpropagate through their own. An engine is handed back
+  when its graph node is freed (eager) or after its backward (compiled); at most
+  ``max_pending`` are kept, and a backward through an engine that was taken back
+  raises. A forward that will not be differentiated runs on a separate engine and
+  keeps nothing.
+"""
+import copy
+import itertools
+import threading
+import warnings
+import weakref
+
+import numpy as np
+
+try:
+    import torch
+    from torch import nn
+    from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+except ImportError as e:          # pragma: no cover - torch is installed for the tests
+    raise ImportError("fastlstm.torch needs PyTorch: pip install 'fastlstm[torch]' (it pins "
+                      "the CPU build, torch==2.13.0)") from e
+
+from . import _layout, _options
+from .lstm import LSTM as _FastLSTM
+
+__all__ = ["LSTM", "convert"]
+
+_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+#: key -> the module (weakly): the custom ops find their module by its key
+_MODULES = weakref.WeakValueDictionary()
+_keys = itertools.count(1)
+#: (key, engine, generation) of the last forward this thread ran, for its setup_context:
+#: reading the handle tensor there would be an op, which opcheck's schema mode refuses
+_taken = threading.local()
+
+
+def _module(key):
+    m = _MODULES.get(key)
+    if m is None:
+        raise RuntimeError("this fastlstm.torch.LSTM no longer exists")
+    return m
+
+
+class _Engine:
+    """A fastlstm.LSTM bound to a module's flat parameters, with gradients of its own."""
+
+    def __init__(self, module, index):
+        flat = module._flat.detach().numpy()
+        lstm = _FastLSTM(**module._fast_config, dtype=flat.dtype, threads=module._threads())
+        saved = flat.copy()            # bind copies lstm's own initial values in: put ours back
+        lstm.bind(flat, np.zeros_like(flat))
+        flat[:] = saved
+        self.lstm, self.index = lstm, index
+        self.generation = 0
+        self.busy = False
+        self.leased = False            # eager: a _Lease in the graph node gives it back
+        self.token = None              # the data pointer of the last forward's handle
+
+
+class _Lease:
+    """Held by the autograd node of one forward: when the node is freed, the engine that
+    keeps that forward's activations is free again."""
+
+    def __init__(self, module, index, generation):
+        self.module, self.index, self.generation = weakref.ref(module), index, generation
+
+    def __del__(self):
+        m = self.module()
+        if m is not None:
+            m._release(self.index, self.generation)
+
+
+# -- the custom operators -------------------------------------------------------------
+
+@torch.library.custom_op("fastlstm::lstm", mutates_args=())
+def _lstm(x: torch.Tensor, h0: torch.Tensor | None, c0: torch.Tensor | None,
+          lengths: torch.Tensor | None, weights: list[torch.Tensor], key: int, training: bool,
+          keep: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x (T, B, I) time-major; returns y, h_n, c_n and a handle: a one-element tensor,
+    always 0, whose storage names the engine that keeps the activations (its value is the
+    same every call, so that the op's outputs are a function of its inputs)."""
+    m = _module(key)
+    eng = m._take(keep)
+    lstm = eng.lstm
+    lstm.training = training
+    state = None if h0 is None else (h0.detach().numpy(), c0.detach().numpy())
+    lens = None if lengths is None else lengths.detach().numpy()
+    y, (h_n, c_n) = lstm.forward(x.detach().numpy(), state=state, lengths=lens)
+    handle = torch.from_numpy(np.zeros(1, np.int64))   # no dispatcher op inside the op
+    eng.token = handle.data_ptr()     # unique while the handle lives: the graph keeps it
+    _taken.value = (key, eng.index, eng.generation)
+    return (torch.from_numpy(np.array(y)), torch.from_numpy(np.array(h_n)),
+            torch.from_numpy(np.array(c_n)), handle)
+
+
+@_lstm.register_fake
+def _lstm_fake(x, h0, c0, lengths, weights, key, training, keep):
+    m = _module(key)
+    T, B = x.shape[0], x.shape[1]
+    LD, P = m.num_layers * (2 if m.bidirectional else 1), m.proj_size or m.hidden_size
+    return (x.new_empty((T, B, LD // m.num_layers * P)), x.new_empty((LD, B, P)),
+            x.new_empty((LD, B, m.hidden_size)), x.new_empty((1,), dtype=torch.int64))
+
+
+@torch.library.custom_op("fastlstm::lstm_backward", mutates_args=())
+def _lstm_backward(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor,
+                   handle: torch.Tensor, key: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dx, dh0, dc0 and the gradient of the flat parameters, through the forward that
+    `handle` names."""
+    m = _module(key)
+    eng = m._engine_of(handle)
+    lstm = eng.lstm
+    lstm.zero_grad()
+    dh, dc = dh_n.detach().numpy(), dc_n.detach().numpy()
+    dstate = (dh, dc) if dh.any() or dc.any() else None
+    lstm._last.thread = threading.get_ident()   # autograd may run it on another thread
+    dx, (dh0, dc0) = lstm.backward(dy.detach().numpy(), dstate=dstate)
+    out = (torch.from_numpy(np.array(dx)), torch.from_numpy(np.array(dh0)),
+           torch.from_numpy(np.array(dc0)), torch.from_numpy(lstm.flat_grads.copy()))
+    if not eng.leased:                # compiled: nothing else gives it back
+        m._release(eng.index, eng.generation)
+    return out
+
+
+@_lstm_backward.register_fake
+def _lstm_backward_fake(dy, dh_n, dc_n, handle, key):
+    m = _module(key)
+    T, B = dy.shape[0], dy.shape[1]
+    return (dy.new_empty((T, B, m.input_size)), dh_n.new_empty(dh_n.shape),
+            dc_n.new_empty(dc_n.shape), dy.new_empty((m._flat.numel(),)))
+
+
+def _setup_context(ctx, inputs, output):
+    x, h0, c0, lengths, weights, key, training, keep = inputs
+    handle = output[3]
+    ctx.key, ctx.has_state = key, h0 is not None
+    ctx.shapes = [w.shape for w in weights]
+    ctx.save_for_backward(handle)
+    if not keep:
+        return
+    m = _MODULES.get(key)
+    taken = getattr(_taken, "value", None)
+    if m is not None and type(handle) is torch.Tensor and taken and taken[0] == key:  # eager
+        _, index, generation = taken
+        _taken.value = None
+        m._engines[index].leased = True
+        ctx.lease = _Lease(m, index, generation)
+
+
+def _backward(ctx, dy, dh_n, dc_n, dhandle):
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise RuntimeError("fastlstm.torch.LSTM does not support double backward "
+                           "(create_graph=True), nor do torch's own fused RNNs")
+    handle, = ctx.saved_tensors
+    dx, dh0, dc0, dflat = _lstm_backward(dy, dh_n, dc_n, handle, ctx.key)
+    sizes = [int(np.prod(s)) for s in ctx.shapes]
+    dweights = [g.view(s) for g, s in zip(torch.split(dflat, sizes), ctx.shapes)]
+    if not ctx.has_state:
+        dh0 = dc0 = None
+    return dx, dh0, dc0, None, dweights, None, None, None
+
+
+torch.library.register_autograd("fastlstm::lstm", _backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("fastlstm.torch.LSTM does not support double backward (nor do "
+                       "torch's own fused RNNs)")
+
+
+def _setup_nothing(ctx, inputs, output):
+    pass
+
+
+torch.library.register_autograd("fastlstm::lstm_backward", _no_double_backward,
+                                setup_context=_setup_nothing)
+
+
+# -- the module -------------------------------------------------------------------------
+
+class LSTM(nn.Module):
+    """``torch.nn.LSTM`` on fastlstm's kernels (CPU, float32 or float64).
+
+    Same signature, parameters (names, shapes, gate order), ``forward(input, hx=None)``
+    (a tensor, batched or not, or a ``PackedSequence``) and outputs as ``nn.LSTM``, so
+    ``state_dict`` moves between the two as it is. ``**options`` are fastlstm's own:
+    ``peephole``, ``layer_norm``, ``zoneout``, ``zoneout_cell``, ``recurrent_dropout``,
+    ``forget_bias``, ``cell_clip``, and ``threads`` (default: ``torch.get_num_threads()``
+    at each call). ``max_pending``: forwards kept for a backward at once (see the module
+    docstring)."""
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
+                 dropout=0.0, bidirectional=False, proj_size=0, device=None, dtype=None,
+                 max_pending=8, **options):
+        super().__init__()
+        if device is not None and torch.device(device).type != "cpu":
+            raise ValueError(f"fastlstm.torch.LSTM runs on the CPU, got device={device!r}")
+        dtype = torch.get_default_dtype() if dtype is None else dtype
+        if dtype not in _DTYPES:
+            raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+        threads = options.pop("threads", None)
+        config = _options.layer_config(
+            input_size, hidden_size, dtype=_DTYPES[dtype], threads=threads,
+            num_layers=num_layers, bias=bias, batch_first=batch_first, dropout=dropout,
+            bidirectional=bidirectional, proj_size=proj_size, **options)
+        for k in ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",
+                  "bidirectional", "proj_size"):
+            setattr(self, k, config[k])
+        self.mode = "LSTM"
+        self.options = {k: config[k] for k in _options.DEFAULTS if k not in (
+            "num_layers", "bias", "batch_first", "dropout", "bidirectional", "proj_size")
+            and config[k] != _options.DEFAULTS[k]}
+        self.threads = config["threads"]
+        self.max_pending = max_pending
+        # fastlstm.LSTM's arguments (time-major always: the module transposes)
+        self._fast_config = {k: config[k] for k in _options.DEFAULTS}
+        self._fast_config.update(input_size=config["input_size"], batch_first=False,
+                                 hidden_size=config["hidden_size"])
+        H, D = config["hidden_size"], 2 if config["bidirectional"] else 1
+        _, self._shapes = _layout.layer_blocks(config["input_size"], H, config["proj_size"] or H,
+                                               config["num_layers"], D,
+                                               *_options.param_flags(config))
+        flat = torch.empty(sum(int(np.prod(s)) for _, s in self._shapes), dtype=dtype)
+        self._bind(flat)
+        self.reset_parameters()
+
+    # -- parameters -----------------------------------------------------------------
+
+    def _bind(self, flat):
+        """Make every parameter a view into `flat` (values kept when they exist)."""
+        o = 0
+        with torch.no_grad():
+            for name, shape in self._shapes:
+                n = int(np.prod(shape))
+                view = flat[o:o + n].view(shape)
+                p = self._parameters.get(name)
+                if p is None:
+                    self.register_parameter(name, nn.Parameter(view))
+                else:
+                    view.copy_(p.detach())
+                    p.data = view
+                o += n
+        self._flat = flat
+        self._ptrs = tuple(p.data_ptr() for p in self._parameters.values())
+        self._engines, self._infer = [], None
+        self._key = getattr(self, "_key", None) or next(_keys)
+        _MODULES[self._key] = self
+
+    def _check_binding(self):
+        """Rebind when torch gave the parameters new storage or another dtype."""
+        ps = self._parameters.values()
+        if tuple(p.data_ptr() for p in ps) != self._ptrs or any(
+                p.dtype != self._flat.dtype for p in ps):
+            dtypes = {p.dtype for p in ps}
+            devices = {p.device.type for p in ps}
+            if devices != {"cpu"}:
+                raise RuntimeError(f"fastlstm.torch.LSTM runs on the CPU; its parameters are "
+                                   f"on {sorted(devices)}")
+            if len(dtypes) != 1 or next(iter(dtypes)) not in _DTYPES:
+                raise TypeError(f"fastlstm.torch.LSTM's parameters must all be float32 or all "
+                                f"float64, got {sorted(map(str, dtypes))}")
+            self._bind(torch.empty(self._flat.numel(), dtype=next(iter(dtypes))))
+
+    def reset_parameters(self):
+        """U(-1/sqrt(H), 1/sqrt(H)) from torch's generator, as ``nn.LSTM``; then
+        fastlstm's forget bias and layer-norm gains (1) and biases (0)."""
+        bound = 1.0 / self.hidden_size ** 0.5
+        H, fb = self.hidden_size, self.options.get("forget_bias", 0.0)
+        with torch.no_grad():
+            for name, p in self._parameters.items():
+                if name.startswith("ln_"):
+                    p.fill_(1.0 if "_weight_" in name else 0.0)
+                else:
+                    p.uniform_(-bound, bound)
+                    if fb and name.startswith("bias_ih"):
+                        p[H:2 * H] += fb
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_engines"], state["_infer"] = [], None
+        state["_ptrs"] = ()                           # bound again on the first call
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._key = next(_keys)
+        _MODULES[self._key] = self
+
+    def __deepcopy__(self, memo):
+        new = copy.copy(self)
+        memo[id(self)] = new
+        for k, v in self.__dict__.items():
+            if k not in ("_engines", "_infer", "_key"):
+                setattr(new, k, copy.deepcopy(v, memo))
+        new._engines, new._infer, new._ptrs = [], None, ()
+        new._key = next(_keys)
+        _MODULES[new._key] = new
+        return new
+
+    # -- engines --------------------------------------------------------------------
+
+    def _threads(self):
+        return self.threads if self.threads is not None else torch.get_num_threads()
+
+    def _take(self, keep):
+        """A free engine for a forward (marked busy when it keeps its activations)."""
+        if not keep:
+            if self._infer is None or self._infer.lstm.threads != self._threads():
+                self._infer = _Engine(self, -1)
+            return self._infer
+        threads = self._threads()
+        for eng in self._engines:
+            if not eng.busy:
+                break
+        else:
+            if len(self._engines) < self.max_pending:
+                eng = _Engine(self, len(self._engines))
+                self._engines.append(eng)
+            else:             # the oldest pending forward is taken back
+                eng = min(self._engines, key=lambda e: e.generation)
+        if eng.lstm.threads != threads:
+            self._engines[eng.index] = eng = _Engine(self, eng.index)
+        eng.generation = next(_keys)
+        eng.busy, eng.leased = True, False
+        return eng
+
+    def _release(self, index, generation):
+        if 0 <= index < len(self._engines):
+            eng = self._engines[index]
+            if eng.generation == generation:
+                eng.busy = False
+
+    def _engine_of(self, handle):
+        ptr = handle.data_ptr()
+        eng = next((e for e in self._engines if e.token == ptr), None)
+        if eng is None or not eng.busy:
+            raise RuntimeError(
+                f"fastlstm.torch.LSTM: the activations of this forward were released: more "
+                f"than max_pending={self.max_pending} forwards were waiting for a backward "
+                f"(raise max_pending), or its graph was already freed")
+        return eng
+
+    # -- forward ------------------------------------------------------------------------
+
+    def _check_tensor(self, name, t):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.device.type != "cpu":
+            raise RuntimeError(f"fastlstm.torch.LSTM runs on the CPU; {name} is on {t.device}")
+        if t.dtype != self._flat.dtype:
+            if t.dtype not in _DTYPES:
+                raise TypeError(f"fastlstm.torch.LSTM takes float32 or float64; {name} is "
+                                f"{t.dtype}")
+            raise RuntimeError(f"{name} must have the module's dtype {self._flat.dtype}, got "
+                               f"{t.dtype} (call .float() or .double() on one of them)")
+
+    def forward(self, input, hx=None):
+        if not torch.compiler.is_compiling():    # compiled: torch guards the parameters
+            self._check_binding()
+        packed = isinstance(input, PackedSequence)
+        lengths = None
+        if packed:
+            sorted_idx, unsorted_idx = input.sorted_indices, input.unsorted_indices
+            x, lengths = pad_packed_sequence(input)                # original order, (T, B, I)
+            batched = True
+        else:
+            x = input
+            self._check_tensor("input", x)
+            if x.dim() not in (2, 3):
+                raise RuntimeError(f"LSTM: Expected input to be 2D or 3D, got {x.dim()}D "
+                                   f"instead")
+            batched = x.dim() == 3
+            if not batched:
+                x = x.unsqueeze(1)
+            elif self.batch_first:
+                x = x.transpose(0, 1)
+        self._check_tensor("input", x)
+        if x.shape[-1] != self.input_size:
+            raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected "
+                               f"{self.input_size}, got {x.shape[-1]}")
+        B = x.shape[1]
+        LD = self.num_layers * (2 if self.bidirectional else 1)
+        P = self.proj_size or self.hidden_size
+        h0 = c0 = None
+        if hx is not None:
+            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                raise TypeError("hx must be a tuple (h_0, c_0) of two tensors")
+            h0, c0 = hx
+            for name, t, want in (("hx[0] (h_0)", h0, (LD, B, P)),
+                                  ("hx[1] (c_0)", c0, (LD, B, self.hidden_size))):
+                self._check_tensor(name, t)
+                if not batched:
+                    if t.dim() != 2:
+                        raise RuntimeError(f"For unbatched 2-D input, {name} should also be "
+                                           f"2-D but got {t.dim()}-D tensor")
+                    t = t.unsqueeze(1)
+                if tuple(t.shape) != want:
+                    raise RuntimeError(f"Expected {name} size {want}, got {tuple(t.shape)}")
+            if not batched:
+                h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+        weights = list(self._parameters.values())
+        keep = torch.is_grad_enabled() and (
+            x.requires_grad or any(w.requires_grad for w in weights)
+            or (h0 is not None and (h0.requires_grad or c0.requires_grad)))
+        y, h_n, c_n, _ = _lstm(x, h0, c0, lengths, weights, self._key, self.training, keep)
+        if packed:
+            out = _pack_like(y, lengths, sorted_idx, unsorted_idx)
+            return out, (h_n, c_n)
+        if not batched:
+            return y.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
+        if self.batch_first:
+            y = y.transpose(0, 1)
+        return y, (h_n, c_n)
+
+    def extra_repr(self):
+        s = f"{self.input_size}, {self.hidden_size}"
+        for k, default in (("num_layers", 1), ("bias", True), ("batch_first", False),
+                           ("dropout", 0.0), ("bidirectional", False), ("proj_size", 0)):
+            if getattr(self, k) != default:
+                s += f", {k}={getattr(self, k)}"
+        for k, v in self.options.items():
+            s += f", {k}={v!r}"
+        return s
+
+    # -- exchange with nn.LSTM ----------------------------------------------------
+
+    @classmethod
+    def from_torch(cls, lstm, **options):
+        """A fastlstm.torch.LSTM with `lstm`'s configuration, weights and mode."""
+        if type(lstm) is not nn.LSTM:
+            raise TypeError(f"expected a torch.nn.LSTM, got {type(lstm).__name__}")
+        p = next(lstm.parameters())
+        if p.device.type != "cpu":
+            raise ValueError(f"fastlstm.torch.LSTM runs on the CPU; this nn.LSTM is on "
+                             f"{p.device}")
+        new = cls(lstm.input_size, lstm.hidden_size, num_layers=lstm.num_layers, bias=lstm.bias,
+                  batch_first=lstm.batch_first, dropout=lstm.dropout,
+                  bidirectional=lstm.bidirectional, proj_size=lstm.proj_size, dtype=p.dtype,
+                  **options)
+        new.load_state_dict(lstm.state_dict())
+        return new.train(lstm.training)
+
+    def to_torch(self):
+        """A torch.nn.LSTM with this module's configuration, weights and mode (refused when
+        a fastlstm option has no nn.LSTM equivalent)."""
+        extra = {k: v for k, v in self.options.items() if k != "forget_bias"}
+        if extra:
+            raise ValueError(f"torch.nn.LSTM has no {', '.join(sorted(extra))}: this module "
+                             f"cannot be converted")
+        lstm = nn.LSTM(self.input_size, self.hidden_size, num_layers=self.num_layers,
+                       bias=self.bias, batch_first=self.batch_first, dropout=self.dropout,
+                       bidirectional=self.bidirectional, proj_size=self.proj_size,
+                       dtype=self._flat.dtype)
+        lstm.load_state_dict(self.state_dict())
+        return lstm.train(self.training)
+
+
+def _pack_like(y, lengths, sorted_indices, unsorted_indices):
+    """y (T, B, *) in the batch's original order as a PackedSequence laid out as the input
+    was (the same sorted_indices and batch_sizes)."""
+    if sorted_indices is not None:
+        y, lengths = y.index_select(1, sorted_indices), lengths[sorted_indices.cpu()]
+    packed = torch.nn.utils.rnn.pack_padded_sequence(y, lengths, enforce_sorted=True)
+    return PackedSequence(packed.data, packed.batch_sizes, sorted_indices, unsorted_indices)
+
+
+def convert(module, inplace=False):
+    """Every ``torch.nn.LSTM`` of `module` (itself included) replaced by a
+    ``fastlstm.torch.LSTM`` holding the same weights, in the same mode. Modules it cannot
+    take (not on the CPU, not float32/float64, a subclass of nn.LSTM) are left alone with
+    a warning that says why. Returns the converted module (a copy unless `inplace`)."""
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"module must be a torch.nn.Module, got {type(module).__name__}")
+    if not inplace:
+        module = copy.deepcopy(module)
+    left = []
+
+    def swap(m, where):
+        if type(m) is not nn.LSTM:
+            if isinstance(m, nn.LSTM):
+                left.append(f"{where} ({type(m).__name__}: a subclass, its own forward kept)")
+            return None
+        p = next(m.parameters())
+        if p.device.type != "cpu":
+            left.append(f"{where} (on {p.device}: fastlstm runs on the CPU)")
+            return None
+        if p.dtype not in _DTYPES:
+            left.append(f"{where} ({p.dtype}: fastlstm takes float32 and float64)")
+            return None
+        return LSTM.from_torch(m)
+
+    top = swap(module, "the module itself")
+    if top is not None:
+        module = top
+    else:
+        for name, parent in list(module.named_modules()):
+            for child_name, child in list(parent.named_children()):
+                new = swap(child, f"{name + '.' if name else ''}{child_name}")
+                if new is not None:
+                    setattr(parent, child_name, new)
+    if left:
+        warnings.warn("fastlstm.torch.convert left these nn.LSTMs alone: " + "; ".join(left),
+                      stacklevel=2)
+    return module

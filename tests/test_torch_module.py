@@ -1,0 +1,302 @@
+"""fastlstm.torch.LSTM against torch.nn.LSTM (the oracle): outputs and every gradient with
+the same weights, packed sequences, several forwards before one backward, the binding of
+the parameters through torch's module operations, torch.compile, opcheck, gradcheck, and
+bad input."""
+import copy
+import io
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+ft = pytest.importorskip("fastlstm.torch")
+nn = torch.nn
+pack = torch.nn.utils.rnn
+
+pytestmark = pytest.mark.torch
+
+CONFIGS = {
+    "L1": dict(),
+    "L2-bi": dict(num_layers=2, bidirectional=True),
+    "L2-proj-bf": dict(num_layers=2, proj_size=3, batch_first=True),
+    "L1-nobias-bi-proj": dict(bias=False, bidirectional=True, proj_size=2),
+}
+
+
+def pair(cfg, dtype=torch.float64, I=3, H=5, seed=0):
+    torch.manual_seed(seed)
+    ref = nn.LSTM(I, H, dtype=dtype, **cfg)
+    return ref, ft.LSTM.from_torch(ref)
+
+
+def grads(m):
+    return {n: p.grad.clone() for n, p in m.named_parameters()}
+
+
+def close(a, b, tol):
+    assert a.shape == b.shape, (a.shape, b.shape)
+    assert (a - b).abs().max().item() <= tol * max(1.0, b.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize("name", CONFIGS)
+def test_matches_nn_lstm(name, with_state, dtype):
+    cfg = CONFIGS[name]
+    ref, m = pair(cfg, dtype)
+    tol = 1e-10 if dtype == torch.float64 else 5e-5
+    T, B = 6, 4
+    shape = (B, T, 3) if cfg.get("batch_first") else (T, B, 3)
+    x = torch.randn(shape, dtype=dtype)
+    LD = ref.num_layers * (2 if ref.bidirectional else 1)
+    P = ref.proj_size or ref.hidden_size
+    hx = (torch.randn(LD, B, P, dtype=dtype), torch.randn(LD, B, 5, dtype=dtype))
+    outs = []
+    for mod in (ref, m):
+        xi = x.clone().requires_grad_(True)
+        hi = tuple(t.clone().requires_grad_(True) for t in hx) if with_state else None
+        y, (h, c) = mod(xi, hi)
+        (y.pow(2).sum() + 3 * h.sum() + c.sin().sum()).backward()
+        outs.append((y, h, c, xi.grad, hi and hi[0].grad, hi and hi[1].grad, grads(mod)))
+    for a, b in zip(outs[1][:6], outs[0][:6]):
+        if b is not None:
+            close(a.detach(), b.detach(), tol)
+    for k in outs[0][6]:
+        close(outs[1][6][k], outs[0][6][k], tol)
+
+
+@pytest.mark.parametrize("name", ["L1", "L2-bi"])
+def test_packed_sequence_in_packed_sequence_out(name):
+    ref, m = pair(CONFIGS[name])
+    lengths = torch.tensor([3, 7, 1, 5])
+    xs = [torch.randn(n, 3, dtype=torch.float64) for n in lengths]
+    outs = []
+    for mod in (ref, m):
+        seqs = [s.clone().requires_grad_(True) for s in xs]
+        packed = pack.pack_sequence(seqs, enforce_sorted=False)
+        y, (h, c) = mod(packed)
+        assert isinstance(y, pack.PackedSequence)
+        (y.data.pow(2).sum() + h.sum() + c.sum()).backward()
+        outs.append((y, h, c, [s.grad for s in seqs], grads(mod)))
+    (yr, hr, cr, gr, pr), (y, h, c, g, p) = outs
+    assert torch.equal(y.batch_sizes, yr.batch_sizes)
+    assert torch.equal(y.sorted_indices, yr.sorted_indices)
+    close(y.data.detach(), yr.data.detach(), 1e-10)
+    close(h.detach(), hr.detach(), 1e-10)
+    close(c.detach(), cr.detach(), 1e-10)
+    for a, b in zip(g, gr):
+        close(a, b, 1e-10)
+    for k in pr:
+        close(p[k], pr[k], 1e-10)
+
+
+def test_unbatched_input():
+    ref, m = pair(CONFIGS["L2-bi"])
+    x = torch.randn(6, 3, dtype=torch.float64)
+    (y, (h, c)), (yr, (hr, cr)) = m(x), ref(x)
+    assert y.shape == yr.shape and h.shape == hr.shape
+    close(y.detach(), yr.detach(), 1e-10)
+
+
+def test_several_forwards_before_one_backward():
+    ref, m = pair(CONFIGS["L2-bi"])
+    a, b = torch.randn(5, 2, 3, dtype=torch.float64), torch.randn(8, 3, 3, dtype=torch.float64)
+    for mod in (ref, m):
+        ya, _ = mod(a)
+        yb, _ = mod(b)                 # a second forward before either backward
+        yc, _ = mod(a * 0.5)
+        (ya.sum() + 2 * yb.pow(2).sum() - yc.sum()).backward()
+    gr, gm = grads(ref), grads(m)
+    for k in gr:
+        close(gm[k], gr[k], 1e-10)
+
+
+def test_retain_graph_backward_twice_and_gradient_accumulation():
+    ref, m = pair(CONFIGS["L1"])
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    for mod in (ref, m):
+        y, _ = mod(x)
+        y.sum().backward(retain_graph=True)
+        y.pow(2).sum().backward()
+        mod(x)[0].mean().backward()            # accumulates into .grad
+    gr, gm = grads(ref), grads(m)
+    for k in gr:
+        close(gm[k], gr[k], 1e-10)
+
+
+def test_no_grad_keeps_nothing_and_needs_input_grad():
+    _, m = pair(CONFIGS["L1"])
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    with torch.no_grad():
+        y, _ = m(x)
+    assert not y.requires_grad and not any(e.busy for e in m._engines)
+    with torch.inference_mode():
+        m(x)
+    out = m(x)                        # parameters require grad: kept
+    assert out[0].requires_grad and sum(e.busy for e in m._engines) == 1
+    del out
+    assert not any(e.busy for e in m._engines), "a freed graph gives its engine back"
+
+
+def test_double_backward_raises():
+    _, m = pair(CONFIGS["L1"])
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    y, _ = m(x)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(y.sum(), x, create_graph=True)
+
+
+def test_binding_survives_module_operations(tmp_path):
+    ref, m = pair(CONFIGS["L2-bi"])
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    ropt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    for mod, o in ((m, opt), (ref, ropt)):             # an optimizer's in-place update
+        mod(x)[0].sum().backward()
+        o.step()
+    close(m(x)[0].detach(), ref(x)[0].detach(), 1e-10)
+    m2 = copy.deepcopy(m)
+    close(m2(x)[0].detach(), ref(x)[0].detach(), 1e-10)
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    m3 = torch.load(buf, weights_only=False)
+    close(m3(x)[0].detach(), ref(x)[0].detach(), 1e-10)
+    m.float()
+    close(m(x.float())[0].detach().double(), ref(x)[0].detach(), 5e-5)
+    m.double()
+    ref2 = nn.LSTM(3, 5, num_layers=2, bidirectional=True, dtype=torch.float64)
+    m.load_state_dict(ref2.state_dict())
+    close(m(x)[0].detach(), ref2(x)[0].detach(), 1e-10)
+    m.load_state_dict(ref.state_dict(), assign=True)
+    close(m(x)[0].detach(), ref(x)[0].detach(), 1e-10)
+    ref.load_state_dict(m.state_dict())                 # and back into nn.LSTM
+    assert m.to_torch().state_dict().keys() == ref.state_dict().keys()
+
+
+def test_dropout_and_variants_follow_train_and_eval():
+    torch.manual_seed(0)
+    m = ft.LSTM(3, 5, num_layers=2, dropout=0.5, zoneout=0.2, dtype=torch.float64)
+    x = torch.randn(6, 2, 3, dtype=torch.float64)
+    m.eval()
+    a, b = m(x)[0], m(x)[0]
+    assert torch.equal(a, b)
+    m.train()
+    assert not torch.equal(m(x)[0], a)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    _, m = pair(CONFIGS["L2-bi"])
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm, self.head = m, nn.Linear(10, 1, dtype=torch.float64)
+
+        def forward(self, x):
+            y, _ = self.lstm(x)
+            return self.head(y[-1])
+
+    net = Net()
+    compiled = torch.compile(net, fullgraph=True)          # inductor, the default
+    x = torch.randn(5, 3, 3, dtype=torch.float64)
+    want = net(x)
+    want.sum().backward()
+    g_eager = grads(net)
+    net.zero_grad()
+    got = compiled(x)
+    got.sum().backward()
+    close(got.detach(), want.detach(), 1e-12)
+    for k, v in grads(net).items():
+        close(v, g_eager[k], 1e-12)
+
+
+def test_opcheck_and_gradcheck():
+    _, m = pair(CONFIGS["L1-nobias-bi-proj"], H=4)
+    x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
+    weights = list(m._parameters.values())
+    torch.library.opcheck(torch.ops.fastlstm.lstm.default,
+                          (x, None, None, None, weights, m._key, False, True))
+    m.eval()
+
+    def f(x, h0, *ws):
+        y, (h, c) = m(x, (h0, torch.zeros_like(h0[..., :1]).expand(2, 2, 4).contiguous()))
+        return y, h, c
+    h0 = torch.randn(2, 2, 2, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(f, (x, h0, *weights))
+
+
+def test_convert_replaces_every_nn_lstm():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), nn.ModuleDict(
+        {"enc": nn.LSTM(3, 4, batch_first=True), "dec": nn.LSTM(4, 2)})).double()
+    converted = ft.convert(model)
+    assert type(converted[1]["enc"]) is ft.LSTM and type(converted[1]["dec"]) is ft.LSTM
+    assert type(model[1]["enc"]) is nn.LSTM                  # not in place by default
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    for mod in (model, converted):
+        h = mod[0](x)
+        y, _ = mod[1]["enc"](h)
+        z, _ = mod[1]["dec"](y)
+        mod.out = z
+    close(converted.out.detach(), model.out.detach(), 1e-10)
+
+    class MyLSTM(nn.LSTM):
+        pass
+    with pytest.warns(UserWarning, match="subclass"):
+        left = ft.convert(nn.Sequential(MyLSTM(2, 2)))
+    assert type(left[0]) is MyLSTM
+    with pytest.warns(UserWarning, match="float16"):
+        ft.convert(nn.Sequential(nn.LSTM(2, 2).half()))
+    assert type(ft.convert(nn.LSTM(2, 3))) is ft.LSTM
+
+
+@pytest.mark.parametrize("case", ["half", "bfloat16", "meta", "feature", "rank", "hx_shape",
+                                  "hx_type", "dtype_mix"])
+def test_bad_input_is_refused_clearly_and_changes_nothing(case):
+    _, m = pair(CONFIGS["L2-bi"])
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    bad = {
+        "half": ((x.half(),), TypeError, "float32 or float64"),
+        "bfloat16": ((x.bfloat16(),), TypeError, "float32 or float64"),
+        "meta": ((x.to("meta"),), RuntimeError, "runs on the CPU"),
+        "feature": ((torch.randn(5, 2, 4, dtype=torch.float64),), RuntimeError,
+                    "Expected 3, got 4"),
+        "rank": ((torch.randn(5, 2, 3, 1, dtype=torch.float64),), RuntimeError, "2D or 3D"),
+        "hx_shape": ((x, (torch.zeros(4, 3, 5, dtype=torch.float64),
+                          torch.zeros(4, 2, 5, dtype=torch.float64))), RuntimeError,
+                     r"Expected hx\[0\] \(h_0\) size \(4, 2, 5\)"),
+        "hx_type": ((x, torch.zeros(4, 2, 5)), TypeError, "tuple"),
+        "dtype_mix": ((x.float(),), RuntimeError, "module's dtype torch.float64"),
+    }
+    args, exc, msg = bad[case]
+    with pytest.raises(exc, match=msg):
+        m(*args)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k])
+    with pytest.raises(ValueError, match="CPU"):
+        ft.LSTM(3, 4, device="meta")
+    with pytest.raises(TypeError, match="float32 or torch.float64"):
+        ft.LSTM(3, 4, dtype=torch.float16)
+
+
+def test_import_fastlstm_does_not_import_torch():
+    out = subprocess.run([sys.executable, "-c", "import sys, fastlstm; "
+                          "print('torch' in sys.modules)"], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+
+
+def test_threads_follow_torch():
+    _, m = pair(CONFIGS["L1"])
+    x = torch.randn(4, 2, 3, dtype=torch.float64)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        m(x)[0].sum().backward()
+        assert all(e.lstm.threads == 1 for e in m._engines)
+    finally:
+        torch.set_num_threads(n)
+    assert np.isfinite(m.weight_ih_l0.grad.numpy()).all()
