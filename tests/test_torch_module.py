@@ -96,8 +96,9 @@ def test_unbatched_input():
     ref, m = pair(CONFIGS["L2-bi"])
     x = torch.randn(6, 3, dtype=torch.float64)
     (y, (h, c)), (yr, (hr, cr)) = m(x), ref(x)
-    assert y.shape == yr.shape and h.shape == hr.shape
-    close(y.detach(), yr.detach(), 1e-10)
+    assert y.shape == yr.shape and h.shape == hr.shape == c.shape
+    for a, b in ((y, yr), (h, hr), (c, cr)):
+        close(a.detach(), b.detach(), 1e-10)
 
 
 def test_several_forwards_before_one_backward():
