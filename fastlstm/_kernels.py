@@ -17,7 +17,7 @@ from numba import njit, types
 
 from . import _activations, _cell, _gemm, _layout, _numba_ext, _recurrence
 from ._config import JIT, follow
-from ._numba_ext import make_view
+from ._numba_ext import flush_denormals, make_view, restore_fp
 from ._recurrence import _accumulate, lstm_backward, lstm_forward
 
 #: the files whose code the entries' cache entries carry (they inline or link all of it);
@@ -102,8 +102,10 @@ def layer_forward(p, ws, lengths, clip, T, B, I, H, P, opts):
     x, h0, c0 are read from the workspace's x, h[0], c[0] (and the variants'
     masks from zh, zc, rmask); with the ZERO_STATE bit, h[0] and c[0] are zeroed
     here. With the PADDED bit, y receives h_t with the steps past each sequence's
-    length zeroed.
+    length zeroed. Both entries run with subnormals flushed to zero (the thread's
+    setting restored on return; see _numba_ext.flush_denormals).
     """
+    fp = flush_denormals()
     has_bias, has_proj = opts & BIAS != 0, opts & PROJ != 0
     peep, ln, zone, rdrop = (opts & PEEPHOLE != 0, opts & LAYER_NORM != 0, opts & ZONEOUT != 0,
                              opts & RDROP != 0)
@@ -127,6 +129,7 @@ def layer_forward(p, ws, lengths, clip, T, B, I, H, P, opts):
                     v.y[t, b] = v.h[t + 1, b]
                 else:
                     v.y[t, b] = 0
+    restore_fp(fp)
 
 
 @njit(_entry_sigs(3), **JIT)
@@ -137,6 +140,7 @@ def layer_backward(p, g, ws, lengths, clip, T, B, I, H, P, opts):
     has_bias, has_proj = opts & BIAS != 0, opts & PROJ != 0
     peep, ln, zone, rdrop = (opts & PEEPHOLE != 0, opts & LAYER_NORM != 0, opts & ZONEOUT != 0,
                              opts & RDROP != 0)
+    fp = flush_denormals()
     w = params_of(p, I, H, P, opts)
     dw = params_of(g, I, H, P, opts)
     v = workspace_of(ws, T, B, I, H, P, opts)
@@ -151,6 +155,7 @@ def layer_backward(p, g, ws, lengths, clip, T, B, I, H, P, opts):
     if ln:
         _accumulate(dw.ln_ih_bias, v.db)
         _accumulate(dw.ln_hh_bias, v.db)
+    restore_fp(fp)
 
 
 def _rows_sigs(n_flat, n_io):
