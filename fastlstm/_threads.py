@@ -326,6 +326,9 @@ class Server:
                 if sleep:
                     self._wake.acquire()
                     continue
+                if job is None:                 # parked (see park): nothing to run
+                    self.cell[DONE] = self.cell[SEQ]
+                    continue
                 job(self.cell, self.spins)
                 job = None
         except BaseException as e:      # noqa: BLE001 - handed to the caller by wait()
@@ -344,6 +347,15 @@ class Server:
             seq = post(self.cell, number, cmd)
             self._kick()
         return seq
+
+    def park(self):
+        """Send the thread to sleep now rather than after its spell of spinning: for a
+        caller whose next work runs on other threads that need the cores (torch's
+        intra-op pool between fastlstm.torch's calls). Not waited for."""
+        with self._mutex:
+            self._job = None                # no loop serves job 0: the one running returns
+            post(self.cell, 0, 0)
+            self._kick()
 
     def posted(self):
         """The number of the last command posted."""
@@ -390,6 +402,14 @@ def take_servers(n):
             servers.append(Server(_state.spins))
         _state.servers_owner = me           # one store: taken, or not
         return servers[:n]
+
+
+def park_servers():
+    """``Server.park`` every server no thread holds."""
+    with _lock:
+        if _state.servers_owner is None:
+            for server in _state.servers:
+                server.park()
 
 
 def release_servers():

@@ -37,6 +37,7 @@ except ImportError as e:          # pragma: no cover - torch is installed for th
                       "the CPU build, torch==2.13.0)") from e
 
 from . import _layout, _options
+from ._threads import park_servers
 from .lstm import LSTM as _FastLSTM
 
 __all__ = ["LSTM", "convert"]
@@ -102,6 +103,7 @@ def _lstm(x: torch.Tensor, h0: torch.Tensor | None, c0: torch.Tensor | None,
     state = None if h0 is None else (h0.detach().numpy(), c0.detach().numpy())
     lens = None if lengths is None else lengths.detach().numpy()
     y, (h_n, c_n) = lstm.forward(x.detach().numpy(), state=state, lengths=lens)
+    park_servers()        # torch's own threads run next: no server spins against them
     handle = torch.from_numpy(np.zeros(1, np.int64))   # no dispatcher op inside the op
     eng.token = handle.data_ptr()     # unique while the handle lives: the graph keeps it
     _taken.value = (key, eng.index, eng.generation)
@@ -120,18 +122,20 @@ def _lstm_fake(x, h0, c0, lengths, weights, key, training, keep):
 
 @torch.library.custom_op("fastlstm::lstm_backward", mutates_args=())
 def _lstm_backward(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor,
-                   handle: torch.Tensor, key: int
+                   handle: torch.Tensor, key: int, index: int, generation: int
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dx, dh0, dc0 and the gradient of the flat parameters, through the forward that
-    `handle` names."""
+    """dx, dh0, dc0 and the gradient of the flat parameters, through the forward that ran
+    on engine (index, generation) (eager, from its lease) or, index -1 (compiled), whose
+    handle this is."""
     m = _module(key)
-    eng = m._engine_of(handle)
+    eng = m._engine_of(handle, index, generation)
     lstm = eng.lstm
     lstm.zero_grad()
     dh, dc = dh_n.detach().numpy(), dc_n.detach().numpy()
     dstate = (dh, dc) if dh.any() or dc.any() else None
     lstm._last.thread = threading.get_ident()   # autograd may run it on another thread
     dx, (dh0, dc0) = lstm.backward(dy.detach().numpy(), dstate=dstate)
+    park_servers()
     out = (torch.from_numpy(np.array(dx)), torch.from_numpy(np.array(dh0)),
            torch.from_numpy(np.array(dc0)), torch.from_numpy(lstm.flat_grads.copy()))
     if not eng.leased:                # compiled: nothing else gives it back
@@ -140,7 +144,7 @@ def _lstm_backward(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor,
 
 
 @_lstm_backward.register_fake
-def _lstm_backward_fake(dy, dh_n, dc_n, handle, key):
+def _lstm_backward_fake(dy, dh_n, dc_n, handle, key, index, generation):
     m = _module(key)
     T, B = dy.shape[0], dy.shape[1]
     return (dy.new_empty((T, B, m.input_size)), dh_n.new_empty(dh_n.shape),
@@ -169,7 +173,9 @@ def _backward(ctx, dy, dh_n, dc_n, dhandle):
         raise RuntimeError("fastlstm.torch.LSTM does not support double backward "
                            "(create_graph=True), nor do torch's own fused RNNs")
     handle, = ctx.saved_tensors
-    dx, dh0, dc0, dflat = _lstm_backward(dy, dh_n, dc_n, handle, ctx.key)
+    lease = getattr(ctx, "lease", None)
+    index, generation = (lease.index, lease.generation) if lease else (-1, 0)
+    dx, dh0, dc0, dflat = _lstm_backward(dy, dh_n, dc_n, handle, ctx.key, index, generation)
     sizes = [int(np.prod(s)) for s in ctx.shapes]
     dweights = [g.view(s) for g, s in zip(torch.split(dflat, sizes), ctx.shapes)]
     if not ctx.has_state:
@@ -347,9 +353,14 @@ class LSTM(nn.Module):
             if eng.generation == generation:
                 eng.busy = False
 
-    def _engine_of(self, handle):
-        ptr = handle.data_ptr()
-        eng = next((e for e in self._engines if e.token == ptr), None)
+    def _engine_of(self, handle, index, generation):
+        if index >= 0:                 # eager: the lease says which
+            eng = self._engines[index] if index < len(self._engines) else None
+            if eng is not None and eng.generation != generation:
+                eng = None
+        else:                          # compiled: the handle's storage says which
+            ptr = handle.data_ptr()
+            eng = next((e for e in self._engines if e.token == ptr), None)
         if eng is None or not eng.busy:
             raise RuntimeError(
                 f"fastlstm.torch.LSTM: the activations of this forward were released: more "
