@@ -181,3 +181,36 @@ class TrainCase:
             self.opt.step()
         else:
             self.model.train_step(self.x, self.y, self.opt)
+
+
+class TorchModuleCase:
+    """One step of a torch training loop around an LSTM: the module (``nn.LSTM``, impl
+    "torch", or ``fastlstm.torch.LSTM`` with the same initial weights, impl "fastlstm"),
+    ``nn.Linear`` on the last step (on h_n for a PackedSequence), ``MSELoss``,
+    ``torch.optim.Adam``: zero_grad, forward, backward, step. `packed`: the batch as a
+    PackedSequence of lengths drawn uniformly in [T/10, T]."""
+
+    def __init__(self, impl, B, T, I, H, dtype, packed=False, seed=0):
+        import torch
+        tdt = {np.float32: torch.float32, np.float64: torch.float64}[np.dtype(dtype).type]
+        torch.manual_seed(seed)
+        lstm = torch.nn.LSTM(I, H, batch_first=True, dtype=tdt)
+        if impl == "fastlstm":
+            from . import torch as fastlstm_torch
+            lstm = fastlstm_torch.LSTM.from_torch(lstm)
+        head = torch.nn.Linear(H, 1, dtype=tdt)
+        opt = torch.optim.Adam(list(lstm.parameters()) + list(head.parameters()), lr=1e-3)
+        x, y = torch.randn(B, T, I, dtype=tdt), torch.randn(B, 1, dtype=tdt)
+        loss = torch.nn.MSELoss()
+        if packed:
+            lengths = torch.from_numpy(np.random.default_rng(seed).integers(max(T // 10, 1),
+                                                                            T + 1, B))
+            x = torch.nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True,
+                                                        enforce_sorted=False)
+
+        def step():
+            opt.zero_grad()
+            out, (h, _) = lstm(x)
+            loss(head(h[-1] if packed else out[:, -1]), y).backward()
+            opt.step()
+        self.step = step

@@ -12,7 +12,7 @@ import sys
 
 import numpy as np
 
-from ._bench_cases import VARIANTS, Case, TorchLoop, TrainCase, matmul_gflops
+from ._bench_cases import VARIANTS, Case, TorchLoop, TorchModuleCase, TrainCase, matmul_gflops
 from ._timing import median_time
 
 
@@ -24,6 +24,9 @@ def _worker(spec):
     for key, (B, T, I, H, dtype) in spec["cases"].items():
         if spec["kind"] == "train":
             fn = TrainCase(spec["impl"], B, T, I, H, dtype).step
+        elif spec["kind"] == "torch_module":
+            fn = TorchModuleCase(spec["impl"], B, T, I, H, dtype,
+                                 packed=key.startswith("packed")).step
         elif spec["kind"] == "variants":
             opts = VARIANTS[key.split()[0]]
             fn = (TorchLoop(B, T, I, H, dtype, **opts) if spec["impl"] == "torch_loop"

@@ -16,6 +16,7 @@ from ._profile import ALL_ROWS, gemm_parts
 from ._timing import median_time
 
 __all__ = ["SIZES", "VARIANTS", "bench_table", "train_table", "variants_table", "profile",
+           "torch_module_table", "format_torch_module_table",
            "distributed_table", "format_table", "format_train_table", "format_variants_table",
            "format_distributed_table"]
 
@@ -136,6 +137,35 @@ def format_train_table(result):
         lines.append(f"{r['size']:8} {r['dtype']:8} {r['fastlstm_ms']:12.3f} "
                      f"{r['reference_ms']:13.3f} {r.get('torch_ms', nan):10.3f} "
                      f"{r['vs_reference']:7.2f} {_spread(r, 'vs_torch'):>20}")
+    return "\n".join(lines)
+
+
+def torch_module_table(sizes, dtypes, min_time=0.2, progress=None, rounds=3):
+    """A torch training loop's step (``_bench_cases.TorchModuleCase``) with ``nn.LSTM``
+    and with ``fastlstm.torch.LSTM``, each in its own process, alternated over `rounds`;
+    a size named "packed..." runs as a PackedSequence of variable lengths."""
+    cases = _cases(sizes, dtypes)
+    times = _alternated("torch_module", ["fastlstm", "torch"], cases, rounds, min_time,
+                        progress)
+    rows = []
+    for key, (B, T, I, H, dtype) in cases.items():
+        row = dict(size=key.split()[0], B=B, T=T, I=I, H=H, dtype=dtype, rounds=rounds,
+                   fastlstm_ms=float(np.median(times["fastlstm"][key])),
+                   torch_ms=float(np.median(times["torch"][key])))
+        row["vs_torch"], row["vs_torch_min"], row["vs_torch_max"] = _ratio_stats(
+            times["torch"][key], times["fastlstm"][key])
+        rows.append(row)
+    return dict(rows=rows)
+
+
+def format_torch_module_table(result):
+    lines = ["a torch training loop's step (LSTM, nn.Linear on the last step, MSELoss, Adam): "
+             "nn.LSTM against fastlstm.torch.LSTM",
+             f"{'size':8} {'dtype':8} {'fastlstm.torch ms':>18} {'nn.LSTM ms':>11} "
+             f"{'x nn.LSTM [min-max]':>22}"]
+    for r in result["rows"]:
+        lines.append(f"{r['size']:8} {r['dtype']:8} {r['fastlstm_ms']:18.3f} "
+                     f"{r['torch_ms']:11.3f} {_spread(r, 'vs_torch'):>22}")
     return "\n".join(lines)
 
 

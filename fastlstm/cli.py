@@ -266,6 +266,14 @@ def _bench(args, parser):
                                       rounds=args.rounds)
         print(json.dumps(result) if args.json else bench.format_variants_table(result))
         return 0
+    if args.torch_module:
+        if not args.size:
+            sizes = {k: bench.SIZES[k] for k in ("seed", "small", "long", "medium")}
+            sizes["packed"] = (32, 1000, 32, 64)
+        result = bench.torch_module_table(sizes, dtypes, min_time=args.min_time,
+                                          progress=progress, rounds=args.rounds)
+        print(json.dumps(result) if args.json else bench.format_torch_module_table(result))
+        return 0
     if args.train:
         result = bench.train_table(sizes, dtypes, min_time=args.min_time, progress=progress,
                                    rounds=args.rounds)
@@ -400,6 +408,11 @@ def build_parser():
                         + ", ".join(list(_options.bench_variants())[1:])
                         + ") against the plain layer and against a torch-autograd step "
                         "loop (default sizes: small and medium; dtype: float32)")
+    b.add_argument("--torch-module", action="store_true",
+                   help="a torch training loop (LSTM, nn.Linear, MSELoss, Adam) with nn.LSTM "
+                        "against fastlstm.torch.LSTM (default sizes: seed, small, long, "
+                        "medium, and 'packed': B=32, T=1000, I=32, H=64 as a PackedSequence "
+                        "of lengths in [100, 1000])")
     b.add_argument("--distributed", action="store_true",
                    help="under mpiexec -n N: data-parallel training steps per second and "
                         "the Allreduce's share of a step")
