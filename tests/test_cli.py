@@ -95,3 +95,17 @@ def test_bench_profile_times_every_gemm_within_the_whole_call():
     assert res["fastlstm"]["parts of the batch"] >= 1
     assert res["fastlstm"]["recurrent GEMMs at the all-rows rate"] > 0
     assert "recurrent GEMMs at the all-rows rate" not in res["reference"]
+
+
+@pytest.mark.torch
+def test_bench_torch_module_times_both_modules():
+    pytest.importorskip("torch")
+    out = subprocess.run([sys.executable, "-m", "fastlstm", "bench", "--torch-module", "--size",
+                          "seed", "--size", "4,20,3,8", "--dtype", "float32", "--rounds", "2",
+                          "--min-time", "0.05", "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout.strip().splitlines()[-1])["rows"]
+    assert [r["size"] for r in rows] == ["seed", "4,20,3,8"]
+    for r in rows:
+        assert r["fastlstm_ms"] > 0 and r["torch_ms"] > 0 and r["rounds"] == 2
+        assert r["vs_torch_min"] <= r["vs_torch"] <= r["vs_torch_max"]

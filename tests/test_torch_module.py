@@ -301,3 +301,77 @@ def test_threads_follow_torch():
     finally:
         torch.set_num_threads(n)
     assert np.isfinite(m.weight_ih_l0.grad.numpy()).all()
+
+
+DDP_SCRIPT = r"""
+import os, sys
+import torch
+import torch.distributed as dist
+import fastlstm.torch as ft
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.lstm = ft.convert(torch.nn.LSTM(3, 5, num_layers=2, bidirectional=True,
+                                             batch_first=True, dtype=torch.float64))
+        self.head = torch.nn.Linear(10, 1, dtype=torch.float64)
+
+    def forward(self, x):
+        out, _ = self.lstm(x)
+        return self.head(out[:, -1])
+
+
+def data(s):
+    g = torch.Generator().manual_seed(s)
+    return (torch.randn(8, 6, 3, generator=g, dtype=torch.float64),
+            torch.randn(8, 1, generator=g, dtype=torch.float64))
+
+
+rank, size, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+net = Net()
+if size > 1:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[4])
+    dist.init_process_group("gloo", rank=rank, world_size=size)
+    model = torch.nn.parallel.DistributedDataParallel(net)
+else:
+    model = net
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+for s in range(3):
+    x, y = data(s)
+    h = len(x) // size                       # this rank's share of the global batch
+    opt.zero_grad()
+    loss = ((model(x[rank * h:(rank + 1) * h]) - y[rank * h:(rank + 1) * h]) ** 2).mean()
+    loss.backward()                          # DDP averages the gradients over the ranks
+    opt.step()
+if size > 1:
+    dist.destroy_process_group()
+if rank == 0:
+    torch.save({k: v.detach().clone() for k, v in net.state_dict().items()}, out)
+"""
+
+
+def test_ddp_over_gloo_matches_one_process_on_the_global_batch(tmp_path):
+    """2 processes (gloo, loopback) train as one process on the global batch: the
+    parameters after 3 SGD steps agree to 1e-10 (float64)."""
+    import socket
+    script = tmp_path / "ddp.py"
+    script.write_text(DDP_SCRIPT)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = str(sock.getsockname()[1])
+    one = subprocess.run([sys.executable, str(script), "0", "1", str(tmp_path / "one.pt")],
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), "2",
+                               str(tmp_path / "ddp.pt"), port],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in (0, 1)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    want, got = torch.load(tmp_path / "one.pt"), torch.load(tmp_path / "ddp.pt")
+    assert want.keys() == got.keys()
+    for k in want:
+        close(got[k], want[k], 1e-10)
