@@ -11,6 +11,7 @@ from .common import (
     flops,
     median_time,
     need_torch,
+    skip,
 )
 
 
@@ -136,3 +137,38 @@ class Variants:
 
     def time_fwd_bwd(self, impl, variant, size):
         self.case.fwd_bwd()
+
+
+class TorchModule:
+    """A torch training loop's step (the module, nn.Linear on the last step, MSE, Adam)
+    with torch.nn.LSTM and with fastlstm.torch.LSTM holding the same initial weights
+    (skipped where a commit has no fastlstm.torch), float32."""
+    params = [["nn.LSTM", "fastlstm.torch"], ["seed", "small", "long"]]
+    param_names = ["module", "size"]
+    timeout = 300
+
+    def setup(self, module, size):
+        torch = need_torch()
+        B, T, I, H = SIZES[size]
+        torch.manual_seed(0)
+        lstm = torch.nn.LSTM(I, H, batch_first=True)
+        if module == "fastlstm.torch":
+            try:
+                import fastlstm.torch as ft
+            except ImportError:
+                skip("this fastlstm has no fastlstm.torch")
+            lstm = ft.LSTM.from_torch(lstm)
+        head = torch.nn.Linear(H, 1)
+        opt = torch.optim.Adam([*lstm.parameters(), *head.parameters()], lr=1e-3)
+        x, y = torch.randn(B, T, I), torch.randn(B, 1)
+
+        def step():
+            opt.zero_grad()
+            out, _ = lstm(x)
+            ((head(out[:, -1]) - y) ** 2).mean().backward()
+            opt.step()
+        self.step = step
+        step()
+
+    def time_train_step(self, module, size):
+        self.step()
