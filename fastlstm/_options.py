@@ -26,22 +26,6 @@ Option = collections.namedtuple(
     "Option", "name default check flag variant cli help bench onnx keras")
 
 
-def _bool(name, value):
-    return check.boolean(name, value)
-
-
-def _int_positive(name, value):
-    return check.positive_int(name, value)
-
-
-def _int_nonnegative(name, value):
-    return check.nonnegative_int(name, value)
-
-
-def _real(name, value):
-    return check.real(name, value)
-
-
 def _probability(name, value):
     return check.real(name, value, lo=0.0, hi=1.0, hi_open=True)
 
@@ -58,18 +42,18 @@ def _row(name, default, chk, flag=None, variant=False, cli=None, help=None, benc
 #: ``cli`` is (flag, kind): kind "switch" (store True) or "probability" (a float in [0, 1)).
 #: ``bench`` is (group, value): the group of ``fastlstm bench --variants`` it is timed in.
 OPTIONS = (
-    _row("num_layers", 1, _int_positive),
-    _row("bias", True, _bool, flag="bias"),
-    _row("batch_first", False, _bool),
+    _row("num_layers", 1, check.positive_int),
+    _row("bias", True, check.boolean, flag="bias"),
+    _row("batch_first", False, check.boolean),
     _row("dropout", 0.0, _probability),
-    _row("bidirectional", False, _bool),
-    _row("proj_size", 0, _int_nonnegative, flag="proj", onnx=False, keras=False),
-    _row("forget_bias", 0.0, _real),
+    _row("bidirectional", False, check.boolean),
+    _row("proj_size", 0, check.nonnegative_int, flag="proj", onnx=False, keras=False),
+    _row("forget_bias", 0.0, check.real),
     _row("cell_clip", None, _clip, onnx=False, keras=False),   # ONNX's clip bounds the gates
-    _row("peephole", False, _bool, flag="peephole", variant=True,
+    _row("peephole", False, check.boolean, flag="peephole", variant=True,
          cli=("--peephole", "switch"), help="peephole connections from the cell to the gates",
          bench=("peephole", True), keras=False),
-    _row("layer_norm", False, _bool, flag="layer_norm", variant=True,
+    _row("layer_norm", False, check.boolean, flag="layer_norm", variant=True,
          cli=("--layer-norm", "switch"),
          help="layer normalisation of the gates' inputs and of the cell",
          bench=("layer_norm", True), onnx=False, keras=False),
