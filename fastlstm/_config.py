@@ -59,8 +59,13 @@ def follow(path, *deps):
         for name in os.listdir(folder):
             if name.startswith(module + ".") and name.endswith((".nbi", ".nbc")):
                 os.remove(os.path.join(folder, name))
-        with open(stamp, "w") as f:
+        # written whole, then renamed: a process starting meanwhile (two ranks of a job
+        # on a cold cache) reads the old stamp or the new one, never half of one, so it
+        # does not delete the entries the other is writing
+        tmp = f"{stamp}.{os.getpid()}.tmp"
+        with open(tmp, "w") as f:
             f.write(digest.hexdigest())
+        os.replace(tmp, stamp)
     except OSError:          # a read-only cache folder: Numba does not write there either
         pass
 

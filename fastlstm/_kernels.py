@@ -16,6 +16,7 @@ calls these entries is ``_spin.serve_rows``.
 from numba import njit, types
 
 from . import _activations, _cell, _gemm, _layout, _numba_ext, _recurrence
+from ._compile import entry
 from ._config import JIT, follow
 from ._numba_ext import flush_denormals, make_view, restore_fp
 from ._recurrence import _accumulate, lstm_backward, lstm_forward
@@ -29,7 +30,7 @@ SOURCES += (__file__,)
 
 __all__ = ["layer_forward", "layer_backward", "rows_forward", "rows_backward", "opts_bits",
            "OPTS", "reverse_in_time", "zero_padding", "param_views", "workspace_views",
-           "params_of", "workspace_of"]
+           "params_of", "workspace_of", "LAYER"]
 
 def _compile_carving(fname, table, tuple_cls, dims, counted=False, bits=False):
     ns = {tuple_cls.__name__: tuple_cls, "_view": make_view(counted)}
@@ -95,7 +96,7 @@ def _entry_sigs(n_arrays):
     return out
 
 
-@njit(_entry_sigs(2), **JIT)
+@entry(_entry_sigs(2))
 def layer_forward(p, ws, lengths, clip, T, B, I, H, P, opts):
     """``lstm_forward`` on one direction's flat parameters and workspace.
 
@@ -132,7 +133,7 @@ def layer_forward(p, ws, lengths, clip, T, B, I, H, P, opts):
     restore_fp(fp)
 
 
-@njit(_entry_sigs(3), **JIT)
+@entry(_entry_sigs(3))
 def layer_backward(p, g, ws, lengths, clip, T, B, I, H, P, opts):
     """``lstm_backward`` on one direction's flat buffers; dy, dh_n, dc_n are read
     from the workspace's dy, dh, dc (zeroed here with the ZERO_STATE bit), and the
@@ -208,7 +209,7 @@ def _backward_rows_out(v, dx, dh0, dc0, b0):
             dc0[0, b0 + b, j] = v.dc[b, j]
 
 
-@njit(_rows_sigs(2, 4), **JIT)
+@entry(_rows_sigs(2, 4), needs=(layer_forward,))
 def rows_forward(p, ws, x, y, h_n, c_n, b0, lengths, clip, T, B, I, H, P, opts):
     """``layer_forward`` on rows [b0, b0 + B) of x (T, *, I), writing those rows of
     y (T, *, P), h_n (1, *, P) and c_n (1, *, H). One layer, one direction, full lengths
@@ -219,7 +220,7 @@ def rows_forward(p, ws, x, y, h_n, c_n, b0, lengths, clip, T, B, I, H, P, opts):
     _forward_rows_out(v, y, h_n, c_n, b0)
 
 
-@njit(_rows_sigs(3, 4), **JIT)
+@entry(_rows_sigs(3, 4), needs=(layer_backward,))
 def rows_backward(p, g, ws, dy, dx, dh0, dc0, b0, lengths, clip, T, B, I, H, P, opts):
     """``layer_backward`` after ``rows_forward``: reads rows [b0, b0 + B) of dy (T, *, P),
     writes those of dx (T, *, I), dh0 (1, *, P) and dc0 (1, *, H); the gradients are
@@ -230,8 +231,8 @@ def rows_backward(p, g, ws, dy, dx, dh0, dc0, b0, lengths, clip, T, B, I, H, P, 
     _backward_rows_out(v, dx, dh0, dc0, b0)
 
 
-@njit(["void(float32[:, :, :], float32[:, :, :], int64[::1])",
-       "void(float64[:, :, :], float64[:, :, :], int64[::1])"], **JIT)
+@entry(["void(float32[:, :, :], float32[:, :, :], int64[::1])",
+        "void(float64[:, :, :], float64[:, :, :], int64[::1])"])
 def reverse_in_time(src, dst, lengths):
     """dst[s, b] = src[lengths[b] - 1 - s, b] for s < lengths[b], else 0: each
     sequence's own steps, last first (the reverse direction's view of time)."""
@@ -244,7 +245,7 @@ def reverse_in_time(src, dst, lengths):
                 dst[s, b] = 0
 
 
-@njit(["void(float32[:, :, ::1], int64[::1])", "void(float64[:, :, ::1], int64[::1])"], **JIT)
+@entry(["void(float32[:, :, ::1], int64[::1])", "void(float64[:, :, ::1], int64[::1])"])
 def zero_padding(a, lengths):
     """a[t, b] = 0 for t >= lengths[b]: padded input steps must not leak into the
     weight gradients (0 * NaN is NaN)."""
@@ -252,3 +253,7 @@ def zero_padding(a, lengths):
         for b in range(a.shape[1]):
             if t >= lengths[b]:
                 a[t, b] = 0
+
+
+#: the entries a layer's general path calls (the split plans add rows_* and _spin.serve_rows)
+LAYER = (layer_forward, layer_backward, reverse_in_time, zero_padding)

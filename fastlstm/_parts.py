@@ -13,6 +13,7 @@ import numpy as np
 
 from . import _layout
 from . import _validate as check
+from ._compile import ensure
 from ._kernels import (
     ONE_THREAD,
     PADDED,
@@ -143,6 +144,7 @@ class Part:
         """one_thread: each kernel call has one thread (BLAS too), so its products may
         run packed (see _gemm); a pair of directions run at once always has."""
         m = self.spec
+        ensure(m.dtype, layer_forward, reverse_in_time, zero_padding)
         T, B = xt.shape[:2]
         L, D, H, P = m.L, m.D, m.H, m.P
         src = xt
@@ -193,6 +195,7 @@ class Part:
 
     def backward(self, grad, dh_n, dc_n, lens, masks, pairs=False, one_thread=True):
         m = self.spec
+        ensure(m.dtype, layer_backward, reverse_in_time)
         T, B = grad.shape[:2]
         L, D, H, P = m.L, m.D, m.H, m.P
         single = L * D == 1

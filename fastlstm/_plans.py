@@ -10,7 +10,15 @@ from functools import partial
 
 import numpy as np
 
-from ._kernels import ONE_THREAD, ZERO_STATE, rows_backward, rows_forward
+from ._compile import ensure, ready
+from ._kernels import (
+    ONE_THREAD,
+    ZERO_STATE,
+    layer_backward,
+    layer_forward,
+    rows_backward,
+    rows_forward,
+)
 from ._shared import aligned_empty, readonly
 from ._spin import BACKWARD, FORWARD, serve_rows
 from ._threads import (
@@ -47,6 +55,9 @@ class Plan(Last):
     forward+backward. Plans are dropped when the workspace or the parameters move."""
 
     def __init__(self, spec, T, B, split, lens):
+        ensure(spec.dtype, layer_forward)
+        #: layer_backward is compiled (see _compile); else backward() compiles it first
+        self.backward_ready = ready(spec.dtype, layer_backward)
         part = split[0][0]
         v = part.views(0, T, B)
         ws, bf = part.ws[0], spec.batch_first
@@ -62,6 +73,10 @@ class Plan(Last):
         self.grad_out = (ws.readonly(T, B, "dx", bf), (ws.readonly(T, B, "dh0"),
                                                         ws.readonly(T, B, "dc0")))
         Last.__init__(self, T, B, lens, [None], {}, split)
+
+    def ready_backward(self):
+        ensure(self.x.dtype, layer_backward)
+        self.backward_ready = True
 
 
 #: split plans (with their own y, dx buffers) an LSTM keeps, the most recent shapes'
@@ -81,6 +96,7 @@ class SplitPlan(Last):
     pool instead."""
 
     def __init__(self, spec, T, B, split, lens):
+        ensure(spec.dtype, rows_forward, serve_rows)
         self.spec, self.split = spec, split
         P, H, I = spec.P, spec.H, spec.in_sizes[0]
         dt = spec.dtype
@@ -158,6 +174,7 @@ class SplitPlan(Last):
 
     def backward(self, dy):
         m = self.spec
+        ensure(m.dtype, rows_backward)
         dyt = self._writable(m.time_major(dy), "dy")
 
         def call(part, b0, sizes):

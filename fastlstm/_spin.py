@@ -9,6 +9,7 @@ microsecond and needs no GIL to start its work."""
 from numba import njit, types
 
 from . import _kernels
+from ._compile import entry
 from ._config import JIT, follow
 from ._kernels import (
     _backward_rows_out,
@@ -57,7 +58,7 @@ def spin_while_equal(cell, idx, old, spins):
     return v
 
 
-@njit(["int64(int64[::1], int64, int64, int64)"], **JIT)
+@njit(**JIT)
 def spin_until_at_least(cell, idx, target, spins):
     """Spin (without the GIL) until cell[idx] >= target, at most `spins` reads; returns
     the last value read."""
@@ -76,7 +77,7 @@ SEQ, CMD, JOB, DONE = 0, 1, 2, 3
 FORWARD, BACKWARD = 1, 2
 
 
-@njit(["int64(int64[::1], int64, int64)"], **JIT)
+@njit(**JIT)
 def post(cell, job, cmd):
     """Post command `cmd` for job number `job`: its code and job, then (released after
     them) the count. Returns the command's sequence number."""
@@ -98,7 +99,7 @@ def _serve_sigs():
     return out
 
 
-@njit(_serve_sigs(), **JIT)
+@entry(_serve_sigs(), needs=(layer_forward, layer_backward))
 def serve_rows(cell, spins, me, p, g, ws, y, h_n, c_n, dx, dh0, dc0, b0, lengths, clip,
                T, B, I, H, P, opts):
     """A worker thread's side of a split plan (see _threads.Server): runs the commands

@@ -464,6 +464,8 @@ class LSTM:
         check.float_array("dy", dy, self.dtype)
         plan = last
         if type(plan) is Plan and dstate is None and dy.shape == plan.dy.shape:
+            if not plan.backward_ready:
+                plan.ready_backward()
             np.copyto(plan.dy, dy, casting="same_kind")
             layer_backward(*plan.bargs)
             return plan.grad_out

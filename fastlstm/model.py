@@ -6,6 +6,8 @@ import numpy as np
 
 from . import _layout, _losses, _options, _step, checkpoint, training
 from . import _validate as check
+from ._compile import ensure
+from ._kernels import layer_backward, layer_forward
 from ._layout import carve
 from ._shared import Buffers, OneThread, aligned_empty, aligned_zeros
 from ._step import CLIP, MAX_NORM, RULE
@@ -27,6 +29,7 @@ class _StepPlan:
     same sizes, and the step passes the current plan's workspace and lengths."""
 
     def __init__(self, model, plan):
+        ensure(model.dtype, layer_forward, layer_backward)     # the step calls both
         clip, T, B, I, H, P, opts = plan.sizes[1:]
         O = model.output_size
         fields = dict(T=T, B=B, I=I, H=H, P=P, opts=opts, n=model.lstm.flat_params.size, O=O,
@@ -317,7 +320,7 @@ class SequenceModel:
 
     def fit(self, x, y, optimizer, epochs=10, batch_size=32, validation=None, shuffle=True,
             seed=0, progress=True, bptt=None, lengths=None, clip_norm=None, patience=None,
-            max_seconds=None):
+            max_seconds=None, plot=None):
         """Train over minibatches of (x, y); returns a history dict.
 
         Parameters
@@ -327,7 +330,7 @@ class SequenceModel:
         shuffle, seed
             Minibatches are drawn from a permutation seeded by `seed`.
         progress : bool
-            A progress bar (tqdm) with the loss and steps per second.
+            A progress bar (tqdm) with the loss and the sequences per second.
         bptt : int, optional
             Truncated backpropagation through time: each minibatch runs in chunks of
             `bptt` steps, the state carried from chunk to chunk and the gradient cut
@@ -339,18 +342,28 @@ class SequenceModel:
             many epochs, and restore the best parameters.
         max_seconds : float, optional
             Stop after the epoch during which this much time has passed.
+        plot : str, optional
+            Write the training (and validation) loss per epoch to this image file
+            (``fastlstm.plot_history``; needs matplotlib: ``pip install 'fastlstm[plot]'``).
 
         Raises
         ------
         FloatingPointError
             When the loss becomes NaN or infinite (lower the learning rate or clip).
         """
+        if plot is not None:
+            from .plot import _pyplot
+            _pyplot()                # no matplotlib: say so before training, not after
         with self._guard("fit"):
-            return training.fit(self, x, y, optimizer, epochs=epochs, batch_size=batch_size,
-                                validation=validation, shuffle=shuffle, seed=seed,
-                                progress=progress, bptt=bptt, lengths=lengths,
-                                clip_norm=clip_norm, patience=patience,
-                                max_seconds=max_seconds)
+            history = training.fit(self, x, y, optimizer, epochs=epochs,
+                                   batch_size=batch_size, validation=validation,
+                                   shuffle=shuffle, seed=seed, progress=progress, bptt=bptt,
+                                   lengths=lengths, clip_norm=clip_norm, patience=patience,
+                                   max_seconds=max_seconds)
+        if plot is not None:
+            from .plot import plot_history
+            plot_history(history, plot)
+        return history
 
     def save(self, path, optimizer=None):
         """Write config, parameters and (optionally) the optimizer's state to one

@@ -29,12 +29,15 @@ SCRIPT = textwrap.dedent("""
 
     from numba import types
     from fastlstm import _spin
+    from fastlstm._compile import entries, signature
     from fastlstm._kernels import layer_backward, layer_forward, rows_backward, rows_forward
     from fastlstm._spin import serve_rows
     # Numba wraps every array argument in a meminfo on entry; that is the only
     # NRT "allocation" a call may make (it holds no data).
     def arrays(*kernels):
-        return sum(isinstance(a, types.Array) for k in kernels for a in k.signatures[0])
+        sigs = [signature(k, np.float32).args if k in entries() else k.signatures[0]
+                for k in kernels]
+        return sum(isinstance(a, types.Array) for s in sigs for a in s)
     wrappers = arrays(layer_forward, layer_backward)
     res = {f"{T}x{B}": measure(T, B) for T, B in [(5, 2), (100, 16), (200, 64)]}
     # every variant, in training mode (its masks drawn each call) and combined
