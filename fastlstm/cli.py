@@ -27,12 +27,14 @@ COMMON_DEFAULTS = dict(seed=0, backend="fastlstm", threads=None)
 VARIANTS = dict(_options.VARIANTS)
 for _task in ("adding", "sine", "data"):       # the runs that train a SequenceModel
     TRAIN_DEFAULTS[_task].update(distributed=False, export_onnx=None, **VARIANTS)
+for _task in ("adding", "data"):               # the runs that keep a training history
+    TRAIN_DEFAULTS[_task].update(plot=None)
 #: command-line spelling of each setting
 FLAGS = dict(seq_len="--seq-len", hidden="--hidden", layers="--layers",
              batch_size="--batch-size", lr="--lr", optimizer="--optimizer", max_steps="--steps",
              max_seconds="--max-seconds", curriculum="--no-curriculum", dtype="--dtype",
              epochs="--epochs", save="--save", distributed="--distributed",
-             export_onnx="--export-onnx",
+             export_onnx="--export-onnx", plot="--plot",
              **{o.name: o.cli[0] for o in _options.OPTIONS if o.cli})
 
 
@@ -73,9 +75,14 @@ def _check_run(task, run, args, parser):
     if task == "adding" and run["seq_len"] < 2:
         parser.error(f"--seq-len must be >= 2 for the adding problem (two marked values in "
                      f"each sequence), got {run['seq_len']}")
-    for key in ("save", "export_onnx"):
+    for key in ("save", "export_onnx", "plot"):
         if run.get(key):
             _writable_path(FLAGS[key], run[key], parser)
+    if run.get("plot"):
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plot needs matplotlib: pip install 'fastlstm[plot]'")
     if run.get("export_onnx"):
         for k in _options.inexpressible("onnx"):
             if run.get(k) and k in FLAGS:
@@ -148,14 +155,16 @@ def _train_run(args, task, run):
                   lstm_options={k: run[k] for k in VARIANTS if run[k] != VARIANTS[k]})
     if task == "data":
         say(f"Training on {args.data} ({run['backend']}) ...")
-        model, summary = tasks.train_data(args.data, epochs=run["epochs"], **common)
+        model, summary = tasks.train_data(args.data, epochs=run["epochs"], plot=run["plot"],
+                                          **common)
     elif task == "adding":
         say(f"The adding problem (Hochreiter & Schmidhuber 1997) at T={run['seq_len']}: "
             f"training until all 2560 validation sequences are within 0.03 ({run['backend']}, "
             f"{'curriculum over T' if run['curriculum'] else 'no curriculum'}, "
             f"at most {run['max_seconds']:.0f} s) ...")
         model, summary = tasks.train_adding(seq_len=run["seq_len"], max_steps=run["max_steps"],
-                                            curriculum=run["curriculum"], **common)
+                                            curriculum=run["curriculum"], plot=run["plot"],
+                                            **common)
     else:
         say(f"Forecasting a noisy sum of sines, sequence to sequence ({run['backend']}) ...")
         model, summary = tasks.train_sine(seq_len=run["seq_len"], max_steps=run["max_steps"],
@@ -246,6 +255,17 @@ def _parse_size(text):
 
 def _bench(args, parser):
     from . import bench
+    if args.plot:
+        other = [f for f in ("profile", "train", "variants", "torch_module", "distributed")
+                 if getattr(args, f)]
+        if other:
+            parser.error(f"--plot draws the default table's ratios against torch; it does not "
+                         f"combine with --{other[0].replace('_', '-')}")
+        _writable_path("--plot", args.plot, parser)
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            parser.error("--plot needs matplotlib: pip install 'fastlstm[plot]'")
     sizes = dict(args.size) if args.size else dict(bench.SIZES)
     for name, (_, _, _, H) in sizes.items():
         if args.proj >= H:
@@ -307,6 +327,11 @@ def _bench(args, parser):
     result = bench.bench_table(sizes, dtypes, min_time=args.min_time, progress=progress,
                                rounds=args.rounds, **layer)
     print(json.dumps(result) if args.json else bench.format_table(result))
+    if args.plot:
+        from .plot import plot_bench
+        plot_bench(result, args.plot)
+        if not args.json:
+            print(f"plot: {args.plot}")
     return 0
 
 
@@ -373,6 +398,9 @@ def build_parser():
         elif o.cli:
             t.add_argument(o.cli[0], type=_probability, metavar="P", help=o.help)
     t.add_argument("--save", help="write the trained model to this .npz")
+    t.add_argument("--plot", metavar="PATH",
+                   help="adding, --data: draw the training curve to this image (.png, .svg; "
+                        "needs pip install 'fastlstm[plot]')")
     t.add_argument("--export-onnx", metavar="PATH",
                    help="write the trained model as an ONNX graph (needs pip install "
                         "'fastlstm[onnx]')")
@@ -417,8 +445,25 @@ def build_parser():
                    help="under mpiexec -n N: data-parallel training steps per second and "
                         "the Allreduce's share of a step")
     b.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    b.add_argument("--plot", metavar="PATH",
+                   help="draw the ratios against torch per size and dtype, with their spread, "
+                        "to this image (needs pip install 'fastlstm[plot]')")
     b.set_defaults(func=_bench)
+
+    c = sub.add_parser("compile", help="compile the kernels ahead of time (an image, a "
+                                       "cluster's shared cache, CI); a first run does it "
+                                       "anyway, for what it needs")
+    c.add_argument("--dtype", choices=["float32", "float64", "both"], default="both")
+    c.set_defaults(func=_compile_command)
     return p
+
+
+def _compile_command(args, parser):
+    from .tasks import compile_kernels
+    dtypes = ("float32", "float64") if args.dtype == "both" else (args.dtype,)
+    for name, seconds in compile_kernels(dtypes).items():
+        print(f"{name}: compiled or loaded in {seconds:.1f} s")
+    return 0
 
 
 def main(argv=None):

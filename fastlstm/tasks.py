@@ -125,7 +125,11 @@ def _optimizer(name, model, lr):
 
 def _runner(model, distributed):
     """(step on a global batch, agree on a stop decision, DataParallel or None): one
-    process, or every rank of an MPI job training on its share of each batch."""
+    process, or every rank of an MPI job training on its share of each batch. The
+    layer's kernels are compiled (or loaded) here, before a task's clock starts."""
+    if model.backend == "fastlstm":
+        from . import _compile, _kernels
+        _compile.ensure(model.dtype, *_kernels.LAYER)
     if not distributed:
         return model.train_step, (lambda decision: decision), None
     from .distributed import DataParallel
@@ -140,10 +144,47 @@ def _bar(progress, total, unit):
     return tqdm(total=total, unit=unit, leave=False, disable=None)   # None: off when not a terminal
 
 
+def compile_kernels(dtypes=("float32", "float64")):
+    """Compile, or load from Numba's cache, fastlstm's kernels for each dtype ahead of
+    time (for an image, a cluster's shared cache, a CI job): every entry, then what a
+    SequenceModel's first calls compile (each loss and head, the fused step, Adam).
+    Returns {dtype name: seconds}."""
+    from . import _compile
+    from .model import LOSSES, SequenceModel
+    from .optim import Adam
+    out = {}
+    for dtype in dtypes:
+        dtype = np.dtype(dtype)
+        start = time.perf_counter()
+        _compile.ensure(dtype, *_compile.entries())
+        rng = np.random.default_rng(0)
+        x = rng.standard_normal((2, 3, 2)).astype(dtype)
+        for head in ("last", "all"):
+            for loss in LOSSES:
+                model = SequenceModel(2, 4, 2, head=head, loss=loss, dtype=dtype, seed=0)
+                shape = (2,) if head == "last" else (2, 3)
+                y = (np.zeros(shape, np.int64) if loss == "ce"
+                     else np.full(shape + (2,), 0.5, dtype))
+                opt = Adam(model)
+                for _ in range(2):            # the general step, then the fused one
+                    model.train_step(x, y, opt)
+                model.predict(x)
+        out[dtype.name] = time.perf_counter() - start
+    return out
+
+
+def _predict(model, x, lengths, rows=512):
+    """model.predict over x in blocks of `rows` sequences: a layer keeps every step of the
+    batch it runs, and 2560 sequences of T=100 at once took a 950 MB workspace (the
+    process peaked at 1.2 GB); blocks of 512, 190 MB."""
+    return np.concatenate([model.predict(x[i:i + rows], lengths[i:i + rows])
+                           for i in range(0, len(x), rows)])
+
+
 def train_adding(seq_len=100, hidden=64, layers=1, batch_size=32, lr=1e-2, optimizer="adam",
                  max_seconds=540.0, max_steps=None, dtype=np.float32, seed=0, curriculum=True,
                  forget_bias=1.0, clip_norm=1.0, progress=True, backend="fastlstm",
-                 distributed=False, lstm_options=None):
+                 distributed=False, lstm_options=None, plot=None):
     """Train on the adding problem until every one of 2560 validation sequences is
     within 0.03 of its target, then report on 2560 fresh test sequences against
     the paper's criterion (at most 1 of them off by 0.04 or more). Stopping at
@@ -157,9 +198,14 @@ def train_adding(seq_len=100, hidden=64, layers=1, batch_size=32, lr=1e-2, optim
     With `distributed`, every rank of the MPI job draws the same batches and trains
     on its share of each (``DataParallel``); the checks run on every rank alike.
     `lstm_options` (a dict) go to the layer, e.g. the variants ``peephole=True``.
+    `plot`: an image file for the training curve (``plot_history``): the training loss
+    over each 200 steps, and the loss and accuracy (within 0.04) of each check.
     Returns (model, summary dict).
     """
     from .model import SequenceModel
+    if plot is not None:
+        from .plot import _pyplot
+        _pyplot()                # no matplotlib: say so before training, not after
     rng = np.random.default_rng(seed)
     model = SequenceModel(2, hidden, 1, head="last", loss="mse", num_layers=layers, dtype=dtype,
                           seed=seed, forget_bias=forget_bias, backend=backend,
@@ -170,6 +216,9 @@ def train_adding(seq_len=100, hidden=64, layers=1, batch_size=32, lr=1e-2, optim
     T_cur = min(10, seq_len) if curriculum else seq_len
     steps = sequences = 0
     solved = False
+    history = dict(at=[], loss=[], val_loss=[], val_accuracy=[], T=[], x_label="step",
+                   accuracy_label="check accuracy (|error| < 0.04)")
+    window = []
     start = time.perf_counter()
     bar = _bar(progress, None, "step")
     while agree(time.perf_counter() - start < max_seconds) and (max_steps is None
@@ -181,23 +230,35 @@ def train_adding(seq_len=100, hidden=64, layers=1, batch_size=32, lr=1e-2, optim
                                      "lower the learning rate")
         steps += 1
         sequences += batch_size
+        window.append(loss)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(T=T_cur, loss=f"{loss:.5f}")
+            bar.set_postfix(T=T_cur, loss=f"{loss:.5f}",
+                            seq_per_s=f"{sequences / (time.perf_counter() - start):.0f}")
         if steps % 200:
             continue
         if T_cur < seq_len:
             xc, yc, lc = adding_data(512, T_cur, rng, dtype)
-            if np.mean(np.abs(model.predict(xc, lc) - yc) < 0.04) >= 0.99:
+            err = np.abs(model.predict(xc, lc) - yc)
+        else:
+            err = np.abs(_predict(model, xv, lv) - yv)
+        history["at"].append(steps)
+        history["loss"].append(float(np.mean(window)))
+        history["val_loss"].append(float(np.mean(err.astype(np.float64) ** 2)))
+        history["val_accuracy"].append(float(np.mean(err < 0.04)))
+        history["T"].append(T_cur)
+        window = []
+        if T_cur < seq_len:
+            if history["val_accuracy"][-1] >= 0.99:
                 T_cur = min(seq_len, int(T_cur * 1.5) + 1)
-        elif np.max(np.abs(model.predict(xv, lv) - yv)) < 0.03:
+        elif np.max(err) < 0.03:
             solved = True
             break
     seconds = time.perf_counter() - start
     if bar is not None:
         bar.close()
     xt, yt, lt = adding_data(2560, seq_len, np.random.default_rng([seed, 20]), dtype)
-    err = (model.predict(xt, lt) - yt)[:, 0].astype(np.float64)
+    err = (_predict(model, xt, lt) - yt)[:, 0].astype(np.float64)
     wrong = int(np.sum(np.abs(err) >= 0.04))
     summary = dict(task="adding", seq_len=seq_len, steps=steps, sequences=sequences,
                    seconds=round(seconds, 2), test_mse=float(np.mean(err ** 2)),
@@ -209,6 +270,13 @@ def train_adding(seq_len=100, hidden=64, layers=1, batch_size=32, lr=1e-2, optim
         summary["ranks"] = dp.size
     if seq_len == 100:
         summary["paper_t100"] = PAPER_ADDING_T100
+    if plot is not None:
+        from .plot import plot_history
+        plot_history(history, plot, criterion=(1 - 1 / 2560, "criterion: at most 1 of 2560 "
+                                               "off by 0.04"),
+                     title=f"the adding problem at T={seq_len}, checked every 200 steps "
+                           "(held-out sequences at the curriculum's T)")
+        summary["plot"] = plot
     return model, summary
 
 
@@ -296,7 +364,7 @@ def load_data(path, dtype=np.float32):
 
 def train_data(path, hidden=64, layers=1, batch_size=32, lr=3e-3, optimizer="adam", epochs=10,
                dtype=np.float32, seed=0, progress=True, backend="fastlstm", val_fraction=0.1,
-               max_seconds=None, distributed=False, lstm_options=None):
+               max_seconds=None, distributed=False, lstm_options=None, plot=None):
     """Train on the user's arrays in an .npz: x (N, T, I), y, optional lengths.
 
     y (N, O) floats: sequence -> vector, MSE; (N, T, O) floats: sequence ->
@@ -326,6 +394,9 @@ def train_data(path, hidden=64, layers=1, batch_size=32, lr=3e-3, optimizer="ada
                      validation=(x[val], y[val], lv), seed=seed, progress=progress, lengths=lt,
                      max_seconds=max_seconds)
     seconds = time.perf_counter() - start
+    if plot is not None:
+        from .plot import plot_history
+        plot_history(hist, plot, title=f"{path}: loss per epoch")
     pred = model.predict(x[val], lv)
     if classify:
         acc = float(np.mean(pred.argmax(axis=-1) == y[val]))

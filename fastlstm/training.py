@@ -57,6 +57,7 @@ def fit(model, x, y, optimizer, epochs=10, batch_size=32, validation=None, shuff
         bar = tqdm(total=epochs * math.ceil(N / batch_size), unit="batch", leave=False,
                    disable=None)        # None: off when stderr is not a terminal
     start = time.perf_counter()
+    seen = 0              # sequences this process trained on, for the bar's rate
     try:
         for epoch in range(epochs):
             t0 = time.perf_counter()
@@ -80,7 +81,8 @@ def fit(model, x, y, optimizer, epochs=10, batch_size=32, validation=None, shuff
                 if bar is not None:
                     bar.update(1)
                     el = time.perf_counter() - start
-                    bar.set_postfix(loss=f"{loss:.4g}", steps_per_s=f"{history['steps'] / el:.0f}")
+                    seen += len(idx)
+                    bar.set_postfix(loss=f"{loss:.4g}", seq_per_s=f"{seen / el:.0f}")
             history["loss"].append(float(np.mean(losses)))
             if validation is not None:
                 v = model.evaluate(*validation)
