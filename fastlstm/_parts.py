@@ -144,7 +144,12 @@ class Part:
         """one_thread: each kernel call has one thread (BLAS too), so its products may
         run packed (see _gemm); a pair of directions run at once always has."""
         m = self.spec
-        ensure(m.dtype, layer_forward, reverse_in_time, zero_padding)
+        # each entry only where it is called: loading one from the cache takes 20-40 ms
+        ensure(m.dtype, layer_forward)
+        if m.D == 2:
+            ensure(m.dtype, reverse_in_time)
+        if padded:
+            ensure(m.dtype, zero_padding)
         T, B = xt.shape[:2]
         L, D, H, P = m.L, m.D, m.H, m.P
         src = xt
@@ -195,7 +200,9 @@ class Part:
 
     def backward(self, grad, dh_n, dc_n, lens, masks, pairs=False, one_thread=True):
         m = self.spec
-        ensure(m.dtype, layer_backward, reverse_in_time)
+        ensure(m.dtype, layer_backward)
+        if m.D == 2:
+            ensure(m.dtype, reverse_in_time)
         T, B = grad.shape[:2]
         L, D, H, P = m.L, m.D, m.H, m.P
         single = L * D == 1
