@@ -79,6 +79,12 @@ def usable_cores():
 def _controller():
     with _lock:
         if _state.controller is None:
+            # scipy's OpenBLAS, which the kernels' np.dot calls, loads with the first
+            # kernel (compiled lazily, see _compile), which may come after this: loaded
+            # first so that the controller sees it. Unseen, it kept its threads inside
+            # the split parts and spinning after them: a large float32 forward after a
+            # backward took 250 ms instead of 200.
+            import scipy.linalg.cython_blas  # noqa: F401
             from threadpoolctl import ThreadpoolController
             controller = ThreadpoolController()
             _state.blas = controller.select(user_api="blas").lib_controllers

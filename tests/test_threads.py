@@ -220,3 +220,23 @@ def test_one_thread_means_one_thread_for_the_directions_too(monkeypatch):
     assert calls == []
     fastlstm.LSTM(128, 512, bidirectional=True, threads=2).forward(x)    # and 2 means 2
     assert calls == [2]
+
+
+def test_the_blas_limits_reach_the_blas_the_kernels_call():
+    """The kernels' np.dot calls scipy's OpenBLAS, loaded with the first kernel (lazily);
+    the split parts set every BLAS to one thread, so the controller must know that one
+    even when it was made before any kernel loaded."""
+    import subprocess
+    import sys
+    code = ("import numpy as np, fastlstm\n"
+            "from fastlstm import _threads\n"
+            "from threadpoolctl import threadpool_info\n"
+            "m = fastlstm.LSTM(16, 32, seed=0, threads=2)\n"
+            "_threads.blas_limit()          # the controller, before any kernel loads\n"
+            "y, _ = m.forward(np.ones((50, 64, 16), np.float32))\n"
+            "seen = sorted(lib.filepath for lib in _threads._state.blas)\n"
+            "loaded = sorted(i['filepath'] for i in threadpool_info() if i['user_api'] == 'blas')\n"
+            "assert any('scipy' in p for p in loaded), loaded\n"
+            "assert seen == loaded, (seen, loaded)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
