@@ -101,8 +101,9 @@ def plot_bench(result, path, title=None):
             lo.append(r["vs_torch"] - r.get("vs_torch_min", r["vs_torch"]))
             hi.append(r.get("vs_torch_max", r["vs_torch"]) - r["vs_torch"])
         ax.bar(xs, ys, width, yerr=[lo, hi], capsize=3, label=dt)
-        for x, y in zip(xs, ys):
-            ax.text(x, y, f"{y:.2f}", ha="center", va="bottom", fontsize=8)
+        for x, y, h in zip(xs, ys, hi):          # above the bar's spread
+            ax.annotate(f"{y:.2f}x", (x, y + h), xytext=(0, 3), textcoords="offset points",
+                        ha="center", va="bottom", fontsize=8)
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_xticks(range(len(sizes)), sizes)
     ax.set_ylabel("torch time / fastlstm time")

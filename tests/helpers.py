@@ -1,7 +1,7 @@
 """Helpers shared by the test modules (fixtures live in conftest.py)."""
 import numpy as np
 
-#: The accuracy contract, one figure per dtype, that the README states: outputs,
+#: The accuracy contract, one figure per dtype, that docs/guarantees.md states: outputs,
 #: states and every gradient against torch autograd and the reference, as rel_err.
 TOL = {np.float64: 1e-10, np.float32: 5e-5}
 
