@@ -199,6 +199,13 @@ class LSTM:
         none were given); None before the first forward."""
         return None if self._last is None else self._last.lengths
 
+    def workspace_bytes(self, T, B):
+        """Bytes of the workspaces a (T, B) forward and its backward keep, over every
+        layer and direction (one part of the batch: a split adds one per part)."""
+        return self.dtype.itemsize * sum(
+            _layout.workspace_size(T, B, I_k, self.hidden_size, self._P, *self._wflags)
+            for _, _, I_k in self._blocks)
+
     @property
     def output_size(self):
         """Features of each step of y: D * (proj_size or hidden_size)."""
@@ -362,10 +369,8 @@ class LSTM:
         h0, c0 = self._state("state", state, B)
         lens = check.lengths("lengths", lengths, B, T)
         if (T, B) not in self._affordable:       # once per shape: the arithmetic costs
-            need = sum(_layout.workspace_size(T, B, I_k, self.hidden_size, self._P,
-                                              *self._wflags)
-                       for _, _, I_k in self._blocks)
-            check.affordable(need, self.dtype, f"the workspace for T={T}, B={B} (x's shape)")
+            check.affordable(self.workspace_bytes(T, B) // self.dtype.itemsize, self.dtype,
+                             f"the workspace for T={T}, B={B} (x's shape)")
             self._affordable.add((T, B))
         padded = lens is not None
         if lens is None:

@@ -173,14 +173,6 @@ def compile_kernels(dtypes=("float32", "float64")):
     return out
 
 
-def _predict(model, x, lengths, rows=512):
-    """model.predict over x in blocks of `rows` sequences: a layer keeps every step of the
-    batch it runs, and 2560 sequences of T=100 at once took a 950 MB workspace (the
-    process peaked at 1.2 GB); blocks of 512, 190 MB."""
-    return np.concatenate([model.predict(x[i:i + rows], lengths[i:i + rows])
-                           for i in range(0, len(x), rows)])
-
-
 def train_adding(seq_len=100, hidden=64, layers=1, batch_size=32, lr=1e-2, optimizer="adam",
                  max_seconds=540.0, max_steps=None, dtype=np.float32, seed=0, curriculum=True,
                  forget_bias=1.0, clip_norm=1.0, progress=True, backend="fastlstm",
@@ -241,7 +233,7 @@ def train_adding(seq_len=100, hidden=64, layers=1, batch_size=32, lr=1e-2, optim
             xc, yc, lc = adding_data(512, T_cur, rng, dtype)
             err = np.abs(model.predict(xc, lc) - yc)
         else:
-            err = np.abs(_predict(model, xv, lv) - yv)
+            err = np.abs(model.predict(xv, lv) - yv)
         history["at"].append(steps)
         history["loss"].append(float(np.mean(window)))
         history["val_loss"].append(float(np.mean(err.astype(np.float64) ** 2)))
@@ -258,7 +250,7 @@ def train_adding(seq_len=100, hidden=64, layers=1, batch_size=32, lr=1e-2, optim
     if bar is not None:
         bar.close()
     xt, yt, lt = adding_data(2560, seq_len, np.random.default_rng([seed, 20]), dtype)
-    err = (_predict(model, xt, lt) - yt)[:, 0].astype(np.float64)
+    err = (model.predict(xt, lt) - yt)[:, 0].astype(np.float64)
     wrong = int(np.sum(np.abs(err) >= 0.04))
     summary = dict(task="adding", seq_len=seq_len, steps=steps, sequences=sequences,
                    seconds=round(seconds, 2), test_mse=float(np.mean(err ** 2)),

@@ -188,3 +188,29 @@ def test_resident_memory_flat_when_T_changes_every_step(threads, lengths):
                          capture_output=True, text=True, check=True)
     start, end = map(float, out.stdout.split())
     assert end - start < 4.0, (start, end)
+
+
+@pytest.mark.parametrize("head,loss", [("last", "mse"), ("all", "ce"), ("all", "mse")])
+def test_predict_and_evaluate_run_a_large_x_in_blocks_of_rows(head, loss):
+    """Past BLOCK_BYTES of workspace, predict and evaluate run x in blocks of rows: the
+    same outputs and mean loss as in one block, and a workspace of one block."""
+    rng = np.random.default_rng(0)
+    N, T, I, O = 37, 9, 3, 4
+    x = rng.standard_normal((N, T, I))
+    lengths = rng.integers(1, T + 1, N)
+    if head == "last":
+        y = rng.standard_normal((N, O))
+    else:
+        y = rng.integers(0, O, (N, T)) if loss == "ce" else rng.standard_normal((N, T, O))
+    whole = fastlstm.SequenceModel(I, 5, O, head=head, loss=loss, dtype=np.float64, seed=0)
+    blocked = fastlstm.SequenceModel(I, 5, O, head=head, loss=loss, dtype=np.float64, seed=0)
+    blocked.BLOCK_BYTES = 8 * blocked.lstm.workspace_bytes(T, 1)      # blocks of 8 rows
+    for lens in (lengths, None):
+        np.testing.assert_allclose(blocked.predict(x, lens), whole.predict(x, lens),
+                                   rtol=1e-12, atol=1e-14)
+        a, b = blocked.evaluate(x, y, lens), whole.evaluate(x, y, lens)
+        assert abs(a - b) <= 1e-12 * abs(b), (a, b)
+    assert blocked.lstm.last_lengths.shape == (N % 8,)                # the last block's rows
+    assert blocked.lstm._part(0).ws[0].B == 8 and whole.lstm._part(0).ws[0].B == N
+    with pytest.raises(ValueError, match="lengths"):                  # checked whole, first
+        blocked.predict(x, lengths[:-1])
