@@ -1,4 +1,4 @@
-"""The ``fastlstm`` command line: ``fastlstm train`` and ``fastlstm bench``."""
+"""The ``fastlstm`` command line: ``train``, ``bench`` and ``compile``."""
 import argparse
 import json
 import math
@@ -453,7 +453,8 @@ def build_parser():
     c = sub.add_parser("compile", help="compile the kernels ahead of time (an image, a "
                                        "cluster's shared cache, CI); a first run does it "
                                        "anyway, for what it needs")
-    c.add_argument("--dtype", choices=["float32", "float64", "both"], default="both")
+    c.add_argument("--dtype", choices=["float32", "float64", "both"], default="both",
+                   help="the dtypes to compile for (default: both)")
     c.set_defaults(func=_compile_command)
     return p
 
