@@ -78,6 +78,25 @@ class Case:
         else:
             self.model.backward(self.dy)
 
+    def infer(self):
+        """A forward in evaluation mode, as a server runs it (torch: under no_grad)."""
+        self.model.eval()
+        if self.impl == "torch":
+            import torch
+            with torch.no_grad():
+                self.model(self.x.detach())
+        else:
+            self.model.forward(self.x)
+
+
+#: DeepBench's LSTM sizes (baidu-research/DeepBench, code/kernels/rnn_problems.h) with
+#: H <= 2048, as (H, B, T); input size = H. Training: forward+backward; inference
+#: ("server" set): a forward in evaluation mode.
+DEEPBENCH_TRAIN = tuple((H, B, 25) for H in (512, 1024, 2048) for B in (16, 32, 64, 128)) + \
+    tuple((1536, B, 50) for B in (8, 16, 32)) + tuple((256, B, 150) for B in (16, 32, 64))
+DEEPBENCH_INFER = tuple((H, B, T) for H, T in ((512, 25), (1024, 25), (2048, 25), (1536, 50),
+                                               (256, 150)) for B in (1, 2, 4))
+
 IMPLS = ("fastlstm", "reference", "torch")
 
 class TorchLoop:

@@ -31,6 +31,8 @@ def _worker(spec):
             opts = VARIANTS[key.split()[0]]
             fn = (TorchLoop(B, T, I, H, dtype, **opts) if spec["impl"] == "torch_loop"
                   else Case("fastlstm", B, T, I, H, dtype, **opts)).fwd_bwd
+        elif spec["kind"] == "infer":
+            fn = Case(spec["impl"], B, T, I, H, dtype, **spec["layer"]).infer
         else:
             fn = Case(spec["impl"], B, T, I, H, dtype, **spec["layer"]).fwd_bwd
         out[key] = median_time(fn, min_time=spec["min_time"]) * 1e3

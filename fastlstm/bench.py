@@ -10,7 +10,16 @@ from functools import partial
 
 import numpy as np
 
-from ._bench_cases import IMPLS, SIZES, VARIANTS, Case, flops, torch_available
+from ._bench_cases import (
+    DEEPBENCH_INFER,
+    DEEPBENCH_TRAIN,
+    IMPLS,
+    SIZES,
+    VARIANTS,
+    Case,
+    flops,
+    torch_available,
+)
 from ._bench_worker import _alternated, _cases, _ratio_stats, _run_worker
 from ._profile import ALL_ROWS, gemm_parts
 from ._timing import median_time
@@ -137,6 +146,44 @@ def format_train_table(result):
         lines.append(f"{r['size']:8} {r['dtype']:8} {r['fastlstm_ms']:12.3f} "
                      f"{r['reference_ms']:13.3f} {r.get('torch_ms', nan):10.3f} "
                      f"{r['vs_reference']:7.2f} {_spread(r, 'vs_torch'):>20}")
+    return "\n".join(lines)
+
+
+def deepbench_table(dtypes=("float32",), min_time=0.2, progress=None, rounds=3,
+                    train=DEEPBENCH_TRAIN, infer=DEEPBENCH_INFER):
+    """DeepBench's LSTM sizes (H, B, T; input H): training as fwd+bwd and inference as an
+    evaluation-mode forward, fastlstm against torch, each in its own process, alternated
+    over `rounds`; the median of the per-round ratios torch/fastlstm with their spread."""
+    if not torch_available():
+        raise RuntimeError("bench --deepbench compares with torch: pip install -e '.[torch]'")
+    rows = []
+    for kind, sizes in (("fwd_bwd", train), ("infer", infer)):
+        cases = {f"{kind} H={H} B={B} T={T} {np.dtype(dt).name}": (B, T, H, H, np.dtype(dt).name)
+                 for dt in dtypes for H, B, T in sizes}
+        if not cases:
+            continue
+        times = _alternated(kind, ("fastlstm", "torch"), cases, rounds, min_time, progress)
+        for key, (B, T, _, H, dtype) in cases.items():
+            row = dict(kind="training" if kind == "fwd_bwd" else "inference", H=H, B=B, T=T,
+                       dtype=dtype, rounds=rounds,
+                       fastlstm_ms=float(np.median(times["fastlstm"][key])),
+                       torch_ms=float(np.median(times["torch"][key])))
+            row["vs_torch"], row["vs_torch_min"], row["vs_torch_max"] = _ratio_stats(
+                times["torch"][key], times["fastlstm"][key])
+            rows.append(row)
+    return dict(rows=rows)
+
+
+def format_deepbench_table(result):
+    lines = ["DeepBench LSTM sizes (input = H); training: fwd+bwd, inference: a forward in "
+             "evaluation mode; x = torch time / fastlstm time, the median of the per-round "
+             "ratios [min-max]",
+             f"{'kind':10} {'H':>5} {'B':>4} {'T':>4} {'dtype':8} {'fastlstm ms':>12} "
+             f"{'torch ms':>10} {'x torch [min-max]':>20}"]
+    for r in result["rows"]:
+        lines.append(f"{r['kind']:10} {r['H']:5d} {r['B']:4d} {r['T']:4d} {r['dtype']:8} "
+                     f"{r['fastlstm_ms']:12.3f} {r['torch_ms']:10.3f} "
+                     f"{_spread(r, 'vs_torch'):>20}")
     return "\n".join(lines)
 
 

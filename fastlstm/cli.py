@@ -256,7 +256,8 @@ def _parse_size(text):
 def _bench(args, parser):
     from . import bench
     if args.plot:
-        other = [f for f in ("profile", "train", "variants", "torch_module", "distributed")
+        other = [f for f in ("profile", "train", "variants", "torch_module", "distributed",
+                             "deepbench")
                  if getattr(args, f)]
         if other:
             parser.error(f"--plot draws the default table's ratios against torch; it does not "
@@ -285,6 +286,14 @@ def _bench(args, parser):
                                       min_time=args.min_time, progress=progress,
                                       rounds=args.rounds)
         print(json.dumps(result) if args.json else bench.format_variants_table(result))
+        return 0
+    if args.deepbench:
+        if args.size:
+            parser.error("--deepbench runs DeepBench's own sizes; it does not take --size")
+        result = bench.deepbench_table(["float32"] if args.dtype == "both" else dtypes,
+                                       min_time=args.min_time, progress=progress,
+                                       rounds=args.rounds)
+        print(json.dumps(result) if args.json else bench.format_deepbench_table(result))
         return 0
     if args.torch_module:
         if not args.size:
@@ -444,6 +453,10 @@ def build_parser():
     b.add_argument("--distributed", action="store_true",
                    help="under mpiexec -n N: data-parallel training steps per second and "
                         "the Allreduce's share of a step")
+    b.add_argument("--deepbench", action="store_true",
+                   help="DeepBench's LSTM training (fwd+bwd) and inference (evaluation "
+                        "forward, B = 1, 2, 4) sizes with H <= 2048, against torch "
+                        "(default dtype: float32; takes about ten minutes)")
     b.add_argument("--json", action="store_true", help="print JSON instead of a table")
     b.add_argument("--plot", metavar="PATH",
                    help="draw the ratios against torch per size and dtype, with their spread, "

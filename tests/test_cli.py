@@ -109,3 +109,23 @@ def test_bench_torch_module_times_both_modules():
     for r in rows:
         assert r["fastlstm_ms"] > 0 and r["torch_ms"] > 0 and r["rounds"] == 2
         assert r["vs_torch_min"] <= r["vs_torch"] <= r["vs_torch_max"]
+
+
+def test_bench_deepbench_times_training_and_inference_against_torch():
+    """bench --deepbench's table on two tiny stand-in sizes (the real ones take minutes):
+    a fwd+bwd and an evaluation forward, each library in its own process."""
+    pytest.importorskip("torch")
+    from fastlstm import bench
+    r = bench.deepbench_table(min_time=0.01, rounds=1, train=[(16, 2, 3)], infer=[(16, 1, 3)])
+    assert [row["kind"] for row in r["rows"]] == ["training", "inference"]
+    for row in r["rows"]:
+        assert row["fastlstm_ms"] > 0 and row["torch_ms"] > 0
+        assert row["vs_torch_min"] <= row["vs_torch"] <= row["vs_torch_max"]
+    text = bench.format_deepbench_table(r)
+    assert "inference" in text and "   16    1    3" in text
+    from fastlstm._bench_cases import DEEPBENCH_INFER, DEEPBENCH_TRAIN
+    assert len(DEEPBENCH_TRAIN) == 18 and len(DEEPBENCH_INFER) == 15
+    assert max(H for H, _, _ in DEEPBENCH_TRAIN + DEEPBENCH_INFER) == 2048
+    out = subprocess.run([sys.executable, "-m", "fastlstm", "bench", "--deepbench", "--size",
+                          "seed"], capture_output=True, text=True)
+    assert out.returncode == 2 and "does not take --size" in out.stderr
