@@ -164,14 +164,19 @@ def deepbench_table(dtypes=("float32",), min_time=0.2, progress=None, rounds=3,
             continue
         times = _alternated(kind, ("fastlstm", "torch"), cases, rounds, min_time, progress)
         for key, (B, T, _, H, dtype) in cases.items():
-            row = dict(kind="training" if kind == "fwd_bwd" else "inference", H=H, B=B, T=T,
-                       dtype=dtype, rounds=rounds,
-                       fastlstm_ms=float(np.median(times["fastlstm"][key])),
-                       torch_ms=float(np.median(times["torch"][key])))
-            row["vs_torch"], row["vs_torch_min"], row["vs_torch_max"] = _ratio_stats(
-                times["torch"][key], times["fastlstm"][key])
-            rows.append(row)
+            rows.append(_against_torch(times, key, kind="training" if kind == "fwd_bwd"
+                                       else "inference", H=H, B=B, T=T, dtype=dtype,
+                                       rounds=rounds))
     return dict(rows=rows)
+
+
+def _against_torch(times, key, **fields):
+    """A row of `fields`, the two median times, and the per-round ratios torch/fastlstm."""
+    row = dict(fields, fastlstm_ms=float(np.median(times["fastlstm"][key])),
+               torch_ms=float(np.median(times["torch"][key])))
+    row["vs_torch"], row["vs_torch_min"], row["vs_torch_max"] = _ratio_stats(
+        times["torch"][key], times["fastlstm"][key])
+    return row
 
 
 def format_deepbench_table(result):
@@ -194,15 +199,9 @@ def torch_module_table(sizes, dtypes, min_time=0.2, progress=None, rounds=3):
     cases = _cases(sizes, dtypes)
     times = _alternated("torch_module", ["fastlstm", "torch"], cases, rounds, min_time,
                         progress)
-    rows = []
-    for key, (B, T, I, H, dtype) in cases.items():
-        row = dict(size=key.split()[0], B=B, T=T, I=I, H=H, dtype=dtype, rounds=rounds,
-                   fastlstm_ms=float(np.median(times["fastlstm"][key])),
-                   torch_ms=float(np.median(times["torch"][key])))
-        row["vs_torch"], row["vs_torch_min"], row["vs_torch_max"] = _ratio_stats(
-            times["torch"][key], times["fastlstm"][key])
-        rows.append(row)
-    return dict(rows=rows)
+    return dict(rows=[_against_torch(times, key, size=key.split()[0], B=B, T=T, I=I, H=H,
+                                     dtype=dtype, rounds=rounds)
+                      for key, (B, T, I, H, dtype) in cases.items()])
 
 
 def format_torch_module_table(result):
