@@ -65,7 +65,7 @@ def entries():
     return tuple(_SIGS)
 
 
-def signature(d, dtype):
+def signature(dtype, d):
     """Entry `d`'s signature for `dtype` (compiled or not)."""
     return _SIGS[d][np.dtype(dtype).name]
 

@@ -35,7 +35,7 @@ SCRIPT = textwrap.dedent("""
     # Numba wraps every array argument in a meminfo on entry; that is the only
     # NRT "allocation" a call may make (it holds no data).
     def arrays(*kernels):
-        sigs = [signature(k, np.float32).args if k in entries() else k.signatures[0]
+        sigs = [signature(np.float32, k).args if k in entries() else k.signatures[0]
                 for k in kernels]
         return sum(isinstance(a, types.Array) for s in sigs for a in s)
     wrappers = arrays(layer_forward, layer_backward)
