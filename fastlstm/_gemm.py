@@ -21,6 +21,7 @@ registers across a loop: written as loops over arrays, LLVM loads and stores C o
 """
 from llvmlite import ir
 from numba import njit, types
+from numba.extending import register_jitable
 
 from ._config import JIT
 from ._numba_ext import cgutils, intrinsic, make_array
@@ -35,7 +36,7 @@ VECTOR_BYTES = 64
 NV, MR = 4, 4
 
 
-@njit(inline="always", **JIT)
+@register_jitable     # plain Python when Python calls it (the layer sizes its segments by it)
 def panel_width(itemsize):
     """NR: the columns of one packed panel."""
     return NV * VECTOR_BYTES // itemsize
@@ -208,7 +209,7 @@ K_BLOCK = 128
 GRADIENT_C_BYTES = 1 << 20
 
 
-@njit(inline="always", **JIT)
+@register_jitable
 def gradient_product_pays(n, N, itemsize):
     """Whether a weight gradient (n, N) runs through gradient_product (else BLAS)."""
     return N % panel_width(itemsize) == 0 and n * N * itemsize <= GRADIENT_C_BYTES

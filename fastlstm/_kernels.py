@@ -29,7 +29,7 @@ follow(__file__, *SOURCES)
 SOURCES += (__file__,)
 
 __all__ = ["layer_forward", "layer_backward", "rows_forward", "rows_backward", "opts_bits",
-           "OPTS", "reverse_in_time", "zero_padding", "param_views", "workspace_views",
+           "OPTS", "LATER", "EARLIER", "reverse_in_time", "zero_padding", "param_views", "workspace_views",
            "params_of", "workspace_of", "LAYER"]
 
 def _compile_carving(fname, table, tuple_cls, dims, counted=False, bits=False):
@@ -69,11 +69,11 @@ def workspace_views(ws, T, B, I, H, P, opts):
 #: bit k of a kernel call's `opts` is option k: the layout's flags, then four of the call's
 #: (zero_state: the initial state, or in backward the final state's gradient, is zero;
 #: setting it here saves two NumPy calls per call, a tenth of a seed-size forward;
-#: one_thread: the call has one thread, so its products may run packed, see _gemm)
-OPTS = _layout.FLAGS + ("padded", "exact", "zero_state", "one_thread")
-BIAS, PROJ, PEEPHOLE, LAYER_NORM, ZONEOUT, RDROP, PADDED, EXACT, ZERO_STATE, ONE_THREAD = (
-    1 << OPTS.index(k) for k in ("bias", "proj", "peephole", "layer_norm", "zoneout", "rdrop",
-                                 "padded", "exact", "zero_state", "one_thread"))
+#: one_thread: the call has one thread, so its products may run packed, see _gemm;
+#: later, earlier: a backward call is one segment of a longer sequence, see lstm_backward)
+OPTS = _layout.FLAGS + ("padded", "exact", "zero_state", "one_thread", "later", "earlier")
+(BIAS, PROJ, PEEPHOLE, LAYER_NORM, ZONEOUT, RDROP, PADDED, EXACT, ZERO_STATE, ONE_THREAD,
+ LATER, EARLIER) = (1 << k for k in range(len(OPTS)))
 
 
 def opts_bits(**flags):
@@ -149,11 +149,13 @@ def layer_backward(p, g, ws, lengths, clip, T, B, I, H, P, opts):
         v.dh[:] = 0
         v.dc[:] = 0
     m = v.m if has_proj or zone else v.h[1:]
-    lstm_backward(w, dw, v, m, lengths, clip, peep, ln, zone, rdrop, opts & ONE_THREAD != 0)
-    if has_bias:
+    lstm_backward(w, dw, v, m, lengths, clip, peep, ln, zone, rdrop, opts & ONE_THREAD != 0,
+                  opts & LATER != 0, opts & EARLIER != 0)
+    last = opts & EARLIER == 0        # else the sum over db's steps goes on in the next call
+    if has_bias and last:
         _accumulate(dw.bias_ih, v.db)
         _accumulate(dw.bias_hh, v.db)
-    if ln:
+    if ln and last:
         _accumulate(dw.ln_ih_bias, v.db)
         _accumulate(dw.ln_hh_bias, v.db)
     restore_fp(fp)

@@ -43,23 +43,15 @@ PARAMS = (
 )
 
 #: One direction of one layer's workspace for a (T, B) call. h and c hold the
-#: initial state in entry 0 and step t's in entry t + 1.
+#: initial state in entry 0 and step t's in entry t + 1. The rows whose shapes do not
+#: hold T come first: calls of different T on one buffer (the segments of a recomputed
+#: backward, see _parts) find them at the same place, the sums a backward carries over
+#: from one segment to the next (dh, dc, db, dW's scratch) among them.
 WORKSPACE = (
-    ("x", "T, B, I", None),             # this direction's input (reversed in time for _reverse)
-    ("gates", "T, B, 4 * H", None),     # activations i, f, g, o
-    ("c", "T + 1, B, H", None),
-    ("tanh_c", "T, B, H", None),
-    ("m", "T, B, H", None),             # cell output o * tanh(c), before the projection
-    ("h", "T + 1, B, P", None),
     ("rec", "B, 4 * H", None),          # h_{t-1} W_hh^T of one step
     ("w_hhT", "P, 4 * H", None),        # W_hh^T packed or contiguous (see lstm_forward)
     ("w_ih_pk", "4 * H, I", None),      # W_ih^T's panels (forward), W_ih's (backward)
     ("bias", "4 * H", None),            # b_ih + b_hh
-    ("y", "T, B, P", None),             # the output with padded steps zeroed
-    ("dy", "T, B, P", None),
-    ("dgates", "T, B, 4 * H", None),    # pre-activation gradients (step t in slot t % chunk)
-    ("dx", "T, B, I", None),
-    ("dhs", "T, B, P", None),           # the whole gradient on each h_t (as dgates)
     ("dm", "B, H", None),
     ("carry", "B, P", None),            # dh of finished sequences, passed through
     ("dh", "B, P", None),
@@ -68,6 +60,21 @@ WORKSPACE = (
     ("tmp_ih", "4 * H, I", None),       # weight-gradient GEMM outputs, added into the gradients
     ("tmp_hh", "4 * H, P", None),
     ("tmp_hr", "P, H", None),
+    ("du", "B, H", "layer_norm"),       # gradient on LN_c's output, one step
+    ("skip", "B, P", "zoneout"),        # dh's share that zoneout passes to h_{t-1}
+    ("rmask", "B, P", "rdrop"),         # recurrent dropout's mask on h_{t-1}, per sequence
+    # the steps
+    ("x", "T, B, I", None),             # this direction's input (reversed in time for _reverse)
+    ("gates", "T, B, 4 * H", None),     # activations i, f, g, o
+    ("c", "T + 1, B, H", None),
+    ("tanh_c", "T, B, H", None),
+    ("m", "T, B, H", None),             # cell output o * tanh(c), before the projection
+    ("h", "T + 1, B, P", None),
+    ("y", "T, B, P", None),             # the output with padded steps zeroed
+    ("dy", "T, B, P", None),
+    ("dgates", "T, B, 4 * H", None),    # pre-activation gradients (step t in slot t % chunk)
+    ("dx", "T, B, I", None),
+    ("dhs", "T, B, P", None),           # the whole gradient on each h_t (as dgates)
     # layer normalisation: the normalised inputs of LN_ih, LN_hh and LN_c, and
     # 1 / sqrt(var + eps) of each (in that order) per step and sequence
     ("xn_ih", "T, B, 4 * H", "layer_norm"),
@@ -76,15 +83,12 @@ WORKSPACE = (
     ("rstd", "T, B, 3", "layer_norm"),
     ("dxw", "T, B, 4 * H", "layer_norm"),    # gradient on x W_ih^T (LN_ih's input; as dgates)
     ("drec", "T, B, 4 * H", "layer_norm"),   # gradient on h W_hh^T (LN_hh's input; as dgates)
-    ("du", "B, H", "layer_norm"),            # gradient on LN_c's output, one step
     # zoneout: the cell's new state before zoneout, and the weight each unit of h
     # and c gives its previous value (the 0/1 mask in training, p in evaluation)
     ("ct", "T, B, H", "zoneout"),
     ("zh", "T, B, P", "zoneout"),
     ("zc", "T, B, H", "zoneout"),
-    ("skip", "B, P", "zoneout"),             # dh's share that zoneout passes to h_{t-1}
-    # recurrent dropout: the sequence's mask on h_{t-1} and what W_hh saw, h_{t-1} * mask
-    ("rmask", "B, P", "rdrop"),
+    # recurrent dropout: what W_hh saw, h_{t-1} * mask
     ("hd", "T, B, P", "rdrop"),
 )
 

@@ -34,6 +34,20 @@ def _clip(name, value):
     return None if value is None else check.real(name, value, lo=0.0, lo_open=True)
 
 
+def _recompute(name, value):
+    """None, 'sqrt' or a number of steps >= 1; anything else is a ValueError (a value of
+    the wrong kind included: the option takes one of three forms, not one type)."""
+    if value is None or (isinstance(value, str) and value == "sqrt"):
+        return value
+    try:
+        if isinstance(value, str):
+            raise TypeError
+        return check.positive_int(name, value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be None (keep every step), a number of steps >= 1 "
+                         f"or 'sqrt', got {value!r}") from None
+
+
 def _row(name, default, chk, flag=None, variant=False, cli=None, help=None, bench=None,
          onnx=True, keras=True):
     return Option(name, default, chk, flag, variant, cli, help, bench, onnx, keras)
@@ -50,6 +64,8 @@ OPTIONS = (
     _row("proj_size", 0, check.nonnegative_int, flag="proj", onnx=False, keras=False),
     _row("forget_bias", 0.0, check.real),
     _row("cell_clip", None, _clip, onnx=False, keras=False),   # ONNX's clip bounds the gates
+    # how the backward gets its activations: the maths, and so an export, is the same
+    _row("recompute", None, _recompute),
     _row("peephole", False, check.boolean, flag="peephole", variant=True,
          cli=("--peephole", "switch"), help="peephole connections from the cell to the gates",
          bench=("peephole", True), keras=False),

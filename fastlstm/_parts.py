@@ -15,6 +15,8 @@ from . import _layout
 from . import _validate as check
 from ._compile import ensure
 from ._kernels import (
+    EARLIER,
+    LATER,
     ONE_THREAD,
     PADDED,
     ZERO_STATE,
@@ -23,10 +25,11 @@ from ._kernels import (
     reverse_in_time,
     zero_padding,
 )
+from ._recurrence import backward_chunk
 from ._shared import Buffers, readonly
 from ._threads import parallel_worthwhile, run_pair
 
-__all__ = ["Spec", "Part", "Workspace", "rows"]
+__all__ = ["Spec", "Part", "Workspace", "Segments", "rows"]
 
 
 class Spec(NamedTuple):
@@ -91,6 +94,23 @@ class Workspace:
         return a
 
 
+class Segments(NamedTuple):
+    """One direction's forward in segments: what its backward recomputes them from."""
+    K: int                  # steps per segment (the last may have fewer)
+    n_seg: int
+    src: np.ndarray         # the direction's input (T, B, I), kept until the next forward
+    h_start: np.ndarray     # (n_seg, B, P): each segment's starting h (keep), else (1, B, P)
+    c_start: np.ndarray     # ... and c
+    vmasks: dict            # the variants' masks of this direction
+    lens: np.ndarray
+    padded: bool
+    bits: int               # the forward's option bits
+    out: np.ndarray         # (T, B, P): the direction's output
+    seg_lens: np.ndarray    # (B,): the lengths within one segment
+    keep: bool
+    first: np.ndarray       # (B, P): the output of the first step (when out is False)
+
+
 def rows(state, cut):
     """A state's batch slice, or None."""
     return None if state is None else state[:, cut]
@@ -140,9 +160,15 @@ class Part:
             for call in calls:
                 call()
 
-    def forward(self, xt, h0, c0, lens, padded, masks, vmasks, pairs=False, one_thread=True):
+    def forward(self, xt, h0, c0, lens, padded, masks, vmasks, pairs=False, one_thread=True,
+                seg=None, y_out=None, last_only=False):
         """one_thread: each kernel call has one thread (BLAS too), so its products may
-        run packed (see _gemm); a pair of directions run at once always has."""
+        run packed (see _gemm); a pair of directions run at once always has. seg: None,
+        or (K, keep): run each direction in segments of about K steps, keeping (keep)
+        the state at each segment's start for a backward that recomputes the rest; the
+        last layer's output then goes into y_out (T, B, D*P), when given. last_only (in
+        segments): the last layer keeps no output but each sequence's at its own last
+        step, returned (B, D*P) in y's place."""
         m = self.spec
         # each entry only where it is called: loading one from the cache takes 20-40 ms
         ensure(m.dtype, layer_forward)
@@ -153,12 +179,29 @@ class Part:
         T, B = xt.shape[:2]
         L, D, H, P = m.L, m.D, m.H, m.P
         src = xt
+        if seg is not None and (seg[1] or D == 2):
+            # the recomputing backward reads the input again, and the reverse direction
+            # reads it reversed: a copy, in the model's dtype, which the caller cannot change
+            src = self.buf.get("x_in", xt.shape)
+            np.copyto(src, xt, casting="same_kind")
+        self.segs = [None] * (L * D)
         for k in range(L):
             outs, calls = [], []
             paired = self._paired(D, T * B * 4 * H * (m.in_sizes[k * D] + P), pairs)
             one = ONE_THREAD if one_thread or paired else 0
             for d in range(D):
                 j = k * D + d
+                if seg is not None:
+                    src_d = src
+                    if d == 1:
+                        src_d = self.buf.get(f"x_rev{k}", src.shape)
+                        reverse_in_time(src, src_d, lens)
+                    top = k == L - 1
+                    into = False if top and last_only else y_out if top and D == 1 else None
+                    calls.append(self._segments(j, src_d, h0, c0, lens, padded, vmasks, seg,
+                                                m.opts | one, into))
+                    outs.append(self.segs[j].out)
+                    continue
                 v = self.views(j, T, B)
                 if d == 0:
                     np.copyto(v["x"], src, casting="same_kind")
@@ -177,8 +220,17 @@ class Part:
                                      | (ZERO_STATE if h0 is None else 0) | one))
                 outs.append(v["y"] if padded else v["h_out"])
             self._run(calls, paired)
-            if D == 1:
+            if k == L - 1 and last_only:      # the forward direction's is its final state
+                out = self.buf.get("y_last", (B, D * P))
+                out[:, :P] = self.buf.get("h_n", (L * D, B, P))[k * D]
+                if D == 2:        # the reverse direction's output at its first step
+                    out[:, P:] = self.segs[k * D + 1].first
+            elif D == 1:
                 out = outs[0]
+            elif k == L - 1 and y_out is not None:
+                out = y_out
+                out[:, :, :P] = outs[0]
+                reverse_in_time(outs[1], out[:, :, P:], lens)
             else:
                 out = self.buf.get(f"out{k}", (T, B, 2 * P))
                 out[:, :, :P] = outs[0]
@@ -188,6 +240,8 @@ class Part:
                 np.multiply(out, masks[k], out=src)
             else:
                 src = out
+        if seg is not None:
+            return out, self.buf.get("h_n", (L * D, B, P)), self.buf.get("c_n", (L * D, B, H))
         if L * D == 1:
             v = self.views(0, T, B)
             return out, v["h_n"], v["c_n"]
@@ -198,12 +252,139 @@ class Part:
             h_n[j], c_n[j] = v["h"][T], v["c"][T]
         return out, h_n, c_n
 
-    def backward(self, grad, dh_n, dc_n, lens, masks, pairs=False, one_thread=True):
+    # -- in segments (recompute, and forwards that keep nothing) -------------------
+
+    def _segments(self, j, src, h0, c0, lens, padded, vmasks, seg, bits, out=None):
+        """The call that runs direction j's forward over src (T, B, I) in segments, its
+        output into `out` (a buffer of its own when None; False: its first step's only,
+        into the record's ``first``); makes its record (``Segments``) and buffers here,
+        on the calling thread."""
+        m = self.spec
+        T, B = src.shape[:2]
+        K, keep = seg
+        if keep:      # a whole number of the backward's chunks: its sums then run as in one call
+            chunk = backward_chunk(B, m.in_sizes[j], m.H, m.P, m.dtype.itemsize,
+                                   bits & ONE_THREAD != 0)
+            K = -(-K // chunk) * chunk
+        n_seg = -(-T // K)
+        starts = self.buf.get(f"ck_h{j}", (n_seg if keep else 1, B, m.P))
+        r = self.segs[j] = Segments(
+            K, n_seg, src, starts, self.buf.get(f"ck_c{j}", (n_seg if keep else 1, B, m.H)),
+            {k: a[j] for k, a in vmasks.items()}, lens, padded,
+            bits | (PADDED if padded else 0),
+            self.buf.get(f"y_seg{j}", (T, B, m.P)) if out is None else out,
+            self.buf.get(f"lens_seg{j}", (B,), np.int64), keep,
+            self.buf.get(f"first{j}", (B, m.P)))
+        if h0 is None:
+            r.h_start[0], r.c_start[0] = 0, 0
+        else:
+            np.copyto(r.h_start[0], h0[j], casting="same_kind")
+            np.copyto(r.c_start[0], c0[j], casting="same_kind")
+        self.views(j, K if n_seg > 1 else T, B)      # the capacity, grown here, not in a thread
+        h_n = self.buf.get("h_n", (m.L * m.D, B, m.P))[j]
+        c_n = self.buf.get("c_n", (m.L * m.D, B, m.H))[j]
+        return partial(self._segments_forward, j, h_n, c_n)
+
+    def _segment(self, j, i):
+        """Segment i of direction j's forward, from its starting state (h_start, c_start
+        row i, or row 0 where only the last one is kept), into the workspace: (its
+        views, its first step, its steps)."""
+        r, m = self.segs[j], self.spec
+        T, B = r.src.shape[:2]
+        s0 = i * r.K
+        n = min(T, s0 + r.K) - s0
+        v = self.views(j, n, B)
+        np.copyto(v["x"], r.src[s0:s0 + n], casting="same_kind")
+        np.clip(r.lens - s0, 0, n, out=r.seg_lens)
+        if r.padded:
+            zero_padding(v["x"], r.seg_lens)
+        row = i if r.keep else 0
+        v["h"][0], v["c"][0] = r.h_start[row], r.c_start[row]
+        for name, a in r.vmasks.items():
+            np.copyto(v[name], a if name == "rmask" else a[s0:s0 + n])
+        layer_forward(m.pblocks[j], self.ws[j].flat, r.seg_lens, m.clip, n, B,
+                      m.in_sizes[j], m.H, m.P, r.bits)
+        return v, s0, n
+
+    def _segments_forward(self, j, h_n, c_n):
+        r = self.segs[j]
+        for i in range(r.n_seg):
+            v, s0, n = self._segment(j, i)
+            if r.out is not False:
+                r.out[s0:s0 + n] = v["y"] if r.padded else v["h_out"]
+            elif i == 0:
+                r.first[:] = v["h"][1]
+            row = i + 1 if r.keep else 0
+            if i + 1 < r.n_seg:
+                r.h_start[row], r.c_start[row] = v["h"][n], v["c"][n]
+        h_n[:], c_n[:] = v["h"][n], v["c"][n]
+
+    def _last_only_backward(self, j, d, grad, dh_n, dc_n, bits):
+        """The call of direction j's backward (d its direction) of a last layer that kept
+        only each sequence's last output: grad (B, D*P) joins the forward direction's
+        final state's gradient (dh_n + dy: the sum the kernel makes at that step) and the
+        reverse direction's first step; every other step's dy is zero."""
+        m, P = self.spec, self.spec.P
+        B = grad.shape[0]
+        dh = self.buf.get(f"dh_last{j}", (B, P))
+        dc = self.buf.get(f"dc_last{j}", (B, m.H))
+        g = grad[:, d * P:(d + 1) * P]
+        if dh_n is None:
+            dh[:], dc[:] = 0, 0
+        else:
+            dh[:], dc[:] = dh_n[j], dc_n[j]
+        if d == 0:
+            dh += g
+        r = self.segs[j]
+        dx = self.buf.get(f"dx_seg{j}", r.src.shape)
+        return partial(self._segments_backward, j, None, dh, dc, dx, bits,
+                       g if d == 1 else None)
+
+    def _segments_backward(self, j, grad, dh_n, dc_n, dx, bits, dy0=None):
+        """Direction j's backward, segment by segment from the last: each recomputed from
+        its starting state (the last one's steps are still in the workspace), then
+        differentiated, its sums carried into the next call (see lstm_backward). dh_n,
+        dc_n: this direction's final state's gradient, or None; grad: (T, B, P), or None
+        for zeros but dy0 at the first step."""
+        r, m = self.segs[j], self.spec
+        T, B = r.src.shape[:2]
+        for i in range(r.n_seg - 1, -1, -1):
+            if i < r.n_seg - 1:
+                v, s0, n = self._segment(j, i)
+            else:
+                s0 = i * r.K
+                n = T - s0
+                v = self.views(j, n, B)
+                np.clip(r.lens - s0, 0, n, out=r.seg_lens)
+            if grad is None:
+                v["dy"].fill(0)
+                if i == 0 and dy0 is not None:
+                    v["dy"][0] = dy0
+            else:
+                np.copyto(v["dy"], grad[s0:s0 + n], casting="same_kind")
+            b = bits | (EARLIER if i > 0 else 0)
+            if i < r.n_seg - 1:
+                b |= LATER
+            elif dh_n is None:
+                b |= ZERO_STATE
+            else:
+                np.copyto(v["dh"], dh_n, casting="same_kind")
+                np.copyto(v["dc"], dc_n, casting="same_kind")
+            layer_backward(m.pblocks[j], self.gblock(j), self.ws[j].flat, r.seg_lens, m.clip,
+                           n, B, m.in_sizes[j], m.H, m.P, b)
+            dx[s0:s0 + n] = v["dx"]
+        return v["dh"], v["dc"]
+
+    def backward(self, grad, dh_n, dc_n, lens, masks, pairs=False, one_thread=True, seg=False,
+                 last_only=False):
+        """seg: the forward ran in segments (``forward``'s seg, keeping their states).
+        last_only (with seg): grad is (B, D*P), the gradient on each sequence's output at
+        its own last step (``forward``'s last_only)."""
         m = self.spec
         ensure(m.dtype, layer_backward)
         if m.D == 2:
             ensure(m.dtype, reverse_in_time)
-        T, B = grad.shape[:2]
+        T, B = (self.segs[0].src.shape[0], grad.shape[0]) if last_only else grad.shape[:2]
         L, D, H, P = m.L, m.D, m.H, m.P
         single = L * D == 1
         if not single:
@@ -215,6 +396,21 @@ class Part:
             one = ONE_THREAD if one_thread or paired else 0
             for d in range(D):
                 j = k * D + d
+                if seg and last_only and k == L - 1:
+                    calls.append(self._last_only_backward(j, d, grad, dh_n, dc_n, m.opts | one))
+                    continue
+                if seg:
+                    g = grad if D == 1 else grad[:, :, d * P:(d + 1) * P]
+                    if d == 1:         # reversed in time, whole (a segment reads its steps)
+                        mine = self.buf.get(f"dy_in{k}", g.shape)
+                        np.copyto(mine, g, casting="same_kind")
+                        g = self.buf.get(f"dy_rev{k}", g.shape)
+                        reverse_in_time(mine, g, lens)
+                    calls.append(partial(
+                        self._segments_backward, j, g, None if dh_n is None else dh_n[j],
+                        None if dh_n is None else dc_n[j],
+                        self.buf.get(f"dx_seg{j}", (T, B, m.in_sizes[j])), m.opts | one))
+                    continue
                 v = self.views(j, T, B)
                 if D == 1:
                     np.copyto(v["dy"], grad, casting="same_kind")
@@ -235,23 +431,29 @@ class Part:
                                      P, m.opts | (ZERO_STATE if dh_n is None else 0) | one))
             self._run(calls, paired)
             if not single:
-                for d in range(D):
-                    v = self.views(k * D + d, T, B)
-                    dh0[k * D + d], dc0[k * D + d] = v["dh"], v["dc"]
+                for j in range(k * D, k * D + D):
+                    dh0[j], dc0[j] = self._dstate(j, T, B, seg)
+            dxs = [self.buf.get(f"dx_seg{j}", (T, B, m.in_sizes[j])) if seg
+                   else self.views(j, T, B)["dx"] for j in range(k * D, k * D + D)]
             if D == 1:
-                dx = self.views(k * D, T, B)["dx"]
+                dx = dxs[0]
             else:
-                dx = self.buf.get(f"dx{k}", self.views(k * D, T, B)["dx"].shape)
-                reverse_in_time(self.views(k * D + 1, T, B)["dx"], dx, lens)
-                dx += self.views(k * D, T, B)["dx"]
+                dx = self.buf.get(f"dx{k}", dxs[0].shape)
+                reverse_in_time(dxs[1], dx, lens)
+                dx += dxs[0]
             if k > 0 and masks[k - 1] is not None:
                 grad = self.buf.get(f"dmasked{k}", dx.shape)
                 np.multiply(dx, masks[k - 1], out=grad)
             else:
                 grad = dx
         if single:
-            v = self.views(0, T, B)
-            dh0, dc0 = v["dh0"], v["dc0"]
+            dh0, dc0 = (a[None] for a in self._dstate(0, T, B, seg))
         return grad, dh0, dc0
+
+    def _dstate(self, j, T, B, seg):
+        """Direction j's (dh0, dc0) after its backward: in the workspace's rows that do
+        not hold T, the same for every segment's view."""
+        v = self.views(j, min(T, self.segs[j].K) if seg else T, B)
+        return v["dh"], v["dc"]
 
 

@@ -41,9 +41,13 @@ class Last:
     made a cycle, which kept a dropped plan and its workspace alive until the cyclic
     collector came by (T changing every step piled up gigabytes)."""
 
-    def __init__(self, T, B, lengths, masks, vmasks, split, one_thread=True):
+    def __init__(self, T, B, lengths, masks, vmasks, split, one_thread=True, seg=None,
+                 kept=True, last_only=False):
         self.T, self.B, self.lengths, self.masks, self.split = T, B, lengths, masks, split
         self.vmasks, self.one_thread = vmasks, one_thread
+        self.seg = seg          # the forward's segments (see lstm._segmenting), or None
+        self.kept = kept        # the forward kept what backward needs
+        self.last_only = last_only      # it returned each sequence's last output only
         self.thread = threading.get_ident()
 
 

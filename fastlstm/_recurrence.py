@@ -18,6 +18,7 @@ elementwise loops vectorise.
 """
 import numpy as np
 from numba import njit
+from numba.extending import register_jitable
 
 from . import _activations, _cell, _gemm, _numba_ext
 from ._cell import (
@@ -43,7 +44,8 @@ from ._numba_ext import make_view
 # the loops inline the cell, the activations and the packed products
 follow(__file__, _activations.__file__, _cell.__file__, _gemm.__file__, _numba_ext.__file__)
 
-__all__ = ["lstm_forward", "lstm_backward", "transposed_product_pays", "CHUNK_BYTES"]
+__all__ = ["lstm_forward", "lstm_backward", "transposed_product_pays", "CHUNK_BYTES",
+           "BLAS_CHUNK_BYTES", "backward_chunk"]
 
 #: a view without a reference count, for use inside kernels (see _numba_ext.make_view)
 _uview = make_view(False)
@@ -160,6 +162,20 @@ def _accumulate_transposed(acc, src_t):
 #: float32) streamed its 4 MB dZ from L3 four times, and two such parts at once ran their
 #: backward 1.1x slower than one alone. dZ is then kept for one chunk only (its slots).
 CHUNK_BYTES = 1 << 17
+#: the same through BLAS (bigger: its calls cost more). The chunks cut the sums of the
+#: weight gradients at fixed steps, whatever T, so that a backward run segment by
+#: segment (recompute, see _parts) adds them in the same order as one over all T.
+BLAS_CHUNK_BYTES = 1 << 22
+
+
+@register_jitable
+def backward_chunk(B, I, H, P, itemsize, pack):
+    """Steps per chunk of lstm_backward's row-wise products (its chunks start at the
+    multiples of this), a function of the sizes but not of T. Plain Python when Python
+    calls it: a segment of a recomputed backward is a whole number of chunks."""
+    if pack and gradient_product_pays(max(I, P), 4 * H, itemsize):
+        return max(1, CHUNK_BYTES // (B * 4 * H * itemsize))
+    return max(1, BLAS_CHUNK_BYTES // (B * 4 * H * itemsize))
 
 
 @njit(inline="always", **JIT)
@@ -228,7 +244,7 @@ def _backward_steps(w, dw, v, m, lengths, t0, t1, first, gp, dx_panels, narrow, 
 
 
 @njit(**JIT)
-def lstm_backward(w, dw, v, m, lengths, clip, peep, ln, zone, rdrop, pack):
+def lstm_backward(w, dw, v, m, lengths, clip, peep, ln, zone, rdrop, pack, later, earlier):
     """Backward through time over the sequence ``lstm_forward`` last ran.
 
     w, v and m as ``lstm_forward`` left them; dw the gradients (a
@@ -240,6 +256,11 @@ def lstm_backward(w, dw, v, m, lengths, clip, peep, ln, zone, rdrop, pack):
     live in slot t % chunk of their (T, ...) buffers, used only until the chunk's
     products have read them (see CHUNK_BYTES): a window that stays in L2 instead of
     4 MB written out at long size.
+
+    later / earlier: the call is one segment of a longer sequence (see _parts), whose
+    later steps an earlier call differentiated (add to the sums it began: db and dW^T's
+    scratch) / whose earlier steps a later call will (leave the sums for it to finish).
+    Its first step must start a chunk (backward_chunk).
     """
     dy, dh, dc, dhs, dgates = v.dy, v.dh, v.dc, v.dhs, v.dgates
     x, h, carry = v.x, v.h, v.carry
@@ -267,11 +288,11 @@ def lstm_backward(w, dw, v, m, lengths, clip, peep, ln, zone, rdrop, pack):
     if dx_panels.shape[0] > 0:
         pack_panels(w.weight_ih, dx_panels)
     narrow = pack and narrow_pays(I, x.itemsize)
-    # The row-wise products in chunks of steps (see CHUNK_BYTES) where they run on the
-    # micro-kernel; through BLAS, over all rows at once, as its calls cost more.
+    # The row-wise products in chunks of steps (see CHUNK_BYTES), larger through BLAS.
     gp = pack and gradient_product_pays(max(I, P), 4 * H, x.itemsize)
-    chunk = max(1, CHUNK_BYTES // (B * 4 * H * x.itemsize)) if gp else T
-    v.db[:] = 0
+    chunk = backward_chunk(B, I, H, P, x.itemsize, pack)
+    if not later:
+        v.db[:] = 0
     t_hi = T
     for t in range(T - 1, -1, -1):
         s = t % chunk
@@ -319,10 +340,10 @@ def lstm_backward(w, dw, v, m, lengths, clip, peep, ln, zone, rdrop, pack):
                     for j in range(P):
                         dh[b, j] += v.skip[b, j]
         if t % chunk == 0:
-            _backward_steps(w, dw, v, m, lengths, t, t_hi, t_hi == T, gp, dx_panels, narrow,
-                            ln, rdrop, proj)
+            _backward_steps(w, dw, v, m, lengths, t, t_hi, t_hi == T and not later, gp,
+                            dx_panels, narrow, ln, rdrop, proj)
             t_hi = t
 
-    if gp:            # dW^T, transposed, into dW's scratch buffers over the chunks; then added
+    if gp and not earlier:            # dW^T, transposed, into dW's scratch buffers over the chunks; then added
         _accumulate_transposed(dw.weight_ih, _uview(v.tmp_ih.reshape(4 * H * I), 0, (I, 4 * H)))
         _accumulate_transposed(dw.weight_hh, _uview(v.tmp_hh.reshape(4 * H * P), 0, (P, 4 * H)))

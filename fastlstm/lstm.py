@@ -86,6 +86,13 @@ class LSTM:
         Dropout on ``h_{t-1}`` before ``W_hh`` (Gal & Ghahramani 2016, Keras'
         ``recurrent_dropout``): one mask per sequence and layer direction, the
         same at every step, scaled by 1/(1-p); the identity in evaluation.
+    recompute : None, int or "sqrt"
+        None keeps every step's activations for the backward (the fastest). K keeps
+        the state every K steps (rounded up to a whole number of the backward's
+        chunks of steps; ``last_segment_steps`` says what a call used) and recomputes each segment's forward
+        inside the backward, last segment first: memory O(T/K + K) steps instead of
+        O(T), for about one more forward; "sqrt" picks K = ceil(sqrt(T)) per call.
+        The gradients are bitwise those of None. K >= T is one segment: None's path.
     threads : int or None
         Threads a call may use: the batch is split into that many parts, each run
         on its own thread with single-threaded BLAS, when the work pays for it.
@@ -95,6 +102,10 @@ class LSTM:
 
     Notes
     -----
+    A forward in evaluation mode keeps nothing it does not return (``forward``'s
+    ``keep``): over more steps than fit ``EVAL_SEGMENT_BYTES`` it runs in segments,
+    and its memory beyond x and y does not grow with T.
+
     Buffers are sized on the first call for its (T, B) and reused; a larger T or
     B grows them once. The arrays ``forward`` and ``backward`` return are
     read-only views into these buffers, valid until the next call: copy them to
@@ -106,13 +117,14 @@ class LSTM:
     def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False,
                  dropout=0.0, bidirectional=False, proj_size=0, dtype=np.float32, seed=None,
                  forget_bias=0.0, cell_clip=None, threads=None, peephole=False,
-                 layer_norm=False, zoneout=0.0, zoneout_cell=0.0, recurrent_dropout=0.0):
+                 layer_norm=False, zoneout=0.0, zoneout_cell=0.0, recurrent_dropout=0.0,
+                 recompute=None):
         config = _options.layer_config(
             input_size, hidden_size, num_layers=num_layers, bias=bias, batch_first=batch_first,
             dropout=dropout, bidirectional=bidirectional, proj_size=proj_size, dtype=dtype,
             seed=seed, forget_bias=forget_bias, cell_clip=cell_clip, threads=threads,
             peephole=peephole, layer_norm=layer_norm, zoneout=zoneout, zoneout_cell=zoneout_cell,
-            recurrent_dropout=recurrent_dropout)
+            recurrent_dropout=recurrent_dropout, recompute=recompute)
         for k, v in config.items():
             setattr(self, k, v)
         self.training = True
@@ -321,7 +333,32 @@ class LSTM:
                 a.fill(1)
         return out
 
-    def forward(self, x, state=None, lengths=None):
+    #: bytes of workspace one segment of a forward that keeps nothing (evaluation) may
+    #: take; a longer x runs in segments of this size
+    EVAL_SEGMENT_BYTES = 16 << 20
+
+    def _segmenting(self, T, B, keep):
+        """None (one call over all T steps, keeping them), or the forward's segments:
+        (steps per segment before the parts round them, whether their states are kept
+        for a recomputing backward)."""
+        if keep:
+            if self.recompute is None:
+                return None
+            K = math.isqrt(T - 1) + 1 if self.recompute == "sqrt" else self.recompute
+        else:
+            step = self.workspace_bytes(2, B) - self.workspace_bytes(1, B)
+            K = max(1, self.EVAL_SEGMENT_BYTES // step)
+        return None if T <= K else (K, keep)
+
+    @property
+    def last_segment_steps(self):
+        """Steps per segment of the last forward (its first part's first layer), or None
+        when it ran over all steps at once."""
+        if self._last is None or getattr(self._last, "seg", None) is None:
+            return None
+        return self._parts[0].segs[0].K
+
+    def forward(self, x, state=None, lengths=None, keep=None, return_sequences=True):
         """Run over whole sequences.
 
         Parameters
@@ -334,6 +371,16 @@ class LSTM:
             Sequence b uses steps [0, lengths[b]), in any order: its outputs past
             that are zero and its final state is taken at its own last step (as
             torch's packed sequences).
+        keep : bool, optional
+            Keep what ``backward`` needs (with ``recompute``, the segments' states).
+            None: in training mode only. A forward that keeps nothing cannot be
+            differentiated; over many steps it runs in segments (``EVAL_SEGMENT_BYTES``),
+            and stores no per-step activations beyond y.
+        return_sequences : bool
+            False: return, in y's place, each sequence's output at its own last step
+            (B, D*H_out), as Keras' ``return_sequences=False``; ``backward`` then takes dy
+            of that shape. In segments (``recompute``, evaluation) the last layer's
+            T steps of output are then never stored: a many-to-one model's memory.
 
         Returns
         -------
@@ -342,22 +389,28 @@ class LSTM:
             Read-only views into the workspace, valid until the next call.
         """
         with self._guard("forward"):
-            return self._forward(x, state, lengths)
+            keep = self.training if keep is None else check.boolean("keep", keep)
+            if check.boolean("return_sequences", return_sequences):
+                return self._forward(x, state, lengths, keep)
+            return self._forward(x, state, lengths, keep, last_only=True)
 
-    def _forward(self, x, state, lengths):
+    def _forward(self, x, state, lengths, keep, last_only=False):
         check.float_array("x", x, self.dtype)
-        if state is None and lengths is None:
-            plan = self._plans.get(x.shape)        # a shape this model has run before
+        if state is None and lengths is None and not last_only:
+            # a shape this model has run before (a plan is made where no segments are)
+            plan = self._plans.get(x.shape)
             if type(plan) is Plan:
                 np.copyto(plan.x, x, casting="same_kind")
                 layer_forward(*plan.fargs)
                 plan.thread = threading.get_ident()
+                plan.kept = keep
                 self._last = plan
                 return plan.out
             if (type(plan) is SplitPlan and x.dtype == self.dtype
                     and self._split(plan.T, plan.B) is plan.split):
                 out = plan.forward(x)
                 plan.thread = threading.get_ident()
+                plan.kept = keep
                 self._last = plan
                 return out
         check.shape("x", x, ("B", "T", self.input_size) if self.batch_first
@@ -368,7 +421,8 @@ class LSTM:
             raise ValueError(f"x must have T >= 1 and B >= 1, got shape {x.shape}")
         h0, c0 = self._state("state", state, B)
         lens = check.lengths("lengths", lengths, B, T)
-        if (T, B) not in self._affordable:       # once per shape: the arithmetic costs
+        seg = self._segmenting(T, B, keep)
+        if seg is None and (T, B) not in self._affordable:   # once per shape: the arithmetic
             check.affordable(self.workspace_bytes(T, B) // self.dtype.itemsize, self.dtype,
                              f"the workspace for T={T}, B={B} (x's shape)")
             self._affordable.add((T, B))
@@ -391,22 +445,41 @@ class LSTM:
         vmasks = self._variant_masks(T, B)
         split = self._split(T, B)
         one_thread = single_threaded(len(split), T * B * 4 * H * (self.input_size + P) * L)
+        in_parts = last_only and seg is not None      # else gathered from y here
         if len(split) == 1:
             out, h_n, c_n = split[0][0].forward(xt, h0, c0, lens, padded, masks, vmasks,
-                                                pairs=True, one_thread=one_thread)
+                                                pairs=True, one_thread=one_thread, seg=seg,
+                                                last_only=in_parts)
         else:
-            def run(part, cut):
+            out = self._buf.get("y_last" if in_parts else "y",
+                                (B, D * P) if in_parts else (T, B, D * P))
+
+            def run(part, cut):     # in segments, each part writes its rows of y (x's size)
                 return part.forward(xt[:, cut], rows(h0, cut), rows(c0, cut), lens[cut],
                                     padded, [None if m is None else m[:, cut] for m in masks],
                                     {k: a[:, cut] if k == "rmask" else a[:, :, cut]
-                                     for k, a in vmasks.items()})
+                                     for k, a in vmasks.items()}, seg=seg,
+                                    y_out=None if seg is None or in_parts else out[:, cut],
+                                    last_only=in_parts)
             results = run_parts([partial(run, part, slice(b0, b1)) for part, b0, b1 in split])
-            out = self._buf.get("y", (T, B, D * P))
             h_n = self._buf.get("h_n", (L * D, B, P))
             c_n = self._buf.get("c_n", (L * D, B, H))
             for (_, b0, b1), (o, h, c) in zip(split, results):
-                out[:, b0:b1], h_n[:, b0:b1], c_n[:, b0:b1] = o, h, c
-        self._last = Last(T, B, lens, masks, vmasks, split, one_thread=one_thread)
+                if in_parts:
+                    out[b0:b1] = o
+                elif seg is None:
+                    out[:, b0:b1] = o
+                h_n[:, b0:b1], c_n[:, b0:b1] = h, c
+        self._last = Last(T, B, lens, masks, vmasks, split, one_thread=one_thread, seg=seg,
+                          kept=keep, last_only=last_only)
+        if last_only:
+            if not in_parts:        # each sequence's own last step, from all of y
+                y_last = self._buf.get("y_last", (B, D * P))
+                np.copyto(y_last, out[lens - 1, np.arange(B)])
+                out = y_last
+            return readonly(out), (readonly(h_n), readonly(c_n))
+        if seg is not None:
+            return readonly(self._time_major(out)), (readonly(h_n), readonly(c_n))
         if state is None and not padded and L * D == 1 and not vmasks and self._fast_paths:
             if len(split) == 1 and (B < 2 or T * B * 4 * H * (self.input_size + P) < SPLIT_WORK):
                 # the next call at this shape takes the plan (never split, whatever the threads)
@@ -464,9 +537,15 @@ class LSTM:
             raise RuntimeError("backward() would differentiate the last forward(), which "
                                "another thread made on this LSTM; use one model per thread")
         last = self._last
+        if not last.kept:
+            raise RuntimeError("backward() needs a forward() that kept its activations: the "
+                               "last one ran in evaluation mode (or with keep=False), which "
+                               "keeps nothing; run it in training mode or with keep=True")
         T, B, lens, masks = last.T, last.B, last.lengths, last.masks
         L, D, H, P = self.num_layers, self.num_directions, self.hidden_size, self._P
         check.float_array("dy", dy, self.dtype)
+        if last.last_only:
+            return self._backward_last(dy, dstate)
         plan = last
         if type(plan) is Plan and dstate is None and dy.shape == plan.dy.shape:
             if not plan.backward_ready:
@@ -480,16 +559,18 @@ class LSTM:
         check.shape("dy", dy, (B, T, D * P) if self.batch_first else (T, B, D * P))
         dh_n, dc_n = self._state("dstate", dstate, B)
         grad = self._time_major(dy)
+        seg = last.seg is not None
         if len(last.split) == 1:
             dx, dh0, dc0 = self._part(0).backward(grad, dh_n, dc_n, lens, masks, pairs=True,
-                                                  one_thread=last.one_thread)
+                                                  one_thread=last.one_thread, seg=seg)
         else:
             def run(r, cut):
                 part = self._part(r)
                 if r:
                     part.flat_grads.fill(0)
                 return part.backward(grad[:, cut], rows(dh_n, cut), rows(dc_n, cut),
-                                     lens[cut], [None if m is None else m[:, cut] for m in masks])
+                                     lens[cut], [None if m is None else m[:, cut] for m in masks],
+                                     seg=seg)
             results = run_parts([partial(run, r, slice(b0, b1))
                                  for r, (_, b0, b1) in enumerate(last.split)])
             for r in range(1, len(last.split)):      # in order: the same sum every time
@@ -499,10 +580,50 @@ class LSTM:
             dc0 = self._buf.get("dc0", (L * D, B, H))
             for (_, b0, b1), (d, h, c) in zip(last.split, results):
                 dx[:, b0:b1], dh0[:, b0:b1], dc0[:, b0:b1] = d, h, c
-        if len(last.split) == 1 and L * D == 1:
+        if len(last.split) == 1 and L * D == 1 and not seg:
             ws = self._part(0).ws[0]
             return (ws.readonly(T, B, "dx", self.batch_first),
                     (ws.readonly(T, B, "dh0"), ws.readonly(T, B, "dc0")))
+        return readonly(self._time_major(dx)), (readonly(dh0), readonly(dc0))
+
+    def _backward_last(self, dy, dstate):
+        """backward after forward(..., return_sequences=False): dy (B, D*P) is the gradient
+        on each sequence's last output; in segments the parts take it as it is, else it
+        is scattered into a (T, B, D*P) dy at each sequence's own last step."""
+        last = self._last
+        T, B, lens, masks = last.T, last.B, last.lengths, last.masks
+        L, D, H, P = self.num_layers, self.num_directions, self.hidden_size, self._P
+        check.shape("dy", dy, (B, D * P))
+        dh_n, dc_n = self._state("dstate", dstate, B)
+        seg = last.seg is not None
+        if not seg:
+            grad = self._buf.get("dy_full", (T, B, D * P))
+            grad.fill(0)
+            grad[lens - 1, np.arange(B)] = dy
+        else:
+            grad = dy
+        if len(last.split) == 1:
+            dx, dh0, dc0 = self._part(0).backward(grad, dh_n, dc_n, lens, masks, pairs=True,
+                                                  one_thread=last.one_thread, seg=seg,
+                                                  last_only=seg)
+        else:
+            def run(r, cut):
+                part = self._part(r)
+                if r:
+                    part.flat_grads.fill(0)
+                return part.backward(grad[cut] if seg else grad[:, cut], rows(dh_n, cut),
+                                     rows(dc_n, cut), lens[cut],
+                                     [None if m is None else m[:, cut] for m in masks],
+                                     seg=seg, last_only=seg)
+            results = run_parts([partial(run, r, slice(b0, b1))
+                                 for r, (_, b0, b1) in enumerate(last.split)])
+            for r in range(1, len(last.split)):      # in order: the same sum every time
+                self.flat_grads += self._parts[r].flat_grads
+            dx = self._buf.get("dx", (T, B, self.input_size))
+            dh0 = self._buf.get("dh0", (L * D, B, P))
+            dc0 = self._buf.get("dc0", (L * D, B, H))
+            for (_, b0, b1), (d, h, c) in zip(last.split, results):
+                dx[:, b0:b1], dh0[:, b0:b1], dc0[:, b0:b1] = d, h, c
         return readonly(self._time_major(dx)), (readonly(dh0), readonly(dc0))
 
     def zero_grad(self):

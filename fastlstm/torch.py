@@ -97,7 +97,8 @@ def _forward_impl(x, h0, c0, lengths, key, training, keep):
     lstm.training = training
     state = None if h0 is None else (h0.detach().numpy(), c0.detach().numpy())
     lens = None if lengths is None else lengths.detach().numpy()
-    y, (h_n, c_n) = lstm.forward(x.detach().numpy(), state=state, lengths=lens)
+    y, (h_n, c_n) = lstm.forward(x.detach().numpy(), state=state, lengths=lens,
+                                 keep=bool(keep))
     park_servers()        # torch's own threads run next: no server spins against them
     return (torch.from_numpy(np.array(y)), torch.from_numpy(np.array(h_n)),
             torch.from_numpy(np.array(c_n)), eng)

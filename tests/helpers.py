@@ -63,7 +63,8 @@ RESULT_KEYS = ("y", "h_n", "c_n", "x", "h0", "c0",
 
 
 def run_ours(m, prob, lengths):
-    y, (h_n, c_n) = m.forward(prob["x"], (prob["h0"], prob["c0"]), lengths=lengths)
+    y, (h_n, c_n) = m.forward(prob["x"], (prob["h0"], prob["c0"]), lengths=lengths,
+                              keep=True)   # evaluation mode too: its graph is checked
     out = dict(y=y.copy(), h_n=h_n.copy(), c_n=c_n.copy())
     m.zero_grad()
     dx, (dh0, dc0) = m.backward(prob["dy"], (prob["dh_n"], prob["dc_n"]))
