@@ -29,7 +29,8 @@ follow(__file__, *SOURCES)
 SOURCES += (__file__,)
 
 __all__ = ["layer_forward", "layer_backward", "rows_forward", "rows_backward", "opts_bits",
-           "OPTS", "LATER", "EARLIER", "reverse_in_time", "zero_padding", "param_views", "workspace_views",
+           "OPTS", "LATER", "EARLIER", "reverse_in_time", "zero_padding", "param_views",
+           "workspace_views",
            "params_of", "workspace_of", "LAYER"]
 
 def _compile_carving(fname, table, tuple_cls, dims, counted=False, bits=False):

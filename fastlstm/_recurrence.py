@@ -344,6 +344,7 @@ def lstm_backward(w, dw, v, m, lengths, clip, peep, ln, zone, rdrop, pack, later
                             dx_panels, narrow, ln, rdrop, proj)
             t_hi = t
 
-    if gp and not earlier:            # dW^T, transposed, into dW's scratch buffers over the chunks; then added
+    # dW^T, transposed, into dW's scratch buffers over the chunks (of every segment); then added
+    if gp and not earlier:
         _accumulate_transposed(dw.weight_ih, _uview(v.tmp_ih.reshape(4 * H * I), 0, (I, 4 * H)))
         _accumulate_transposed(dw.weight_hh, _uview(v.tmp_hh.reshape(4 * H * P), 0, (P, 4 * H)))

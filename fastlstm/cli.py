@@ -26,7 +26,8 @@ COMMON_DEFAULTS = dict(seed=0, backend="fastlstm", threads=None)
 #: the LSTM variants (options of fastlstm.LSTM, from _options' table), off by default
 VARIANTS = dict(_options.VARIANTS)
 for _task in ("adding", "sine", "data"):       # the runs that train a SequenceModel
-    TRAIN_DEFAULTS[_task].update(distributed=False, export_onnx=None, **VARIANTS)
+    TRAIN_DEFAULTS[_task].update(distributed=False, export_onnx=None, recompute=None,
+                                 **VARIANTS)
 for _task in ("adding", "data"):               # the runs that keep a training history
     TRAIN_DEFAULTS[_task].update(plot=None)
 #: command-line spelling of each setting
@@ -34,7 +35,7 @@ FLAGS = dict(seq_len="--seq-len", hidden="--hidden", layers="--layers",
              batch_size="--batch-size", lr="--lr", optimizer="--optimizer", max_steps="--steps",
              max_seconds="--max-seconds", curriculum="--no-curriculum", dtype="--dtype",
              epochs="--epochs", save="--save", distributed="--distributed",
-             export_onnx="--export-onnx", plot="--plot",
+             export_onnx="--export-onnx", plot="--plot", recompute="--recompute",
              **{o.name: o.cli[0] for o in _options.OPTIONS if o.cli})
 
 
@@ -152,7 +153,8 @@ def _train_run(args, task, run):
                   layers=run["layers"], batch_size=run["batch_size"], lr=run["lr"],
                   optimizer=run["optimizer"], max_seconds=run["max_seconds"],
                   distributed=run["distributed"],
-                  lstm_options={k: run[k] for k in VARIANTS if run[k] != VARIANTS[k]})
+                  lstm_options={k: run[k] for k in (*VARIANTS, "recompute")
+                                if run[k] != dict(VARIANTS, recompute=None)[k]})
     if task == "data":
         say(f"Training on {args.data} ({run['backend']}) ...")
         model, summary = tasks.train_data(args.data, epochs=run["epochs"], plot=run["plot"],
@@ -366,6 +368,20 @@ def _positive(kind):
 
 
 _probability = _number(float, lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+def _recompute(text):
+    """--recompute: 'sqrt' or a number of steps >= 1 (fastlstm.LSTM's recompute)."""
+    if text == "sqrt":
+        return text
+    try:
+        steps = int(text)
+    except ValueError:
+        steps = 0
+    if steps < 1:
+        raise argparse.ArgumentTypeError(f"expected 'sqrt' or a number of steps >= 1, "
+                                         f"got {text!r}")
+    return steps
 _nonnegative_int = _number(int, lambda v: v >= 0, ">= 0")
 
 
@@ -406,6 +422,9 @@ def build_parser():
             t.add_argument(o.cli[0], action="store_const", const=True, help=o.help)
         elif o.cli:
             t.add_argument(o.cli[0], type=_probability, metavar="P", help=o.help)
+    t.add_argument("--recompute", type=_recompute, metavar="K|sqrt",
+                   help="keep the LSTM's state every K steps (sqrt: every sqrt(T)) and "
+                        "recompute the rest in the backward: memory for time, same gradients")
     t.add_argument("--save", help="write the trained model to this .npz")
     t.add_argument("--plot", metavar="PATH",
                    help="adding, --data: draw the training curve to this image (.png, .svg; "

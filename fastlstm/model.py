@@ -158,9 +158,24 @@ class SequenceModel:
                 check.float_array(part, a, self.dtype)
                 check.shape(part, a, (n, B, size))
 
+    def _last_only(self):
+        """Whether the layer returns each sequence's last output only (return_sequences):
+        where it runs in segments (recompute, evaluation), so that it never stores the
+        T steps of y; elsewhere gathering here keeps the layer's plans."""
+        return (self.head == "last" and self.backend == "fastlstm"
+                and (self.lstm.recompute is not None or not self.lstm.training))
+
     def _head(self, x, lengths, state=None):
         """Forward through the LSTM and the head: (logits rows, features, time-major
         lengths, T, B, final state)."""
+        if self._last_only():
+            feats, final = self.lstm.forward(x, state, lengths=lengths,
+                                             return_sequences=False)
+            B, T = x.shape[:2]
+            logits = self._buf.get("logits", (B, self.output_size))
+            np.dot(feats, self.W.T, out=logits)
+            _losses.add_bias(logits, self.b)
+            return logits, feats, self.lstm.last_lengths, T, B, final
         y_seq, final = self.lstm.forward(x, state, lengths=lengths)
         y_tm = np.ascontiguousarray(y_seq.transpose(1, 0, 2))  # (T, B, F): already so for fastlstm
         T, B, F = y_tm.shape
@@ -224,6 +239,9 @@ class SequenceModel:
         self.db += db
         dfeats = self._buf.get("dfeats", feats.shape)
         np.dot(dlogits, self.W, out=dfeats)
+        if self._last_only():
+            self.lstm.backward(dfeats)
+            return loss, final
         if self.head == "last":
             dy = self._buf.get("dy", (T, B, feats.shape[1]))
             _losses.scatter_last(dfeats, lens, dy)
