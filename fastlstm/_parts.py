@@ -336,7 +336,7 @@ class Part:
         if d == 0:
             dh += g
         r = self.segs[j]
-        dx = self.buf.get(f"dx_seg{j}", r.src.shape)
+        dx = self._dx_seg(j, *r.src.shape[:2])
         return partial(self._segments_backward, j, None, dh, dc, dx, bits,
                        g if d == 1 else None)
 
@@ -376,11 +376,13 @@ class Part:
         return v["dh"], v["dc"]
 
     def backward(self, grad, dh_n, dc_n, lens, masks, pairs=False, one_thread=True, seg=False,
-                 last_only=False):
-        """seg: the forward ran in segments (``forward``'s seg, keeping their states).
-        last_only (with seg): grad is (B, D*P), the gradient on each sequence's output at
-        its own last step (``forward``'s last_only)."""
+                 last_only=False, dx_out=None):
+        """seg: the forward ran in segments (``forward``'s seg, keeping their states); dx
+        then goes into dx_out (T, B, I), when given. last_only (with seg): grad is
+        (B, D*P), the gradient on each sequence's output at its own last step
+        (``forward``'s last_only)."""
         m = self.spec
+        self.dx_out = dx_out
         ensure(m.dtype, layer_backward)
         if m.D == 2:
             ensure(m.dtype, reverse_in_time)
@@ -409,7 +411,7 @@ class Part:
                     calls.append(partial(
                         self._segments_backward, j, g, None if dh_n is None else dh_n[j],
                         None if dh_n is None else dc_n[j],
-                        self.buf.get(f"dx_seg{j}", (T, B, m.in_sizes[j])), m.opts | one))
+                        self._dx_seg(j, T, B), m.opts | one))
                     continue
                 v = self.views(j, T, B)
                 if D == 1:
@@ -433,12 +435,13 @@ class Part:
             if not single:
                 for j in range(k * D, k * D + D):
                     dh0[j], dc0[j] = self._dstate(j, T, B, seg)
-            dxs = [self.buf.get(f"dx_seg{j}", (T, B, m.in_sizes[j])) if seg
+            dxs = [self._dx_seg(j, T, B) if seg
                    else self.views(j, T, B)["dx"] for j in range(k * D, k * D + D)]
             if D == 1:
                 dx = dxs[0]
             else:
-                dx = self.buf.get(f"dx{k}", dxs[0].shape)
+                dx = (self.dx_out if k == 0 and seg and self.dx_out is not None
+                      else self.buf.get(f"dx{k}", dxs[0].shape))
                 reverse_in_time(dxs[1], dx, lens)
                 dx += dxs[0]
             if k > 0 and masks[k - 1] is not None:
@@ -449,6 +452,13 @@ class Part:
         if single:
             dh0, dc0 = (a[None] for a in self._dstate(0, T, B, seg))
         return grad, dh0, dc0
+
+    def _dx_seg(self, j, T, B):
+        """Where direction j's dx goes in segments: the caller's dx_out for the first
+        layer of one direction (no copy of x's size), else a buffer of its own."""
+        if j == 0 and self.spec.D == 1 and self.dx_out is not None:
+            return self.dx_out
+        return self.buf.get(f"dx_seg{j}", (T, B, self.spec.in_sizes[j]))
 
     def _dstate(self, j, T, B, seg):
         """Direction j's (dh0, dc0) after its backward: in the workspace's rows that do

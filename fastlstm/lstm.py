@@ -571,16 +571,18 @@ class LSTM:
                     part.flat_grads.fill(0)
                 return part.backward(grad[:, cut], rows(dh_n, cut), rows(dc_n, cut),
                                      lens[cut], [None if m is None else m[:, cut] for m in masks],
-                                     seg=seg)
+                                     seg=seg, dx_out=dx[:, cut] if seg else None)
+            dx = self._buf.get("dx", (T, B, self.input_size))
             results = run_parts([partial(run, r, slice(b0, b1))
                                  for r, (_, b0, b1) in enumerate(last.split)])
             for r in range(1, len(last.split)):      # in order: the same sum every time
                 self.flat_grads += self._parts[r].flat_grads
-            dx = self._buf.get("dx", (T, B, self.input_size))
             dh0 = self._buf.get("dh0", (L * D, B, P))
             dc0 = self._buf.get("dc0", (L * D, B, H))
             for (_, b0, b1), (d, h, c) in zip(last.split, results):
-                dx[:, b0:b1], dh0[:, b0:b1], dc0[:, b0:b1] = d, h, c
+                if not seg:
+                    dx[:, b0:b1] = d
+                dh0[:, b0:b1], dc0[:, b0:b1] = h, c
         if len(last.split) == 1 and L * D == 1 and not seg:
             ws = self._part(0).ws[0]
             return (ws.readonly(T, B, "dx", self.batch_first),
@@ -615,16 +617,18 @@ class LSTM:
                 return part.backward(grad[cut] if seg else grad[:, cut], rows(dh_n, cut),
                                      rows(dc_n, cut), lens[cut],
                                      [None if m is None else m[:, cut] for m in masks],
-                                     seg=seg, last_only=seg)
+                                     seg=seg, last_only=seg, dx_out=dx[:, cut] if seg else None)
+            dx = self._buf.get("dx", (T, B, self.input_size))
             results = run_parts([partial(run, r, slice(b0, b1))
                                  for r, (_, b0, b1) in enumerate(last.split)])
             for r in range(1, len(last.split)):      # in order: the same sum every time
                 self.flat_grads += self._parts[r].flat_grads
-            dx = self._buf.get("dx", (T, B, self.input_size))
             dh0 = self._buf.get("dh0", (L * D, B, P))
             dc0 = self._buf.get("dc0", (L * D, B, H))
             for (_, b0, b1), (d, h, c) in zip(last.split, results):
-                dx[:, b0:b1], dh0[:, b0:b1], dc0[:, b0:b1] = d, h, c
+                if not seg:
+                    dx[:, b0:b1] = d
+                dh0[:, b0:b1], dc0[:, b0:b1] = h, c
         return readonly(self._time_major(dx)), (readonly(dh0), readonly(dc0))
 
     def zero_grad(self):

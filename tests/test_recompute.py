@@ -180,3 +180,28 @@ def test_the_last_outputs_only_are_each_sequences_last_step_and_bitwise(opts, dt
             assert np.array_equal(m.flat_grads, grads_want), K
         with pytest.raises(ValueError, match="dy"):
             m.backward(np.zeros((T, B, g.shape[1]), dtype))
+
+
+def test_a_sequence_model_with_recompute_trains_bitwise_as_without():
+    """forward_backward, train_step (Adam) and predict: the same numbers, segments or not."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 200, 3)).astype(np.float32)
+    y = rng.standard_normal((6, 2)).astype(np.float32)
+    runs = []
+    for K in (None, 16, "sqrt"):
+        m = fastlstm.SequenceModel(3, 8, 2, seed=1, num_layers=2, recompute=K)
+        opt = fastlstm.Adam(m, lr=1e-2)
+        losses = [m.train_step(x, y, opt) for _ in range(3)]
+        assert (K is None) == (m.lstm.last_segment_steps is None)
+        runs.append((losses, m.flat_params.copy(), m.predict(x)))
+    for losses, params, pred in runs[1:]:
+        assert losses == runs[0][0]
+        assert np.array_equal(params, runs[0][1]) and np.array_equal(pred, runs[0][2])
+
+
+def test_fastlstm_train_takes_recompute(tmp_path):
+    from fastlstm import cli
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--task", "sine", "--recompute", "sqr"])
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--task", "article", "--recompute", "4"])    # not a SequenceModel
