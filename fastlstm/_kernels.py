@@ -29,7 +29,8 @@ follow(__file__, *SOURCES)
 SOURCES += (__file__,)
 
 __all__ = ["layer_forward", "layer_backward", "rows_forward", "rows_backward", "opts_bits",
-           "OPTS", "LATER", "EARLIER", "reverse_in_time", "zero_padding", "param_views",
+           "OPTS", "LATER", "EARLIER", "PACKED", "segments_forward",
+           "segments_backward", "reverse_in_time", "zero_padding", "param_views",
            "workspace_views",
            "params_of", "workspace_of", "LAYER"]
 
@@ -71,10 +72,13 @@ def workspace_views(ws, T, B, I, H, P, opts):
 #: (zero_state: the initial state, or in backward the final state's gradient, is zero;
 #: setting it here saves two NumPy calls per call, a tenth of a seed-size forward;
 #: one_thread: the call has one thread, so its products may run packed, see _gemm;
-#: later, earlier: a backward call is one segment of a longer sequence, see lstm_backward)
-OPTS = _layout.FLAGS + ("padded", "exact", "zero_state", "one_thread", "later", "earlier")
-(BIAS, PROJ, PEEPHOLE, LAYER_NORM, ZONEOUT, RDROP, PADDED, EXACT, ZERO_STATE, ONE_THREAD,
- LATER, EARLIER) = (1 << k for k in range(len(OPTS)))
+#: later, earlier: a backward call is one segment of a longer sequence, see lstm_backward;
+#: packed: an earlier segment of the same pass left this call's weights packed in the
+#: workspace, see lstm_forward)
+OPTS = _layout.FLAGS + ("padded", "exact", "zero_state", "one_thread", "later", "earlier",
+                        "packed")
+(BIAS, PROJ, PEEPHOLE, LAYER_NORM, ZONEOUT, RDROP, RECOMPUTE, PADDED, EXACT, ZERO_STATE,
+ ONE_THREAD, LATER, EARLIER, PACKED) = (1 << k for k in range(len(OPTS)))
 
 
 def opts_bits(**flags):
@@ -123,7 +127,7 @@ def layer_forward(p, ws, lengths, clip, T, B, I, H, P, opts):
             v.bias[k] += w.ln_ih_bias[k] + w.ln_hh_bias[k]
     m = v.m if has_proj or zone else v.h[1:]
     lstm_forward(w, v, m, lengths, clip, peep, ln, zone, rdrop, opts & EXACT != 0,
-                 opts & ONE_THREAD != 0)
+                 opts & ONE_THREAD != 0, opts & PACKED != 0)
     if opts & PADDED:
         for t in range(T):
             for b in range(B):
@@ -151,7 +155,7 @@ def layer_backward(p, g, ws, lengths, clip, T, B, I, H, P, opts):
         v.dc[:] = 0
     m = v.m if has_proj or zone else v.h[1:]
     lstm_backward(w, dw, v, m, lengths, clip, peep, ln, zone, rdrop, opts & ONE_THREAD != 0,
-                  opts & LATER != 0, opts & EARLIER != 0)
+                  opts & LATER != 0, opts & EARLIER != 0, opts & PACKED != 0)
     last = opts & EARLIER == 0        # else the sum over db's steps goes on in the next call
     if has_bias and last:
         _accumulate(dw.bias_ih, v.db)
@@ -232,6 +236,128 @@ def rows_backward(p, g, ws, dy, dx, dh0, dc0, b0, lengths, clip, T, B, I, H, P, 
     _copy_rows(dy, b0, v.dy, 0, B)
     layer_backward(p, g, ws, lengths, clip, T, B, I, H, P, opts)
     _backward_rows_out(v, dx, dh0, dc0, b0)
+
+
+def _segments_sigs(backward):
+    """segments_forward's / segments_backward's signatures (see there)."""
+    out = []
+    for ft in (types.float32, types.float64):
+        a3, a2 = types.Array(ft, 3, "A"), types.Array(ft, 2, "A")
+        flat, c3 = types.Array(ft, 1, "C"), types.Array(ft, 3, "C")
+        head = [flat] * (3 if backward else 2) + [a3]           # p, (g,) ws, src
+        head += [a3, a2, a3] if backward else [a3, a2]          # grad, dy0, dx / out, first
+        head += [c3, c3]                                        # h_start, c_start
+        head += [] if backward else [a2, a2]                    # h_n, c_n
+        head += [a3, a3, a2]                                    # zh, zc, rmask
+        head += [a2, a2] if backward else []                    # dh_n, dc_n
+        i64 = types.Array(types.int64, 1, "C")
+        out.append(types.void(*head, i64, i64, ft, *[types.int64] * 7))
+    return out
+
+
+# A forward or backward over all T steps in segments of K (recompute; forwards that keep
+# nothing) as one call per direction: the segments' loop in Python, its copies and kernel
+# calls, cost 15-35 us a segment and held the GIL against the other part's thread (at
+# long, float32, with K = 32 a fwd+bwd took 1.7x the time of keeping every step).
+
+@njit(inline="always", **JIT)
+def _run_segment(p, ws, src, h_start, c_start, zh, zc, rmask, lengths, seg_lens, clip, T, K,
+                 i, B, I, H, P, opts):
+    """Segment i's forward (steps [i K, i K + n)) from its starting state h_start[i]
+    (h_start[0] when one row carries it), its input copied in (zeroed past each length
+    with PADDED), its masks sliced: (first step, steps)."""
+    s0 = i * K
+    n = min(T, s0 + K) - s0
+    v = workspace_of(ws, n, B, I, H, P, opts)
+    for b in range(B):
+        seg_lens[b] = min(max(lengths[b] - s0, 0), n)
+    pad = opts & PADDED != 0
+    for t in range(n):
+        for b in range(B):
+            live = not pad or t < seg_lens[b]
+            for k in range(I):
+                v.x[t, b, k] = src[s0 + t, b, k] if live else 0
+    row = i if h_start.shape[0] > 1 else 0
+    v.h[0] = h_start[row]
+    v.c[0] = c_start[row]
+    if zh.shape[0] > 0:
+        v.zh[:] = zh[s0:s0 + n]
+        v.zc[:] = zc[s0:s0 + n]
+    if rmask.shape[0] > 0:
+        v.rmask[:] = rmask
+    layer_forward(p, ws, seg_lens, clip, n, B, I, H, P, opts)
+    return s0, n
+
+
+@entry(_segments_sigs(False), needs=(layer_forward,))
+def segments_forward(p, ws, src, out, first, h_start, c_start, h_n, c_n, zh, zc, rmask,
+                     lengths, seg_lens, clip, T, K, B, I, H, P, opts):
+    """``layer_forward`` over src (T, B, I) in segments of K steps. h_start, c_start
+    (n_seg, B, .) hold each segment's starting state, row 0 given (keep), or (1, B, .)
+    carrying it from one segment to the next (nothing kept); the final state goes into
+    h_n, c_n. The output goes into out (T, B, P), or, when out has no steps, the first
+    step's only into first (B, P) (none when first has no rows). zh, zc (T, B, .) and
+    rmask (B, P): this direction's masks, empty without their variants."""
+    n_seg = (T + K - 1) // K
+    s0, n = 0, 0
+    for i in range(n_seg):
+        s0, n = _run_segment(p, ws, src, h_start, c_start, zh, zc, rmask, lengths, seg_lens,
+                             clip, T, K, i, B, I, H, P, opts | (PACKED if i > 0 else 0))
+        v = workspace_of(ws, n, B, I, H, P, opts)
+        if out.shape[0] > 0:
+            src_out = v.y if opts & PADDED else v.h[1:]
+            for t in range(n):
+                out[s0 + t] = src_out[t]
+        elif i == 0 and first.shape[0] > 0:
+            first[:] = v.h[1]
+        if i + 1 < n_seg:
+            row = i + 1 if h_start.shape[0] > 1 else 0
+            h_start[row] = v.h[n]
+            c_start[row] = v.c[n]
+    v = workspace_of(ws, n, B, I, H, P, opts)
+    h_n[:] = v.h[n]
+    c_n[:] = v.c[n]
+
+
+@entry(_segments_sigs(True), needs=(layer_forward, layer_backward))
+def segments_backward(p, g, ws, src, grad, dy0, dx, h_start, c_start, zh, zc, rmask, dh_n,
+                      dc_n, lengths, seg_lens, clip, T, K, B, I, H, P, opts):
+    """``layer_backward`` after ``segments_forward`` (keeping), last segment first: each
+    recomputed from its starting state (the last one's steps are still in the
+    workspace), then differentiated, the sums carried into the next call (LATER,
+    EARLIER). grad (T, B, P), or no steps: zeros but dy0 (B, P) at step 0; dh_n, dc_n
+    (B, .), or no rows: zeros. dx (T, B, I) receives the input's gradient; dh0, dc0 are
+    left in the workspace."""
+    n_seg = (T + K - 1) // K
+    for i in range(n_seg - 1, -1, -1):
+        if i < n_seg - 1:      # the weights packed again once: they may have moved since
+            s0, n = _run_segment(p, ws, src, h_start, c_start, zh, zc, rmask, lengths,
+                                 seg_lens, clip, T, K, i, B, I, H, P,
+                                 opts | (PACKED if i < n_seg - 2 else 0))
+        else:
+            s0 = i * K
+            n = T - s0
+            for b in range(B):
+                seg_lens[b] = min(max(lengths[b] - s0, 0), n)
+        v = workspace_of(ws, n, B, I, H, P, opts)
+        for t in range(n):
+            if grad.shape[0] > 0:
+                v.dy[t] = grad[s0 + t]
+            else:
+                v.dy[t] = 0
+        if i == 0 and dy0.shape[0] > 0:
+            v.dy[0] = dy0
+        bits = opts | (EARLIER if i > 0 else 0)
+        if i < n_seg - 1:
+            bits |= LATER | PACKED
+        elif dh_n.shape[0] > 0:
+            v.dh[:] = dh_n
+            v.dc[:] = dc_n
+        else:
+            bits |= ZERO_STATE
+        layer_backward(p, g, ws, seg_lens, clip, n, B, I, H, P, bits)
+        for t in range(n):
+            dx[s0 + t] = v.dx[t]
 
 
 @entry(["void(float32[:, :, :], float32[:, :, :], int64[::1])",

@@ -63,6 +63,10 @@ WORKSPACE = (
     ("du", "B, H", "layer_norm"),       # gradient on LN_c's output, one step
     ("skip", "B, P", "zoneout"),        # dh's share that zoneout passes to h_{t-1}
     ("rmask", "B, P", "rdrop"),         # recurrent dropout's mask on h_{t-1}, per sequence
+    # recompute: the backward's panels of W_hh and W_ih in buffers of their own, so that
+    # a segment's recomputed forward and its backward do not pack them over each other
+    ("w_hh_bk", "4 * H, P", "recompute"),
+    ("w_ih_bk", "4 * H, I", "recompute"),
     # the steps
     ("x", "T, B, I", None),             # this direction's input (reversed in time for _reverse)
     ("gates", "T, B, 4 * H", None),     # activations i, f, g, o
@@ -94,10 +98,10 @@ WORKSPACE = (
 
 DIMS = ("T", "B", "I", "H", "P")
 #: options a row may belong to, in the order the carving functions take them
-FLAGS = ("bias", "proj", "peephole", "layer_norm", "zoneout", "rdrop")
+FLAGS = ("bias", "proj", "peephole", "layer_norm", "zoneout", "rdrop", "recompute")
 #: the options of each table, in that order
 PARAM_FLAGS = ("bias", "proj", "peephole", "layer_norm")
-WORKSPACE_FLAGS = ("layer_norm", "zoneout", "rdrop")
+WORKSPACE_FLAGS = ("layer_norm", "zoneout", "rdrop", "recompute")
 
 Params = collections.namedtuple("Params", [r[0] for r in PARAMS])
 Workspace = collections.namedtuple("Workspace", [r[0] for r in WORKSPACE])
@@ -150,7 +154,7 @@ def layer_blocks(input_size, H, P, num_layers, D, *flags):
 
 def workspace_table(T, B, I, H, P, *flags):
     """[(name, shape)] of one direction's workspace for a (T, B) call; absent
-    buffers are left out. flags: layer_norm, zoneout, rdrop (missing: False)."""
+    buffers are left out. flags: layer_norm, zoneout, rdrop, recompute (missing: False)."""
     flags = flags + (False,) * (len(WORKSPACE_FLAGS) - len(flags))
     return [(name, shape_of(expr, T=T, B=B, I=I, H=H, P=P))
             for name, expr in _present(WORKSPACE, WORKSPACE_FLAGS, flags)]

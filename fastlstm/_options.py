@@ -65,7 +65,7 @@ OPTIONS = (
     _row("forget_bias", 0.0, check.real),
     _row("cell_clip", None, _clip, onnx=False, keras=False),   # ONNX's clip bounds the gates
     # how the backward gets its activations: the maths, and so an export, is the same
-    _row("recompute", None, _recompute),
+    _row("recompute", None, _recompute, flag="recompute"),
     _row("peephole", False, check.boolean, flag="peephole", variant=True,
          cli=("--peephole", "switch"), help="peephole connections from the cell to the gates",
          bench=("peephole", True), keras=False),

@@ -15,14 +15,14 @@ from . import _layout
 from . import _validate as check
 from ._compile import ensure
 from ._kernels import (
-    EARLIER,
-    LATER,
     ONE_THREAD,
     PADDED,
     ZERO_STATE,
     layer_backward,
     layer_forward,
     reverse_in_time,
+    segments_backward,
+    segments_forward,
     zero_padding,
 )
 from ._recurrence import backward_chunk
@@ -130,6 +130,9 @@ class Part:
         self.ws = [None] * len(spec.pblocks)
         self.buf = Buffers(spec.dtype)
         self.plans = plans
+        # an absent array for the segments' entries (the variants' masks, their options)
+        self._none3 = np.empty((0, 1, 1), spec.dtype)
+        self._none2 = np.empty((0, 1), spec.dtype)
 
     def gblock(self, j):
         if self.flat_grads is None:
@@ -172,6 +175,8 @@ class Part:
         m = self.spec
         # each entry only where it is called: loading one from the cache takes 20-40 ms
         ensure(m.dtype, layer_forward)
+        if seg is not None:
+            ensure(m.dtype, segments_forward)
         if m.D == 2:
             ensure(m.dtype, reverse_in_time)
         if padded:
@@ -179,9 +184,10 @@ class Part:
         T, B = xt.shape[:2]
         L, D, H, P = m.L, m.D, m.H, m.P
         src = xt
-        if seg is not None and (seg[1] or D == 2):
-            # the recomputing backward reads the input again, and the reverse direction
-            # reads it reversed: a copy, in the model's dtype, which the caller cannot change
+        if seg is not None and (seg[1] or D == 2 or xt.dtype != m.dtype):
+            # the recomputing backward reads the input again, the reverse direction reads
+            # it reversed, the kernels take the model's dtype: a copy, which the caller
+            # cannot change
             src = self.buf.get("x_in", xt.shape)
             np.copyto(src, xt, casting="same_kind")
         self.segs = [None] * (L * D)
@@ -283,41 +289,42 @@ class Part:
         self.views(j, K if n_seg > 1 else T, B)      # the capacity, grown here, not in a thread
         h_n = self.buf.get("h_n", (m.L * m.D, B, m.P))[j]
         c_n = self.buf.get("c_n", (m.L * m.D, B, m.H))[j]
-        return partial(self._segments_forward, j, h_n, c_n)
+        out = r.out if r.out is not False else self._none3
+        first = r.first if r.out is False else self._none2
+        return partial(segments_forward, m.pblocks[j], self.ws[j].flat, src, out, first,
+                       r.h_start, r.c_start, h_n, c_n, *self._masks(r), lens, r.seg_lens,
+                       m.clip, T, K, B, m.in_sizes[j], m.H, m.P, r.bits)
 
-    def _segment(self, j, i):
-        """Segment i of direction j's forward, from its starting state (h_start, c_start
-        row i, or row 0 where only the last one is kept), into the workspace: (its
-        views, its first step, its steps)."""
+    def _masks(self, r):
+        """zh, zc, rmask of a direction's record, empty where its variants are off."""
+        v = r.vmasks
+        return (v.get("zh", self._none3), v.get("zc", self._none3),
+                v.get("rmask", self._none2))
+
+    def _segments_backward(self, j, grad, dh_n, dc_n, bits, dy0=None):
+        """The call of direction j's backward after its forward in segments (see
+        ``_kernels.segments_backward``). grad (T, B, P), or None: zeros but dy0 (B, P) at
+        the first step; dh_n, dc_n: this direction's final state's gradient, or None."""
         r, m = self.segs[j], self.spec
         T, B = r.src.shape[:2]
-        s0 = i * r.K
-        n = min(T, s0 + r.K) - s0
-        v = self.views(j, n, B)
-        np.copyto(v["x"], r.src[s0:s0 + n], casting="same_kind")
-        np.clip(r.lens - s0, 0, n, out=r.seg_lens)
-        if r.padded:
-            zero_padding(v["x"], r.seg_lens)
-        row = i if r.keep else 0
-        v["h"][0], v["c"][0] = r.h_start[row], r.c_start[row]
-        for name, a in r.vmasks.items():
-            np.copyto(v[name], a if name == "rmask" else a[s0:s0 + n])
-        layer_forward(m.pblocks[j], self.ws[j].flat, r.seg_lens, m.clip, n, B,
-                      m.in_sizes[j], m.H, m.P, r.bits)
-        return v, s0, n
-
-    def _segments_forward(self, j, h_n, c_n):
-        r = self.segs[j]
-        for i in range(r.n_seg):
-            v, s0, n = self._segment(j, i)
-            if r.out is not False:
-                r.out[s0:s0 + n] = v["y"] if r.padded else v["h_out"]
-            elif i == 0:
-                r.first[:] = v["h"][1]
-            row = i + 1 if r.keep else 0
-            if i + 1 < r.n_seg:
-                r.h_start[row], r.c_start[row] = v["h"][n], v["c"][n]
-        h_n[:], c_n[:] = v["h"][n], v["c"][n]
+        if grad is None:
+            grad = self._none3
+        elif grad.dtype != m.dtype or not grad.flags.writeable:
+            mine = self.buf.get(f"dy_in{j}", grad.shape)     # the kernels take neither
+            np.copyto(mine, grad, casting="same_kind")
+            grad = mine
+        small = []
+        for name, a, size in (("dh", dh_n, m.P), ("dc", dc_n, m.H), ("dy0", dy0, m.P)):
+            if a is None:
+                small.append(self._none2)
+            else:
+                small.append(self.buf.get(f"{name}_given{j}", (B, size)))
+                np.copyto(small[-1], a, casting="same_kind")
+        dh, dc, d0 = small
+        return partial(segments_backward, m.pblocks[j], self.gblock(j), self.ws[j].flat,
+                       r.src, grad, d0, self._dx_seg(j, T, B), r.h_start, r.c_start,
+                       *self._masks(r), dh, dc, r.lens, r.seg_lens, m.clip, T, r.K, B,
+                       m.in_sizes[j], m.H, m.P, bits | (r.bits & PADDED))
 
     def _last_only_backward(self, j, d, grad, dh_n, dc_n, bits):
         """The call of direction j's backward (d its direction) of a last layer that kept
@@ -335,45 +342,7 @@ class Part:
             dh[:], dc[:] = dh_n[j], dc_n[j]
         if d == 0:
             dh += g
-        r = self.segs[j]
-        dx = self._dx_seg(j, *r.src.shape[:2])
-        return partial(self._segments_backward, j, None, dh, dc, dx, bits,
-                       g if d == 1 else None)
-
-    def _segments_backward(self, j, grad, dh_n, dc_n, dx, bits, dy0=None):
-        """Direction j's backward, segment by segment from the last: each recomputed from
-        its starting state (the last one's steps are still in the workspace), then
-        differentiated, its sums carried into the next call (see lstm_backward). dh_n,
-        dc_n: this direction's final state's gradient, or None; grad: (T, B, P), or None
-        for zeros but dy0 at the first step."""
-        r, m = self.segs[j], self.spec
-        T, B = r.src.shape[:2]
-        for i in range(r.n_seg - 1, -1, -1):
-            if i < r.n_seg - 1:
-                v, s0, n = self._segment(j, i)
-            else:
-                s0 = i * r.K
-                n = T - s0
-                v = self.views(j, n, B)
-                np.clip(r.lens - s0, 0, n, out=r.seg_lens)
-            if grad is None:
-                v["dy"].fill(0)
-                if i == 0 and dy0 is not None:
-                    v["dy"][0] = dy0
-            else:
-                np.copyto(v["dy"], grad[s0:s0 + n], casting="same_kind")
-            b = bits | (EARLIER if i > 0 else 0)
-            if i < r.n_seg - 1:
-                b |= LATER
-            elif dh_n is None:
-                b |= ZERO_STATE
-            else:
-                np.copyto(v["dh"], dh_n, casting="same_kind")
-                np.copyto(v["dc"], dc_n, casting="same_kind")
-            layer_backward(m.pblocks[j], self.gblock(j), self.ws[j].flat, r.seg_lens, m.clip,
-                           n, B, m.in_sizes[j], m.H, m.P, b)
-            dx[s0:s0 + n] = v["dx"]
-        return v["dh"], v["dc"]
+        return self._segments_backward(j, None, dh, dc, bits, g if d == 1 else None)
 
     def backward(self, grad, dh_n, dc_n, lens, masks, pairs=False, one_thread=True, seg=False,
                  last_only=False, dx_out=None):
@@ -384,6 +353,8 @@ class Part:
         m = self.spec
         self.dx_out = dx_out
         ensure(m.dtype, layer_backward)
+        if seg:
+            ensure(m.dtype, segments_backward)
         if m.D == 2:
             ensure(m.dtype, reverse_in_time)
         T, B = (self.segs[0].src.shape[0], grad.shape[0]) if last_only else grad.shape[:2]
@@ -408,10 +379,9 @@ class Part:
                         np.copyto(mine, g, casting="same_kind")
                         g = self.buf.get(f"dy_rev{k}", g.shape)
                         reverse_in_time(mine, g, lens)
-                    calls.append(partial(
-                        self._segments_backward, j, g, None if dh_n is None else dh_n[j],
-                        None if dh_n is None else dc_n[j],
-                        self._dx_seg(j, T, B), m.opts | one))
+                    calls.append(self._segments_backward(
+                        j, g, None if dh_n is None else dh_n[j],
+                        None if dh_n is None else dc_n[j], m.opts | one))
                     continue
                 v = self.views(j, T, B)
                 if D == 1:

@@ -57,7 +57,7 @@ def transposed_product_pays(itemsize, H, P):
 
 
 @njit(**JIT)
-def lstm_forward(w, v, m, lengths, clip, peep, ln, zone, rdrop, exact, pack):
+def lstm_forward(w, v, m, lengths, clip, peep, ln, zone, rdrop, exact, pack, prepacked):
     """Forward over the whole sequence.
 
     w: one direction's parameters (a ``_layout.Params``), v its workspace (a
@@ -67,7 +67,9 @@ def lstm_forward(w, v, m, lengths, clip, peep, ln, zone, rdrop, exact, pack):
     which must be h[1:] when there is neither projection nor zoneout. bias (4H,)
     must hold the sum of the biases. lengths (B,) in [1, T]; clip > 0. pack: the call
     runs on one thread, so the products may run packed (_gemm, single-threaded)
-    rather than through BLAS, which may use more.
+    rather than through BLAS, which may use more. prepacked: the workspace's copies of
+    the weights (panels, W_hh^T) are current (an earlier segment of this pass made them):
+    at medium size packing them took a fifth of a 10-step segment's forward.
     """
     x, h, c, gates, rec = v.x, v.h, v.c, v.gates, v.rec
     T, B, I = x.shape
@@ -82,7 +84,8 @@ def lstm_forward(w, v, m, lengths, clip, peep, ln, zone, rdrop, exact, pack):
     # it ran 1.1-1.2x faster than OpenBLAS on one thread (3200 or 6400 rows, both dtypes).
     if packed:
         w_in = _uview(v.w_ih_pk.reshape(4 * H * I), 0, (4 * H // NR, I, NR))
-        pack_panels_transposed(w.weight_ih, w_in)
+        if not prepacked:
+            pack_panels_transposed(w.weight_ih, w_in)
         packed_product(x.reshape((T * B, I)), w_in, gates.reshape((T * B, 4 * H)))
     else:
         np.dot(x.reshape((T * B, I)), w.weight_ih.T, out=gates.reshape((T * B, 4 * H)))
@@ -96,7 +99,9 @@ def lstm_forward(w, v, m, lengths, clip, peep, ln, zone, rdrop, exact, pack):
     nn = not packed and transposed_product_pays(x.itemsize, H, P)
     w_hhT = v.w_hhT
     panels = _uview(w_hhT.reshape(P * 4 * H), 0, (4 * H // NR if packed else 0, P, NR))
-    if packed:
+    if prepacked:
+        pass
+    elif packed:
         pack_panels_transposed(w_hh, panels)
     elif nn:
         for j in range(4 * H):
@@ -244,7 +249,8 @@ def _backward_steps(w, dw, v, m, lengths, t0, t1, first, gp, dx_panels, narrow, 
 
 
 @njit(**JIT)
-def lstm_backward(w, dw, v, m, lengths, clip, peep, ln, zone, rdrop, pack, later, earlier):
+def lstm_backward(w, dw, v, m, lengths, clip, peep, ln, zone, rdrop, pack, later, earlier,
+                  prepacked):
     """Backward through time over the sequence ``lstm_forward`` last ran.
 
     w, v and m as ``lstm_forward`` left them; dw the gradients (a
@@ -260,7 +266,8 @@ def lstm_backward(w, dw, v, m, lengths, clip, peep, ln, zone, rdrop, pack, later
     later / earlier: the call is one segment of a longer sequence (see _parts), whose
     later steps an earlier call differentiated (add to the sums it began: db and dW^T's
     scratch) / whose earlier steps a later call will (leave the sums for it to finish).
-    Its first step must start a chunk (backward_chunk).
+    Its first step must start a chunk (backward_chunk). With recompute's workspace rows
+    its panels have buffers of their own (w_hh_bk, w_ih_bk); prepacked: they are current.
     """
     dy, dh, dc, dhs, dgates = v.dy, v.dh, v.dc, v.dhs, v.dgates
     x, h, carry = v.x, v.h, v.carry
@@ -278,14 +285,17 @@ def lstm_backward(w, dw, v, m, lengths, clip, peep, ln, zone, rdrop, pack, later
     # longer needed, so its buffer holds them.
     NR = panel_width(x.itemsize)
     packed = pack and P % NR == 0
-    panels = _uview(v.w_hhT.reshape(P * 4 * H), 0, (P // NR if packed else 0, 4 * H, NR))
-    if packed:
+    own = v.w_hh_bk.shape[0] > 0
+    hh_bk = v.w_hh_bk if own else v.w_hhT
+    ih_bk = v.w_ih_bk if own else v.w_ih_pk
+    panels = _uview(hh_bk.reshape(P * 4 * H), 0, (P // NR if packed else 0, 4 * H, NR))
+    if packed and not prepacked:
         pack_panels(w_hh, panels)
     # dx from W_ih's panels where I is a whole number of them; from W_ih itself, one
     # narrow panel, where I is one to three vectors.
-    dx_panels = _uview(v.w_ih_pk.reshape(4 * H * I), 0,
+    dx_panels = _uview(ih_bk.reshape(4 * H * I), 0,
                        (I // NR if pack and I % NR == 0 else 0, 4 * H, NR))
-    if dx_panels.shape[0] > 0:
+    if dx_panels.shape[0] > 0 and not prepacked:
         pack_panels(w.weight_ih, dx_panels)
     narrow = pack and narrow_pays(I, x.itemsize)
     # The row-wise products in chunks of steps (see CHUNK_BYTES), larger through BLAS.
