@@ -110,6 +110,28 @@ class Threads:
         self.case.fwd_bwd()
 
 
+class Recompute:
+    """recompute=K (fastlstm.LSTM(recompute=...), skipped on commits that lack it): the
+    time and the peak memory of fwd+bwd against keeping every step, float32, at long and
+    at ten times its T (where keeping every step takes about 330 MB)."""
+    params = [["None", "10", "sqrt"], ["long", "long_x10"]]
+    param_names = ["recompute", "size"]
+    timeout = 300
+
+    def setup(self, recompute, size):
+        B, T, I, H = SIZES["long"]
+        T *= 10 if size == "long_x10" else 1
+        layer = {} if recompute == "None" else dict(
+            recompute=recompute if recompute == "sqrt" else int(recompute))
+        self.case = FastCase(B, T, I, H, "float32", **layer)
+
+    def time_fwd_bwd(self, recompute, size):
+        self.case.fwd_bwd()
+
+    def peakmem_fwd_bwd(self, recompute, size):
+        self.case.fwd_bwd()
+
+
 #: the LSTM variants, as options of fastlstm.LSTM (skipped where a commit lacks them)
 VARIANTS = {
     "plain": {},

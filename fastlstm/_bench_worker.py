@@ -21,6 +21,8 @@ def _worker(spec):
     out = {}
     if spec["kind"] == "ceiling":
         return {dt: matmul_gflops(dt) for dt in spec["dtypes"]}
+    if spec["kind"] == "recompute":
+        return _recompute_worker(spec)
     for key, (B, T, I, H, dtype) in spec["cases"].items():
         if spec["kind"] == "train":
             fn = TrainCase(spec["impl"], B, T, I, H, dtype).step
@@ -37,6 +39,32 @@ def _worker(spec):
             fn = Case(spec["impl"], B, T, I, H, dtype, **spec["layer"]).fwd_bwd
         out[key] = median_time(fn, min_time=spec["min_time"]) * 1e3
     return out
+
+def _rss_mb(peak=False):
+    """This process's resident memory now (Linux), or its peak, in MiB."""
+    import resource
+    if peak:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2 ** 20
+
+
+def _recompute_worker(spec):
+    """One recompute setting (spec["impl"]: "None", "sqrt" or a number of steps) at one
+    size: the fwd+bwd time, the process's peak memory and its growth over what the data,
+    the model and a small warm-up call hold, and the segment steps the layer used."""
+    (key, (B, T, I, H, dtype)), = spec["cases"].items()
+    k = spec["impl"]
+    recompute = None if k == "None" else k if k == "sqrt" else int(k)
+    case = Case("fastlstm", B, T, I, H, dtype, recompute=recompute)
+    case.model.forward(case.x[:2])             # the layer's kernels compiled: not counted
+    case.model.backward(case.dy[:2])
+    base = _rss_mb()
+    ms = median_time(case.fwd_bwd, min_time=spec["min_time"]) * 1e3
+    peak = _rss_mb(peak=True)
+    return {key: ms, "peak_mb": peak, "growth_mb": peak - base,
+            "segment": case.model.last_segment_steps}
+
 
 def _run_worker(spec):
     done = subprocess.run([sys.executable, "-m", "fastlstm._bench_worker", json.dumps(spec)],

@@ -25,6 +25,7 @@ from ._profile import ALL_ROWS, gemm_parts
 from ._timing import median_time
 
 __all__ = ["SIZES", "VARIANTS", "bench_table", "train_table", "variants_table", "profile",
+           "recompute_table", "format_recompute_table",
            "torch_module_table", "format_torch_module_table",
            "distributed_table", "format_table", "format_train_table", "format_variants_table",
            "format_distributed_table"]
@@ -189,6 +190,48 @@ def format_deepbench_table(result):
         lines.append(f"{r['kind']:10} {r['H']:5d} {r['B']:4d} {r['T']:4d} {r['dtype']:8} "
                      f"{r['fastlstm_ms']:12.3f} {r['torch_ms']:10.3f} "
                      f"{_spread(r, 'vs_torch'):>20}")
+    return "\n".join(lines)
+
+
+def recompute_table(size, dtype="float32", min_time=0.3, progress=None, rounds=3,
+                    settings=None):
+    """fwd+bwd at one size (B, T, I, H) for recompute in (None, 10, "sqrt", T // 4), each
+    setting in a process of its own, alternated over `rounds`: the median time, the
+    median of the per-round ratios to None, the peak memory of the process and its growth
+    over the data, the model and a warm-up call (medians over the rounds)."""
+    B, T, I, H = size
+    dtype = np.dtype(dtype).name
+    settings = settings or ["None", "10", "sqrt", str(max(1, T // 4))]
+    key = f"B={B} T={T} I={I} H={H} {dtype}"
+    got = {k: [] for k in settings}
+    for r in range(rounds):
+        for k in settings:
+            if progress:
+                progress(f"round {r + 1}/{rounds}: recompute={k} (own process)")
+            got[k].append(_run_worker(dict(kind="recompute", impl=k, min_time=min_time,
+                                           cases={key: (B, T, I, H, dtype)})))
+    rows = []
+    for k in settings:
+        runs = got[k]
+        ms = [run[key] for run in runs]
+        ratio = _ratio_stats(ms, [run[key] for run in got[settings[0]]])
+        rows.append(dict(recompute=k, segment=runs[-1]["segment"], ms=float(np.median(ms)),
+                         vs_none=ratio[0], vs_none_min=ratio[1], vs_none_max=ratio[2],
+                         peak_mb=float(np.median([run["peak_mb"] for run in runs])),
+                         growth_mb=float(np.median([run["growth_mb"] for run in runs]))))
+    return dict(size=key, rounds=rounds, rows=rows)
+
+
+def format_recompute_table(result):
+    lines = [f"recompute at {result['size']}: fwd+bwd, each setting in its own process, "
+             f"{result['rounds']} rounds; x = time / recompute=None's, the median of the "
+             "per-round ratios [min-max]; memory: the process's peak, and its growth over the "
+             "data, the model and a warm-up call",
+             f"{'recompute':>10} {'steps/segment':>14} {'ms':>10} {'x None [min-max]':>20} "
+             f"{'peak MiB':>9} {'growth MiB':>11}"]
+    for r in result["rows"]:
+        lines.append(f"{r['recompute']:>10} {str(r['segment'] or '-'):>14} {r['ms']:10.2f} "
+                     f"{_spread(r, 'vs_none'):>20} {r['peak_mb']:9.0f} {r['growth_mb']:11.0f}")
     return "\n".join(lines)
 
 

@@ -259,7 +259,7 @@ def _bench(args, parser):
     from . import bench
     if args.plot:
         other = [f for f in ("profile", "train", "variants", "torch_module", "distributed",
-                             "deepbench")
+                             "deepbench", "recompute")
                  if getattr(args, f)]
         if other:
             parser.error(f"--plot draws the default table's ratios against torch; it does not "
@@ -288,6 +288,15 @@ def _bench(args, parser):
                                       min_time=args.min_time, progress=progress,
                                       rounds=args.rounds)
         print(json.dumps(result) if args.json else bench.format_variants_table(result))
+        return 0
+    if args.recompute:
+        if len(sizes) != 1 and args.size:
+            parser.error("--recompute times one size: give one --size")
+        size = sizes.popitem()[1] if args.size else bench.SIZES["long"]
+        result = bench.recompute_table(size, "float32" if args.dtype == "both" else args.dtype,
+                                       min_time=args.min_time, progress=progress,
+                                       rounds=args.rounds)
+        print(json.dumps(result) if args.json else bench.format_recompute_table(result))
         return 0
     if args.deepbench:
         if args.size:
@@ -476,6 +485,9 @@ def build_parser():
                    help="DeepBench's LSTM training (fwd+bwd) and inference (evaluation "
                         "forward, B = 1, 2, 4) sizes with H <= 2048, against torch "
                         "(default dtype: float32; takes about ten minutes)")
+    b.add_argument("--recompute", action="store_true",
+                   help="time and memory of fwd+bwd with recompute = None, 10, sqrt and T/4 "
+                        "at one --size (default: long; dtype: float32)")
     b.add_argument("--json", action="store_true", help="print JSON instead of a table")
     b.add_argument("--plot", metavar="PATH",
                    help="draw the ratios against torch per size and dtype, with their spread, "

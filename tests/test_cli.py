@@ -1,5 +1,6 @@
 """`fastlstm train`: every option either shapes the run or is refused by name."""
 import json
+import os
 import subprocess
 import sys
 
@@ -129,3 +130,21 @@ def test_bench_deepbench_times_training_and_inference_against_torch():
     out = subprocess.run([sys.executable, "-m", "fastlstm", "bench", "--deepbench", "--size",
                           "seed"], capture_output=True, text=True)
     assert out.returncode == 2 and "does not take --size" in out.stderr
+
+
+def test_bench_recompute_prints_time_and_memory_per_setting():
+    """bench --recompute at a small size, one round: every setting in its own process,
+    its segment steps, a ratio to None's time (1 for None) and the process's memory."""
+    out = subprocess.run([sys.executable, "-m", "fastlstm", "bench", "--recompute", "--size",
+                          "2,400,3,8", "--rounds", "1", "--min-time", "0.01", "--json"],
+                         capture_output=True, text=True, env=dict(os.environ, FASTLSTM_QUIET="1"))
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert [row["recompute"] for row in r["rows"]] == ["None", "10", "sqrt", "100"]
+    none, ten, sqrt, quarter = r["rows"]
+    assert none["segment"] is None and none["vs_none"] == 1.0
+    assert ten["segment"] >= 10 and sqrt["segment"] >= 20 and quarter["segment"] >= 100
+    assert all(row["ms"] > 0 and row["peak_mb"] > row["growth_mb"] >= 0 for row in r["rows"])
+    two = subprocess.run([sys.executable, "-m", "fastlstm", "bench", "--recompute", "--size",
+                          "seed", "--size", "small"], capture_output=True, text=True)
+    assert two.returncode == 2 and "one --size" in two.stderr
