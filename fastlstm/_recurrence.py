@@ -45,7 +45,7 @@ from ._numba_ext import make_view
 follow(__file__, _activations.__file__, _cell.__file__, _gemm.__file__, _numba_ext.__file__)
 
 __all__ = ["lstm_forward", "lstm_backward", "transposed_product_pays", "CHUNK_BYTES",
-           "BLAS_CHUNK_BYTES", "backward_chunk"]
+           "BLAS_CHUNK_ROWS", "backward_chunk"]
 
 #: a view without a reference count, for use inside kernels (see _numba_ext.make_view)
 _uview = make_view(False)
@@ -167,10 +167,13 @@ def _accumulate_transposed(acc, src_t):
 #: float32) streamed its 4 MB dZ from L3 four times, and two such parts at once ran their
 #: backward 1.1x slower than one alone. dZ is then kept for one chunk only (its slots).
 CHUNK_BYTES = 1 << 17
-#: the same through BLAS (bigger: its calls cost more). The chunks cut the sums of the
-#: weight gradients at fixed steps, whatever T, so that a backward run segment by
-#: segment (recompute, see _parts) adds them in the same order as one over all T.
-BLAS_CHUNK_BYTES = 1 << 22
+#: rows (steps x sequences) per chunk through BLAS, whose dW products are added into dW
+#: from a scratch buffer once per chunk (np.dot has no beta): at large (B=128, H=512,
+#: float64) chunks of 4 MB (2 steps) made that addition 5-9 % of a fwd+bwd. The chunks
+#: cut the sums of the weight gradients at fixed steps, whatever T, so that a backward
+#: run segment by segment (recompute, see _parts) adds them in the same order as one
+#: over all T.
+BLAS_CHUNK_ROWS = 4096
 
 
 @register_jitable
@@ -180,7 +183,7 @@ def backward_chunk(B, I, H, P, itemsize, pack):
     calls it: a segment of a recomputed backward is a whole number of chunks."""
     if pack and gradient_product_pays(max(I, P), 4 * H, itemsize):
         return max(1, CHUNK_BYTES // (B * 4 * H * itemsize))
-    return max(1, BLAS_CHUNK_BYTES // (B * 4 * H * itemsize))
+    return max(1, BLAS_CHUNK_ROWS // B)
 
 
 @njit(inline="always", **JIT)

@@ -205,3 +205,29 @@ def test_fastlstm_train_takes_recompute(tmp_path):
         cli.main(["train", "--task", "sine", "--recompute", "sqr"])
     with pytest.raises(SystemExit):
         cli.main(["train", "--task", "article", "--recompute", "4"])    # not a SequenceModel
+
+
+def test_fit_with_truncated_bptt_and_data_parallel_are_bitwise_with_recompute():
+    """fit over chunks of bptt steps (the state carried, the gradient cut), and a
+    DataParallel step (one process): the same parameters with and without recompute."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((8, 240, 3)).astype(np.float32)
+    y = rng.standard_normal((8, 240, 2)).astype(np.float32)
+    got = []
+    for K in (None, 12):
+        m = fastlstm.SequenceModel(3, 8, 2, head="all", seed=1, recompute=K)
+        opt = fastlstm.Adam(m, lr=1e-2)
+        m.fit(x, y, opt, epochs=2, batch_size=4, bptt=80, progress=False)
+        got.append(m.flat_params.copy())
+    assert np.array_equal(got[0], got[1])
+    pytest.importorskip("mpi4py")
+    from fastlstm.distributed import DataParallel
+    got = []
+    for K in (None, "sqrt"):
+        m = fastlstm.SequenceModel(3, 8, 2, seed=1, recompute=K)
+        dp = DataParallel(m)
+        opt = fastlstm.Adam(m, lr=1e-2)
+        for _ in range(2):
+            dp.train_step(x, y[:, -1], opt)
+        got.append(m.flat_params.copy())
+    assert np.array_equal(got[0], got[1])
