@@ -543,8 +543,8 @@ class LSTM:
             raise RuntimeError("backward() needs a forward() that kept its activations: the "
                                "last one ran in evaluation mode (or with keep=False), which "
                                "keeps nothing; run it in training mode or with keep=True")
-        T, B, lens, masks = last.T, last.B, last.lengths, last.masks
-        L, D, H, P = self.num_layers, self.num_directions, self.hidden_size, self._P
+        T, B = last.T, last.B
+        L, D, P = self.num_layers, self.num_directions, self._P
         check.float_array("dy", dy, self.dtype)
         if last.last_only:
             return self._backward_last(dy, dstate)
@@ -562,28 +562,7 @@ class LSTM:
         dh_n, dc_n = self._state("dstate", dstate, B)
         grad = self._time_major(dy)
         seg = last.seg is not None
-        if len(last.split) == 1:
-            dx, dh0, dc0 = self._part(0).backward(grad, dh_n, dc_n, lens, masks, pairs=True,
-                                                  one_thread=last.one_thread, seg=seg)
-        else:
-            def run(r, cut):
-                part = self._part(r)
-                if r:
-                    part.flat_grads.fill(0)
-                return part.backward(grad[:, cut], rows(dh_n, cut), rows(dc_n, cut),
-                                     lens[cut], [None if m is None else m[:, cut] for m in masks],
-                                     seg=seg, dx_out=dx[:, cut] if seg else None)
-            dx = self._buf.get("dx", (T, B, self.input_size))
-            results = run_parts([partial(run, r, slice(b0, b1))
-                                 for r, (_, b0, b1) in enumerate(last.split)])
-            for r in range(1, len(last.split)):      # in order: the same sum every time
-                self.flat_grads += self._parts[r].flat_grads
-            dh0 = self._buf.get("dh0", (L * D, B, P))
-            dc0 = self._buf.get("dc0", (L * D, B, H))
-            for (_, b0, b1), (d, h, c) in zip(last.split, results):
-                if not seg:
-                    dx[:, b0:b1] = d
-                dh0[:, b0:b1], dc0[:, b0:b1] = h, c
+        dx, dh0, dc0 = self._parts_backward(grad, dh_n, dc_n, seg)
         if len(last.split) == 1 and L * D == 1 and not seg:
             ws = self._part(0).ws[0]
             return (ws.readonly(T, B, "dx", self.batch_first),
@@ -595,8 +574,8 @@ class LSTM:
         on each sequence's last output; in segments the parts take it as it is, else it
         is scattered into a (T, B, D*P) dy at each sequence's own last step."""
         last = self._last
-        T, B, lens, masks = last.T, last.B, last.lengths, last.masks
-        L, D, H, P = self.num_layers, self.num_directions, self.hidden_size, self._P
+        T, B, lens = last.T, last.B, last.lengths
+        D, P = self.num_directions, self._P
         check.shape("dy", dy, (B, D * P))
         dh_n, dc_n = self._state("dstate", dstate, B)
         seg = last.seg is not None
@@ -606,31 +585,42 @@ class LSTM:
             grad[lens - 1, np.arange(B)] = dy
         else:
             grad = dy
-        if len(last.split) == 1:
-            dx, dh0, dc0 = self._part(0).backward(grad, dh_n, dc_n, lens, masks, pairs=True,
-                                                  one_thread=last.one_thread, seg=seg,
-                                                  last_only=seg)
-        else:
-            def run(r, cut):
-                part = self._part(r)
-                if r:
-                    part.flat_grads.fill(0)
-                return part.backward(grad[cut] if seg else grad[:, cut], rows(dh_n, cut),
-                                     rows(dc_n, cut), lens[cut],
-                                     [None if m is None else m[:, cut] for m in masks],
-                                     seg=seg, last_only=seg, dx_out=dx[:, cut] if seg else None)
-            dx = self._buf.get("dx", (T, B, self.input_size))
-            results = run_parts([partial(run, r, slice(b0, b1))
-                                 for r, (_, b0, b1) in enumerate(last.split)])
-            for r in range(1, len(last.split)):      # in order: the same sum every time
-                self.flat_grads += self._parts[r].flat_grads
-            dh0 = self._buf.get("dh0", (L * D, B, P))
-            dc0 = self._buf.get("dc0", (L * D, B, H))
-            for (_, b0, b1), (d, h, c) in zip(last.split, results):
-                if not seg:
-                    dx[:, b0:b1] = d
-                dh0[:, b0:b1], dc0[:, b0:b1] = h, c
+        dx, dh0, dc0 = self._parts_backward(grad, dh_n, dc_n, seg, last_only=seg)
         return readonly(self._time_major(dx)), (readonly(dh0), readonly(dc0))
+
+    def _parts_backward(self, grad, dh_n, dc_n, seg, last_only=False):
+        """The backward of every part of the last forward's batch (grad time-major, or
+        (B, D*P) with last_only); their weight gradients summed into ``flat_grads`` in
+        order: (dx, dh0, dc0), dx time-major. In segments each part writes its rows of
+        dx itself (no second copy of x's size)."""
+        last = self._last
+        T, B, lens, masks = last.T, last.B, last.lengths, last.masks
+        L, D, H, P = self.num_layers, self.num_directions, self.hidden_size, self._P
+        if len(last.split) == 1:
+            return self._part(0).backward(grad, dh_n, dc_n, lens, masks, pairs=True,
+                                          one_thread=last.one_thread, seg=seg,
+                                          last_only=last_only)
+        dx = self._buf.get("dx", (T, B, self.input_size))
+
+        def run(r, cut):
+            part = self._part(r)
+            if r:
+                part.flat_grads.fill(0)
+            return part.backward(grad[cut] if last_only else grad[:, cut], rows(dh_n, cut),
+                                 rows(dc_n, cut), lens[cut],
+                                 [None if m is None else m[:, cut] for m in masks], seg=seg,
+                                 last_only=last_only, dx_out=dx[:, cut] if seg else None)
+        results = run_parts([partial(run, r, slice(b0, b1))
+                             for r, (_, b0, b1) in enumerate(last.split)])
+        for r in range(1, len(last.split)):      # in order: the same sum every time
+            self.flat_grads += self._parts[r].flat_grads
+        dh0 = self._buf.get("dh0", (L * D, B, P))
+        dc0 = self._buf.get("dc0", (L * D, B, H))
+        for (_, b0, b1), (d, h, c) in zip(last.split, results):
+            if not seg:
+                dx[:, b0:b1] = d
+            dh0[:, b0:b1], dc0[:, b0:b1] = h, c
+        return dx, dh0, dc0
 
     def zero_grad(self):
         """Set every gradient to zero."""
