@@ -5,6 +5,7 @@ order); ``fastlstm.reference`` is the same maths in plain NumPy, the oracle and
 the speed baseline.
 """
 from . import reference
+from .inference import Inference
 from .interop import export_onnx, from_keras, to_keras
 from .lstm import LSTM
 from .model import SequenceModel, load
@@ -14,7 +15,7 @@ from .tasks import compile_kernels
 
 globals().update(OPTIMIZERS)        # fastlstm.SGD, fastlstm.Adam, ...: every optimizer class
 
-__all__ = ["LSTM", "SequenceModel", "load", *OPTIMIZERS, "clip_grad_norm", "reference",
+__all__ = ["LSTM", "SequenceModel", "Inference", "load", *OPTIMIZERS, "clip_grad_norm", "reference",
            "export_onnx", "from_keras", "to_keras", "plot_history", "plot_bench",
            "compile_kernels", "__version__"]
 __version__ = "0.2.0"

@@ -30,7 +30,7 @@ SOURCES += (__file__,)
 
 __all__ = ["layer_forward", "layer_backward", "rows_forward", "rows_backward", "opts_bits",
            "OPTS", "LATER", "EARLIER", "PACKED", "segments_forward",
-           "segments_backward", "reverse_in_time", "zero_padding", "param_views",
+           "segments_backward", "stream_step", "reverse_in_time", "zero_padding", "param_views",
            "workspace_views",
            "params_of", "workspace_of", "LAYER"]
 
@@ -358,6 +358,43 @@ def segments_backward(p, g, ws, src, grad, dy0, dx, h_start, c_start, zh, zc, rm
         layer_backward(p, g, ws, seg_lens, clip, n, B, I, H, P, bits)
         for t in range(n):
             dx[s0 + t] = v.dx[t]
+
+
+def _stream_sigs():
+    out = []
+    for ft in (types.float32, types.float64):
+        flat, c2, c3 = (types.Array(ft, n, "C") for n in (1, 2, 3))
+        i64 = types.Array(types.int64, 1, "C")
+        out.append(types.void(flat, flat, c2, c2, c3, c3, i64, i64, i64, ft,
+                              *[types.int64] * 6))
+    return out
+
+
+@entry(_stream_sigs(), needs=(layer_forward,))
+def stream_step(p, ws, x, y, h, c, p_off, w_off, lengths, clip, L, B, I, H, P, opts):
+    """One step of a stack of L one-direction layers (``Inference.stream``): layer k's
+    parameters are p[p_off[k]:p_off[k + 1]], its one-step workspace ws[w_off[k]:...];
+    x (B, I) in, the state h (L, B, P), c (L, B, H) carried in place, the last layer's
+    output into y (B, P). Each layer is ``layer_forward`` over T = 1, so a stream of T
+    steps computes what a forward over them does; PACKED in opts once the workspaces
+    hold the weights packed (every step after a stream's first)."""
+    for k in range(L):
+        I_k = I if k == 0 else P
+        wk = ws[w_off[k]:w_off[k + 1]]
+        v = workspace_of(wk, 1, B, I_k, H, P, opts)
+        if k == 0:
+            v.x[0] = x
+        else:
+            prev = workspace_of(ws[w_off[k - 1]:w_off[k]], 1, B, P if k > 1 else I, H, P,
+                                opts)
+            v.x[0] = prev.h[1]
+        v.h[0] = h[k]
+        v.c[0] = c[k]
+        layer_forward(p[p_off[k]:p_off[k + 1]], wk, lengths, clip, 1, B, I_k, H, P, opts)
+        h[k] = v.h[1]
+        c[k] = v.c[1]
+    last = workspace_of(ws[w_off[L - 1]:w_off[L]], 1, B, I if L == 1 else P, H, P, opts)
+    y[:] = last.h[1]
 
 
 @entry(["void(float32[:, :, :], float32[:, :, :], int64[::1])",

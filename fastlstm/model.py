@@ -344,22 +344,27 @@ class SequenceModel:
             finally:
                 self.lstm.train(mode)
 
-    def predict(self, x, lengths=None):
+    def predict(self, x, lengths=None, state=None):
         """Outputs for x, in evaluation mode: values (mse), probabilities (bce), or
         class probabilities (ce); (N, O) for head "last", (N, T, O) for "all". A large x
-        runs in blocks of rows (``BLOCK_BYTES``)."""
+        runs in blocks of rows (``BLOCK_BYTES``). state: the LSTM's initial (h, c), as
+        its forward takes them."""
         with self._guard("predict"):
+            if state is not None:
+                self.check_inputs(x, lengths, state)
             blocks, lengths = self._row_blocks(x, lengths)
             if len(blocks) > 1:
-                return np.concatenate([self._predict(x[s], lengths if lengths is None
-                                                     else lengths[s]) for s in blocks])
-            return self._predict(x, lengths)
+                return np.concatenate([self._predict(
+                    x[s], lengths if lengths is None else lengths[s],
+                    None if state is None else (state[0][:, s], state[1][:, s]))
+                    for s in blocks])
+            return self._predict(x, lengths, state)
 
-    def _predict(self, x, lengths):
+    def _predict(self, x, lengths, state=None):
         mode = self.lstm.training
         self.lstm.eval()
         try:
-            logits, _, _, T, B, _ = self._head(x, lengths)
+            logits, _, _, T, B, _ = self._head(x, lengths, state)
         finally:
             self.lstm.train(mode)
         z = logits.astype(np.float64)

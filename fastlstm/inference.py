@@ -1,0 +1,203 @@
+"""Serving: ``Inference`` (a model's weights copied for evaluation) and its live streams.
+
+A stream runs one step of every layer per call, each layer as ``layer_forward`` over
+T = 1 in a one-step workspace of its own (``_kernels.stream_step``): the same kernels as
+a whole-sequence forward, in the same order, so a stream over T steps gives what a
+forward over them gives. The weights are packed into the workspaces on a stream's
+first step and read from there after.
+"""
+import numpy as np
+
+from . import _layout
+from . import _validate as check
+from ._compile import ensure
+from ._kernels import ONE_THREAD, PACKED, stream_step
+from ._shared import aligned_zeros, readonly
+from .lstm import LSTM
+
+__all__ = ["Inference", "Stream"]
+
+WEIGHTS = ("float32", "bfloat16")
+
+
+class Inference:
+    """A model's current weights, copied for evaluation: whole sequences and live streams.
+
+    Parameters
+    ----------
+    model : LSTM or SequenceModel
+    weights : "float32"
+        How the weight matrices are kept. ("bfloat16", half the weight traffic, is
+        named in the API and refused for now: its kernels are not written yet.)
+
+    Notes
+    -----
+    Evaluation semantics (no dropout; zoneout's expectation): a forward keeps nothing it
+    does not return (see ``LSTM.forward``'s keep). ``refresh()`` copies the model's
+    weights again after more training.
+    """
+
+    def __init__(self, model, weights="float32"):
+        if weights not in WEIGHTS:
+            raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
+        if weights == "bfloat16":
+            raise NotImplementedError("weights='bfloat16' is not built yet; use 'float32'")
+        lstm = getattr(model, "lstm", model)
+        if not isinstance(lstm, LSTM):
+            raise TypeError(f"model must be a fastlstm.LSTM or a SequenceModel on the "
+                            f"fastlstm backend, got {type(model).__name__}")
+        self.model, self.weights = model, weights
+        self._seq = model if lstm is not model else None
+        self._lstm = LSTM(**lstm.config(), threads=lstm.threads).eval()
+        if self._seq is not None:
+            from .model import SequenceModel
+            config = {k: v for k, v in self._seq.config.items() if k != "backend"}
+            self._seq_copy = SequenceModel(**config, threads=lstm.threads)
+            self._seq_copy.lstm.eval()
+            self._lstm = self._seq_copy.lstm
+        self.refresh()
+
+    def refresh(self):
+        """Copy the model's current weights again (its guard held: not in the middle of
+        a call on another thread)."""
+        src = self._seq if self._seq is not None else self.model
+        with src._guard("Inference"):
+            if self._seq is not None:
+                np.copyto(self._seq_copy.flat_params, self._seq.flat_params)
+            else:
+                np.copyto(self._lstm.flat_params, self.model.flat_params)
+        self._generation = getattr(self, "_generation", 0) + 1   # streams pack them again
+        return self
+
+    @property
+    def output_size(self):
+        return self._seq_copy.output_size if self._seq is not None else self._lstm.output_size
+
+    def forward(self, x, lengths=None, state=None):
+        """Whole sequences: an LSTM's ``forward(x, state, lengths)`` in evaluation mode,
+        keeping nothing; a SequenceModel's ``predict`` output."""
+        if self._seq is not None:
+            return self._seq_copy.predict(x, lengths=lengths, state=state)
+        return self._lstm.forward(x, state=state, lengths=lengths, keep=False)
+
+    def stream(self, batch_size=1):
+        """A live stream of `batch_size` sequences, one step at a time (``Stream``)."""
+        return Stream(self, check.positive_int("batch_size", batch_size))
+
+
+class Stream:
+    """Live input, one step at a time, the state carried between steps.
+
+    ``step(x_t)`` takes (B, input_size) and returns (B, output): the last layer's h, or
+    for a SequenceModel its head's prediction at this step (``predict``'s transform), a
+    read-only view valid until the next step. ``state`` reads (copies) and sets (h, c);
+    ``reset(rows=None)`` zeroes the state of some rows (or all). A step allocates no
+    array and runs without the GIL.
+    """
+
+    def __init__(self, inference, batch_size):
+        lstm = inference._lstm
+        if lstm.bidirectional:
+            raise ValueError("stream() needs a one-direction model: a bidirectional layer "
+                             "reads each sequence from its end, which a live stream has not "
+                             "seen yet")
+        ensure(lstm.dtype, stream_step)
+        self._inf, self.batch_size = inference, batch_size
+        B, L, H, P = batch_size, lstm.num_layers, lstm.hidden_size, lstm._P
+        dt = lstm.dtype
+        self._h, self._c = np.zeros((L, B, P), dt), np.zeros((L, B, H), dt)
+        self._x = np.zeros((B, lstm.input_size), dt)
+        self._y = np.zeros((B, P), dt)
+        self._y_ro = readonly(self._y)
+        offsets = [o for o, _, _ in lstm._blocks]
+        self._p_off = np.array(offsets + [offsets[-1] + lstm._blocks[-1][1]], np.int64)
+        sizes = [_layout.workspace_size(1, B, I_k, H, P, *lstm._wflags)
+                 for _, _, I_k in lstm._blocks]
+        self._w_off = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        self._ws = aligned_zeros(int(self._w_off[-1]), dt)
+        for k, (_, _, I_k) in enumerate(lstm._blocks):   # evaluation: zoneout's expectation
+            v = _layout.carve(self._ws[self._w_off[k]:self._w_off[k + 1]],
+                              _layout.workspace_table(1, B, I_k, H, P, *lstm._wflags))
+            if "zh" in v:
+                v["zh"].fill(lstm.zoneout)
+                v["zc"].fill(lstm.zoneout_cell)
+            if "rmask" in v:
+                v["rmask"].fill(1)
+        self._lengths = np.ones(B, np.int64)
+        self._opts = lstm._opts | ONE_THREAD
+        self._packed = 0             # PACKED from the second step on (of these weights)
+        self._generation = inference._generation
+        seq = inference._seq_copy if inference._seq is not None else None
+        self._head = seq
+        if seq is not None:
+            self._logits = np.zeros((B, seq.output_size), dt)
+            self._row = np.zeros((B, 1), dt)
+            self._out_ro = readonly(self._logits)
+
+    @property
+    def state(self):
+        """(h, c): copies of the state, (num_layers, B, P) and (num_layers, B, H)."""
+        return self._h.copy(), self._c.copy()
+
+    @state.setter
+    def state(self, value):
+        h, c = check.pair("state", value)
+        for name, a, dst in (("state[0] (h)", h, self._h), ("state[1] (c)", c, self._c)):
+            check.float_array(name, a, dst.dtype)
+            check.shape(name, a, dst.shape)
+        np.copyto(self._h, h, casting="same_kind")
+        np.copyto(self._c, c, casting="same_kind")
+
+    def reset(self, rows=None):
+        """Zero the state of `rows` (indices into the batch; all when None)."""
+        if rows is None:
+            self._h.fill(0)
+            self._c.fill(0)
+            return
+        idx = np.asarray(rows)
+        if idx.dtype.kind not in "iu" or idx.ndim > 1:
+            raise TypeError(f"rows must be integer indices into the batch, got {rows!r}")
+        if idx.size and (idx.min() < -self.batch_size or idx.max() >= self.batch_size):
+            raise ValueError(f"rows must lie in [0, {self.batch_size}), got {rows!r}")
+        self._h[:, idx] = 0
+        self._c[:, idx] = 0
+
+    def step(self, x_t):
+        """One step: x_t (B, input_size) -> (B, output); see the class."""
+        if type(x_t) is not np.ndarray or x_t.shape != self._x.shape:
+            check.float_array("x_t", x_t, self._x.dtype)
+            raise ValueError(f"x_t must have shape (batch_size={self.batch_size}, "
+                             f"input_size={self._x.shape[1]}), got {x_t.shape}")
+        if x_t.dtype.kind != "f":
+            check.float_array("x_t", x_t, self._x.dtype)
+        np.copyto(self._x, x_t, casting="same_kind")
+        inf = self._inf
+        if self._generation != inf._generation:       # refresh(): new weights to pack
+            self._packed, self._generation = 0, inf._generation
+        lstm = inf._lstm
+        stream_step(lstm.flat_params, self._ws, self._x, self._y, self._h, self._c,
+                    self._p_off, self._w_off, self._lengths, lstm._clip, lstm.num_layers,
+                    self.batch_size, lstm.input_size, lstm.hidden_size, lstm._P,
+                    self._opts | self._packed)
+        self._packed = PACKED
+        if self._head is None:
+            return self._y_ro
+        return self._predict()
+
+    def _predict(self):
+        m = self._head
+        z = self._logits
+        np.dot(self._y, m.W.T, out=z)
+        z += m.b
+        if m.loss == "bce":
+            np.multiply(z, 0.5, out=z)
+            np.tanh(z, out=z)
+            z += 1
+            z *= 0.5
+        elif m.loss == "ce":
+            np.max(z, axis=1, keepdims=True, out=self._row)
+            z -= self._row
+            np.exp(z, out=z)
+            np.sum(z, axis=1, keepdims=True, out=self._row)
+            z /= self._row
+        return self._out_ro
