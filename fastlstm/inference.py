@@ -11,7 +11,7 @@ import numpy as np
 from . import _layout
 from . import _validate as check
 from ._compile import ensure
-from ._kernels import ONE_THREAD, PACKED, stream_step
+from ._kernels import ONE_THREAD, PACKED, STREAM_META, stream_step
 from ._shared import aligned_zeros, readonly
 from .lstm import LSTM
 
@@ -105,28 +105,33 @@ class Stream:
         self._inf, self.batch_size = inference, batch_size
         B, L, H, P = batch_size, lstm.num_layers, lstm.hidden_size, lstm._P
         dt = lstm.dtype
-        self._h, self._c = np.zeros((L, B, P), dt), np.zeros((L, B, H), dt)
-        self._x = np.zeros((B, lstm.input_size), dt)
-        self._y = np.zeros((B, P), dt)
-        self._y_ro = readonly(self._y)
         offsets = [o for o, _, _ in lstm._blocks]
-        self._p_off = np.array(offsets + [offsets[-1] + lstm._blocks[-1][1]], np.int64)
-        sizes = [_layout.workspace_size(1, B, I_k, H, P, *lstm._wflags)
-                 for _, _, I_k in lstm._blocks]
-        self._w_off = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        self._ws = aligned_zeros(int(self._w_off[-1]), dt)
+        p_off = offsets + [offsets[-1] + lstm._blocks[-1][1]]
+        w_off = np.concatenate([[0], np.cumsum(
+            [_layout.workspace_size(1, B, I_k, H, P, *lstm._wflags)
+             for _, _, I_k in lstm._blocks])]).astype(int)
+        end = int(w_off[-1])                        # then y, h, c
+        at = dict(y=end, h=end + B * P, c=end + B * P + L * B * P)
+        self._ws = aligned_zeros(at["c"] + L * B * H, dt)
+        self._y = self._ws[at["y"]:at["h"]].reshape(B, P)
+        self._h = self._ws[at["h"]:at["c"]].reshape(L, B, P)
+        self._c = self._ws[at["c"]:].reshape(L, B, H)
+        sizes = dict(L=L, B=B, I=lstm.input_size, H=H, P=P, opts=lstm._opts | ONE_THREAD, **at)
+        self._meta = np.array([sizes[k] for k in STREAM_META] + list(p_off) + list(w_off)
+                              + [1] * B, np.int64)
+        self._opts_at = STREAM_META.index("opts")
         for k, (_, _, I_k) in enumerate(lstm._blocks):   # evaluation: zoneout's expectation
-            v = _layout.carve(self._ws[self._w_off[k]:self._w_off[k + 1]],
+            v = _layout.carve(self._ws[w_off[k]:w_off[k + 1]],
                               _layout.workspace_table(1, B, I_k, H, P, *lstm._wflags))
             if "zh" in v:
                 v["zh"].fill(lstm.zoneout)
                 v["zc"].fill(lstm.zoneout_cell)
             if "rmask" in v:
                 v["rmask"].fill(1)
-        self._lengths = np.ones(B, np.int64)
-        self._opts = lstm._opts | ONE_THREAD
-        self._packed = 0             # PACKED from the second step on (of these weights)
-        self._generation = inference._generation
+        self._x = np.zeros((B, lstm.input_size), dt)
+        self._x_shape = self._x.shape
+        self._y_ro = readonly(self._y)
+        self._generation = -1       # the weights get packed on the first step
         seq = inference._seq_copy if inference._seq is not None else None
         self._head = seq
         if seq is not None:
@@ -164,25 +169,32 @@ class Stream:
 
     def step(self, x_t):
         """One step: x_t (B, input_size) -> (B, output); see the class."""
-        if type(x_t) is not np.ndarray or x_t.shape != self._x.shape:
-            check.float_array("x_t", x_t, self._x.dtype)
-            raise ValueError(f"x_t must have shape (batch_size={self.batch_size}, "
-                             f"input_size={self._x.shape[1]}), got {x_t.shape}")
-        if x_t.dtype.kind != "f":
-            check.float_array("x_t", x_t, self._x.dtype)
-        np.copyto(self._x, x_t, casting="same_kind")
         inf = self._inf
-        if self._generation != inf._generation:       # refresh(): new weights to pack
-            self._packed, self._generation = 0, inf._generation
+        if self._generation != inf._generation:       # new weights: pack them first
+            self._meta[self._opts_at] &= ~PACKED
         lstm = inf._lstm
-        stream_step(lstm.flat_params, self._ws, self._x, self._y, self._h, self._c,
-                    self._p_off, self._w_off, self._lengths, lstm._clip, lstm.num_layers,
-                    self.batch_size, lstm.input_size, lstm.hidden_size, lstm._P,
-                    self._opts | self._packed)
-        self._packed = PACKED
+        if type(x_t) is not np.ndarray or x_t.shape != self._x_shape:
+            x_t = self._checked(x_t)
+        try:        # the dispatcher checks x_t's dtype and layout
+            stream_step(lstm.flat_params, self._ws, x_t, self._meta, lstm._clip)
+        except TypeError:
+            stream_step(lstm.flat_params, self._ws, self._checked(x_t), self._meta,
+                        lstm._clip)
+        if self._generation != inf._generation:
+            self._meta[self._opts_at] |= PACKED
+            self._generation = inf._generation
         if self._head is None:
             return self._y_ro
         return self._predict()
+
+    def _checked(self, x_t):
+        """x_t validated and copied into the stream's own (B, I) buffer of its dtype."""
+        check.float_array("x_t", x_t, self._x.dtype)
+        if x_t.shape != self._x_shape:
+            raise ValueError(f"x_t must have shape (batch_size={self.batch_size}, "
+                             f"input_size={self._x_shape[1]}), got {x_t.shape}")
+        np.copyto(self._x, x_t, casting="same_kind")
+        return self._x
 
     def _predict(self):
         m = self._head
