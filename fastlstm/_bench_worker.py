@@ -23,6 +23,8 @@ def _worker(spec):
         return {dt: matmul_gflops(dt) for dt in spec["dtypes"]}
     if spec["kind"] == "recompute":
         return _recompute_worker(spec)
+    if spec["kind"] == "stream":
+        return _stream_worker(spec)
     for key, (B, T, I, H, dtype) in spec["cases"].items():
         if spec["kind"] == "train":
             fn = TrainCase(spec["impl"], B, T, I, H, dtype).step
@@ -64,6 +66,58 @@ def _recompute_worker(spec):
     peak = _rss_mb(peak=True)
     return {key: ms, "peak_mb": peak, "growth_mb": peak - base,
             "segment": case.model.last_segment_steps}
+
+
+def _stream_worker(spec):
+    """Per-step latency of one implementation run one step at a time with its state:
+    {"p50_us", "p99_us"} over spec["steps"] steps (after 1000 not timed)."""
+    import time
+    B, I, H, L = spec["size"]
+    impl = spec["impl"]
+    x = np.random.default_rng(0).standard_normal((B, I)).astype(np.float32)
+    if impl == "fastlstm":
+        from .inference import Inference
+        from .lstm import LSTM
+        s = Inference(LSTM(I, H, num_layers=L, seed=0)).stream(B)
+
+        def step():
+            s.step(x)
+    elif impl == "torch":
+        import torch
+        torch.set_grad_enabled(False)
+        lstm = torch.nn.LSTM(I, H, num_layers=L).eval()
+        xt = torch.from_numpy(x)[None]
+        state = [(torch.zeros(L, B, H), torch.zeros(L, B, H))]
+
+        def step():
+            _, state[0] = lstm(xt, state[0])
+    else:                                           # onnxruntime, the exported model
+        import os
+        import tempfile
+
+        import onnxruntime as ort
+
+        from .interop import export_onnx
+        from .lstm import LSTM
+        with tempfile.TemporaryDirectory() as d:
+            path = export_onnx(LSTM(I, H, num_layers=L, seed=0), os.path.join(d, "m.onnx"))
+            opts = ort.SessionOptions()
+            sess = ort.InferenceSession(path, opts, providers=["CPUExecutionProvider"])
+        feed = {"x": x[None], "lengths": np.ones(B, np.int64),
+                "h0": np.zeros((L, B, H), np.float32), "c0": np.zeros((L, B, H), np.float32)}
+
+        def step():
+            _, feed["h0"], feed["c0"] = sess.run(None, feed)
+    for _ in range(1000):
+        step()
+    ts = np.empty(spec["steps"])
+    clock = time.perf_counter
+    for i in range(len(ts)):
+        t = clock()
+        step()
+        ts[i] = clock() - t
+    return {"p50_us": float(np.percentile(ts, 50) * 1e6),
+            "p99_us": float(np.percentile(ts, 99) * 1e6)}
 
 
 def _run_worker(spec):

@@ -25,7 +25,7 @@ from ._profile import ALL_ROWS, gemm_parts
 from ._timing import median_time
 
 __all__ = ["SIZES", "VARIANTS", "bench_table", "train_table", "variants_table", "profile",
-           "recompute_table", "format_recompute_table",
+           "recompute_table", "format_recompute_table", "stream_table", "format_stream_table",
            "torch_module_table", "format_torch_module_table",
            "distributed_table", "format_table", "format_train_table", "format_variants_table",
            "format_distributed_table"]
@@ -232,6 +232,54 @@ def format_recompute_table(result):
     for r in result["rows"]:
         lines.append(f"{r['recompute']:>10} {str(r['segment'] or '-'):>14} {r['ms']:10.2f} "
                      f"{_spread(r, 'vs_none'):>20} {r['peak_mb']:9.0f} {r['growth_mb']:11.0f}")
+    return "\n".join(lines)
+
+
+STREAM_SIZES = ((1, 32, 64, 1), (1, 256, 256, 2))
+
+
+def stream_table(sizes=STREAM_SIZES, steps=10_000, rounds=3, progress=None):
+    """The per-step latency (p50, p99 over `steps` steps) of a live stream, float32, at
+    each (B, I, H, layers): fastlstm's ``Inference.stream``, ``torch.nn.LSTM`` called one
+    step at a time with its state, and onnxruntime running the exported model one step
+    at a time, each in a process of its own, alternated over `rounds` (medians)."""
+    impls = ["fastlstm"]
+    for name, module in (("torch", "torch"), ("onnxruntime", "onnxruntime")):
+        try:
+            __import__(module)
+            impls.append(name)
+        except ImportError:
+            pass
+    rows = []
+    for size in sizes:
+        got = {impl: [] for impl in impls}
+        for r in range(rounds):
+            for impl in impls:
+                if progress:
+                    progress(f"round {r + 1}/{rounds}: {impl} stream at {size} (own process)")
+                got[impl].append(_run_worker(dict(kind="stream", impl=impl, size=list(size),
+                                                  steps=steps)))
+        row = dict(B=size[0], I=size[1], H=size[2], layers=size[3])
+        for impl in impls:
+            row[impl] = {k: float(np.median([g[k] for g in got[impl]]))
+                         for k in ("p50_us", "p99_us")}
+        rows.append(row)
+    return dict(rows=rows, impls=impls, steps=steps, rounds=rounds)
+
+
+def format_stream_table(result):
+    lines = [f"a live stream, float32: per-step latency in us (p50 / p99 over "
+             f"{result['steps']} steps, the median of {result['rounds']} rounds, each "
+             "implementation in its own process); x = p50 / fastlstm's p50",
+             f"{'B':>3} {'I':>5} {'H':>5} {'layers':>6}  "
+             + "  ".join(f"{impl:>24}" for impl in result["impls"])]
+    for r in result["rows"]:
+        base = r["fastlstm"]["p50_us"]
+        cells = [f"{r[i]['p50_us']:8.2f} / {r[i]['p99_us']:8.2f}"
+                 + ("" if i == "fastlstm" else f" {r[i]['p50_us'] / base:5.1f}x")
+                 for i in result["impls"]]
+        lines.append(f"{r['B']:3d} {r['I']:5d} {r['H']:5d} {r['layers']:6d}  "
+                     + "  ".join(f"{c:>24}" for c in cells))
     return "\n".join(lines)
 
 

@@ -259,7 +259,7 @@ def _bench(args, parser):
     from . import bench
     if args.plot:
         other = [f for f in ("profile", "train", "variants", "torch_module", "distributed",
-                             "deepbench", "recompute")
+                             "deepbench", "recompute", "stream")
                  if getattr(args, f)]
         if other:
             parser.error(f"--plot draws the default table's ratios against torch; it does not "
@@ -288,6 +288,13 @@ def _bench(args, parser):
                                       min_time=args.min_time, progress=progress,
                                       rounds=args.rounds)
         print(json.dumps(result) if args.json else bench.format_variants_table(result))
+        return 0
+    if args.stream:
+        if args.size:
+            parser.error("--stream runs its own sizes (B=1: I=32, H=64, one layer; I=256, "
+                         "H=256, two layers); it does not take --size")
+        result = bench.stream_table(rounds=args.rounds, progress=progress)
+        print(json.dumps(result) if args.json else bench.format_stream_table(result))
         return 0
     if args.recompute:
         if len(sizes) != 1 and args.size:
@@ -485,6 +492,10 @@ def build_parser():
                    help="DeepBench's LSTM training (fwd+bwd) and inference (evaluation "
                         "forward, B = 1, 2, 4) sizes with H <= 2048, against torch "
                         "(default dtype: float32; takes about ten minutes)")
+    b.add_argument("--stream", action="store_true",
+                   help="per-step latency (p50, p99 over 10,000 steps) of a live stream: "
+                        "fastlstm's Inference.stream, torch.nn.LSTM one step at a time, "
+                        "onnxruntime on the exported model one step at a time")
     b.add_argument("--recompute", action="store_true",
                    help="time and memory of fwd+bwd with recompute = None, 10, sqrt and T/4 "
                         "at one --size (default: long; dtype: float32)")

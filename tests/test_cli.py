@@ -148,3 +148,18 @@ def test_bench_recompute_prints_time_and_memory_per_setting():
     two = subprocess.run([sys.executable, "-m", "fastlstm", "bench", "--recompute", "--size",
                           "seed", "--size", "small"], capture_output=True, text=True)
     assert two.returncode == 2 and "one --size" in two.stderr
+
+
+def test_bench_stream_times_each_implementation_one_step_at_a_time():
+    """bench --stream's table at a tiny size: fastlstm, and torch and onnxruntime when
+    installed, each in its own process, with p50 <= p99."""
+    from fastlstm import bench
+    r = bench.stream_table(sizes=[(1, 4, 8, 1)], steps=200, rounds=1)
+    assert r["impls"][0] == "fastlstm"
+    row = r["rows"][0]
+    for impl in r["impls"]:
+        assert 0 < row[impl]["p50_us"] <= row[impl]["p99_us"]
+    assert "fastlstm" in bench.format_stream_table(r)
+    out = subprocess.run([sys.executable, "-m", "fastlstm", "bench", "--stream", "--size",
+                          "seed"], capture_output=True, text=True)
+    assert out.returncode == 2 and "does not take --size" in out.stderr
