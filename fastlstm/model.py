@@ -299,10 +299,12 @@ class SequenceModel:
                                       sp.valid, sp.scratch, s1, s2, sp.hyper, sp.ints,
                                       opt.count))
 
-    #: bytes of workspace one block of rows of predict and evaluate may take: the layer
-    #: keeps every step of the rows it runs, and fastlstm train's 2560 validation sequences
-    #: (T=110, H=64) at once took 950 MB; a larger x runs in blocks of rows
-    BLOCK_BYTES = 128 << 20
+    #: bytes of workspace one block of rows of predict and evaluate may take: a larger x
+    #: runs in blocks of rows (fastlstm train's 2560 validation sequences, T=110, H=64,
+    #: would take 950 MB at once). The layer's own bound on a forward that keeps nothing:
+    #: a block within it runs over all its steps at once, and the layer runs in segments
+    #: (of steps, a compiled entry more on a first run) only the rows no block can bound.
+    BLOCK_BYTES = LSTM.EVAL_SEGMENT_BYTES
 
     def _row_blocks(self, x, lengths):
         """(row slices, lengths as int64 or None): one slice when x fits BLOCK_BYTES (or is
