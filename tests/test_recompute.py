@@ -231,3 +231,22 @@ def test_fit_with_truncated_bptt_and_data_parallel_are_bitwise_with_recompute():
             dp.train_step(x, y[:, -1], opt)
         got.append(m.flat_params.copy())
     assert np.array_equal(got[0], got[1])
+
+
+def test_the_torch_module_takes_recompute_with_the_same_gradients():
+    torch = pytest.importorskip("torch")
+    import fastlstm.torch as ft
+    torch.manual_seed(0)
+    full = ft.LSTM(3, 8, num_layers=2, dtype=torch.float64)
+    seg = ft.LSTM(3, 8, num_layers=2, dtype=torch.float64, recompute=7)
+    seg.load_state_dict(full.state_dict())
+    x = torch.randn(100, 4, 3, dtype=torch.float64)
+    grads = []
+    for m in (full, seg):
+        xi = x.clone().requires_grad_(True)
+        y, (h, c) = m(xi)
+        (y.sum() + h.sum()).backward()
+        grads.append([xi.grad] + [p.grad for p in m.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+    with torch.no_grad():                    # keeps nothing: the same outputs
+        assert torch.equal(full(x)[0], seg(x)[0])
