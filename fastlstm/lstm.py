@@ -2,10 +2,10 @@
 
 The rooms behind it: ``_options`` (what each option is), ``_layout`` (the flat
 buffers), ``_parts`` (the workspaces and the general path), ``_plans`` (repeated
-calls made once), ``_threads`` (the batch split), ``_kernels`` (the Numba entries).
+calls made once), ``_threads`` (the batch split), ``_kernels`` (the Numba entries),
+``_persist`` (what a model saves and loads).
 """
 import math
-import re
 import threading
 from functools import partial
 
@@ -16,6 +16,7 @@ from . import _validate as check
 from ._config import exact_activations
 from ._kernels import layer_backward, layer_forward, opts_bits
 from ._parts import Part, Spec, rows
+from ._persist import Persist
 from ._plans import MAX_SPLIT_PLANS, Last, Plan, SplitPlan
 from ._shared import Buffers, OneThread, aligned_zeros, readonly
 from ._threads import SPLIT_WORK, batch_parts, run_parts, single_threaded
@@ -23,15 +24,7 @@ from ._threads import SPLIT_WORK, batch_parts, run_parts, single_threaded
 __all__ = ["LSTM"]
 
 
-def _options_of(keys, lead):
-    """'; <lead> peephole=True, ...' for the options the parameter names belong to."""
-    when = {name: w for name, _, w in _layout.PARAMS}
-    bases = [re.sub(r"_l\d+(_reverse)?$", "", k) for k in keys]
-    opts = sorted({_options.spelling(when[b]) for b in bases if when.get(b)})
-    return f"; {lead} {', '.join(opts)}" if opts else ""
-
-
-class LSTM:
+class LSTM(Persist):
     """A multi-layer, optionally bidirectional LSTM with torch.nn.LSTM's meaning.
 
     Gate order (i, f, g, o), parameter names and shapes follow ``torch.nn.LSTM``
@@ -198,14 +191,6 @@ class LSTM:
         for part in self._parts:
             part.spec = self._spec
 
-    def get_rng_state(self):
-        """The dropout generator's state (a dict, JSON-serialisable), for checkpoints."""
-        return self._rng.bit_generator.state
-
-    def set_rng_state(self, state):
-        """Restore a state returned by ``get_rng_state``."""
-        self._rng.bit_generator.state = state
-
     @property
     def last_lengths(self):
         """The int64 lengths (B,) of the last forward (T for every sequence when
@@ -227,22 +212,6 @@ class LSTM:
     @property
     def num_directions(self):
         return 2 if self.bidirectional else 1
-
-    #: the constructor's options after the two sizes, with their defaults (_options' table)
-    OPTIONS = tuple(_options.DEFAULTS.items())
-
-    def config(self):
-        """The validated constructor arguments as plain Python values (JSON-ready):
-        ``LSTM(**m.config())`` builds the same model."""
-        return dict(input_size=self.input_size, hidden_size=self.hidden_size,
-                    **{k: getattr(self, k) for k, _ in self.OPTIONS},
-                    dtype=self.dtype.name, seed=self.seed)
-
-    def __repr__(self):
-        opts = [f"{self.input_size}", f"{self.hidden_size}"]
-        opts += [f"{k}={getattr(self, k)!r}" for k, default in self.OPTIONS
-                 if getattr(self, k) != default]
-        return f"LSTM({', '.join(opts)}, dtype={self.dtype.name})"
 
     @property
     def last_masks(self):
@@ -625,34 +594,3 @@ class LSTM:
     def zero_grad(self):
         """Set every gradient to zero."""
         self.flat_grads.fill(0)
-
-    # -- parameters --------------------------------------------------------
-
-    def state_dict(self):
-        """Copies of the parameters, under torch's names and shapes."""
-        return {k: v.copy() for k, v in self.params.items()}
-
-    def load_state_dict(self, state_dict):
-        """Load parameters saved by ``state_dict`` or converted from torch.
-
-        Every key, type and shape is checked before anything is written; floating
-        arrays of another dtype are cast to the model's.
-        """
-        if not hasattr(state_dict, "keys"):
-            raise TypeError(f"state_dict must be a mapping, got {type(state_dict).__name__}")
-        expected = set(self.params)
-        missing = sorted(expected - set(state_dict.keys()))
-        unexpected = sorted(set(state_dict.keys()) - expected)
-        if missing:
-            raise KeyError(f"state_dict is missing {missing} (expected keys {sorted(expected)})"
-                           + _options_of(missing, "this model has"))
-        if unexpected:
-            raise KeyError(f"state_dict has unexpected keys {unexpected} "
-                           f"(expected keys {sorted(expected)})"
-                           + _options_of(unexpected, "they belong to a model with"))
-        for name, shape in self._layout:
-            a = state_dict[name]
-            check.float_array(f"state_dict[{name!r}]", a, self.dtype)
-            check.shape(f"state_dict[{name!r}]", a, shape)
-        for name, _ in self._layout:
-            np.copyto(self.params[name], state_dict[name], casting="same_kind")
