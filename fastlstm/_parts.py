@@ -184,10 +184,11 @@ class Part:
         T, B = xt.shape[:2]
         L, D, H, P = m.L, m.D, m.H, m.P
         src = xt
-        if seg is not None and (seg[1] or D == 2 or xt.dtype != m.dtype):
+        if seg is not None and (seg[1] or D == 2 or xt.dtype != m.dtype
+                                or not xt.flags.writeable):
             # the recomputing backward reads the input again, the reverse direction reads
-            # it reversed, the kernels take the model's dtype: a copy, which the caller
-            # cannot change
+            # it reversed, the kernels take the model's dtype and no read-only array: a
+            # copy, which the caller cannot change
             src = self.buf.get("x_in", xt.shape)
             np.copyto(src, xt, casting="same_kind")
         self.segs = [None] * (L * D)

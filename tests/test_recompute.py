@@ -250,3 +250,25 @@ def test_the_torch_module_takes_recompute_with_the_same_gradients():
     assert all(torch.equal(a, b) for a, b in zip(*grads))
     with torch.no_grad():                    # keeps nothing: the same outputs
         assert torch.equal(full(x)[0], seg(x)[0])
+
+
+def test_read_only_and_other_dtype_inputs_in_segments():
+    """The segments' entries take the model's dtype and no read-only array: such inputs
+    (np.broadcast_to, a memory map, float64 into float32) are copied, with the results of
+    ordinary ones."""
+    x = np.random.default_rng(3).standard_normal((200, 2, 3)).astype(np.float32)
+    ro = x.copy()
+    ro.flags.writeable = False
+    m = fastlstm.LSTM(3, 8, seed=0).eval()
+    m.EVAL_SEGMENT_BYTES = 1 << 12
+    want = np.array(m.forward(x)[0])
+    assert m.last_segment_steps is not None
+    assert np.array_equal(m.forward(ro)[0], want)
+    assert np.array_equal(m.forward(x.astype(np.float64))[0], want)
+    r = fastlstm.LSTM(3, 8, seed=0, recompute=5)
+    y, _ = r.forward(ro)
+    dy = np.ones_like(y)
+    dy.flags.writeable = False
+    dx_ro = np.array(r.backward(dy)[0])
+    r.forward(x)
+    assert np.array_equal(np.array(r.backward(np.ones_like(y))[0]), dx_ro)
