@@ -97,17 +97,14 @@ class Workspace:
 class Segments(NamedTuple):
     """One direction's forward in segments: what its backward recomputes them from."""
     K: int                  # steps per segment (the last may have fewer)
-    n_seg: int
     src: np.ndarray         # the direction's input (T, B, I), kept until the next forward
     h_start: np.ndarray     # (n_seg, B, P): each segment's starting h (keep), else (1, B, P)
     c_start: np.ndarray     # ... and c
     vmasks: dict            # the variants' masks of this direction
     lens: np.ndarray
-    padded: bool
-    bits: int               # the forward's option bits
+    bits: int               # the forward's option bits (PADDED with lengths)
     out: np.ndarray         # (T, B, P): the direction's output
     seg_lens: np.ndarray    # (B,): the lengths within one segment
-    keep: bool
     first: np.ndarray       # (B, P): the output of the first step (when out is False)
 
 
@@ -276,12 +273,10 @@ class Part:
         n_seg = -(-T // K)
         starts = self.buf.get(f"ck_h{j}", (n_seg if keep else 1, B, m.P))
         r = self.segs[j] = Segments(
-            K, n_seg, src, starts, self.buf.get(f"ck_c{j}", (n_seg if keep else 1, B, m.H)),
-            {k: a[j] for k, a in vmasks.items()}, lens, padded,
-            bits | (PADDED if padded else 0),
+            K, src, starts, self.buf.get(f"ck_c{j}", (n_seg if keep else 1, B, m.H)),
+            {k: a[j] for k, a in vmasks.items()}, lens, bits | (PADDED if padded else 0),
             self.buf.get(f"y_seg{j}", (T, B, m.P)) if out is None else out,
-            self.buf.get(f"lens_seg{j}", (B,), np.int64), keep,
-            self.buf.get(f"first{j}", (B, m.P)))
+            self.buf.get(f"lens_seg{j}", (B,), np.int64), self.buf.get(f"first{j}", (B, m.P)))
         if h0 is None:
             r.h_start[0], r.c_start[0] = 0, 0
         else:

@@ -329,7 +329,7 @@ class LSTM(Persist):
     def last_segment_steps(self):
         """Steps per segment of the last forward (its first part's first layer), or None
         when it ran over all steps at once."""
-        if self._last is None or getattr(self._last, "seg", None) is None:
+        if self._last is None or self._last.seg is None:
             return None
         return self._parts[0].segs[0].K
 
