@@ -398,10 +398,13 @@ class LSTM(Persist):
         h0, c0 = self._state("state", state, B)
         lens = check.lengths("lengths", lengths, B, T)
         seg = self._segmenting(T, B, keep)
-        if seg is None and (T, B) not in self._affordable:   # once per shape: the arithmetic
-            check.affordable(self.workspace_bytes(T, B) // self.dtype.itemsize, self.dtype,
-                             f"the workspace for T={T}, B={B} (x's shape)")
-            self._affordable.add((T, B))
+        if (T, B, seg is None) not in self._affordable:    # once per shape: the arithmetic
+            # in segments, what grows with T: x's copy, dx, each layer's y and its gradient
+            check.affordable(self.workspace_bytes(T, B) // self.dtype.itemsize if seg is None
+                             else T * B * 2 * (self.input_size
+                                               + self.num_layers * self.output_size),
+                             self.dtype, f"the workspace for T={T}, B={B} (x's shape)")
+            self._affordable.add((T, B, seg is None))
         padded = lens is not None
         if lens is None:
             lens = self._full_lengths.get((T, B))

@@ -272,3 +272,13 @@ def test_read_only_and_other_dtype_inputs_in_segments():
     dx_ro = np.array(r.backward(dy)[0])
     r.forward(x)
     assert np.array_equal(np.array(r.backward(np.ones_like(y))[0]), dx_ro)
+
+
+def test_a_recompute_or_evaluation_forward_too_large_names_x():
+    """In segments the workspace no longer grows with T, but x's copy, dx and each layer's
+    output do: refused before anything is allocated, naming x's shape."""
+    x = np.broadcast_to(np.float32(1), (10 ** 9, 10 ** 4, 2))     # no memory behind it
+    for m in (fastlstm.LSTM(2, 3, recompute="sqrt"), fastlstm.LSTM(2, 3).eval()):
+        with pytest.raises(ValueError, match=r"the workspace for T=1000000000, B=10000 "
+                                             r"\(x's shape\) would need [0-9.e+]+ GiB"):
+            m.forward(x)
