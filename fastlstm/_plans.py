@@ -11,7 +11,17 @@ from functools import partial
 import numpy as np
 
 from ._compile import ensure, ready
+from ._columns import (
+    SYNC_STRIDE,
+    columns_forward,
+    columns_forward_bf16,
+    serve_columns,
+    serve_columns_bf16,
+    unit_ranges,
+)
 from ._kernels import (
+    BIAS,
+    EXACT,
     ONE_THREAD,
     ZERO_STATE,
     layer_backward,
@@ -19,7 +29,7 @@ from ._kernels import (
     rows_backward,
     rows_forward,
 )
-from ._shared import aligned_empty, readonly
+from ._shared import aligned_empty, aligned_zeros, readonly
 from ._spin import BACKWARD, FORWARD, serve_rows
 from ._threads import (
     _inside,
@@ -31,7 +41,7 @@ from ._threads import (
     take_servers,
 )
 
-__all__ = ["Last", "Plan", "SplitPlan", "MAX_SPLIT_PLANS"]
+__all__ = ["Last", "Plan", "SplitPlan", "ColumnPlan", "MAX_SPLIT_PLANS"]
 
 
 class Last:
@@ -190,3 +200,85 @@ class SplitPlan(Last):
         for part, _, _, _, _ in self.parts[1:]:      # in order: the same sum every time
             np.add(m.flat_grads, part.flat_grads, out=m.flat_grads)
         return self.grad_out
+
+
+class ColumnPlan:
+    """An evaluation forward split by hidden units over n threads (see _columns), made
+    once per (T, B): its buffers, each thread's share and the servers' jobs. Thread 0
+    runs here, the others on the servers (_threads.Server), which meet at a barrier in
+    compiled code once per step.
+
+    weights: None to read the model's flat parameters where they lie, or their bfloat16
+    copy (uint16, the same length: ``_columns.to_bfloat16``)."""
+
+    #: rows of bfloat16 weights widened at a time for the input product (see _columns)
+    WIDE_ROWS = 64
+
+    def __init__(self, spec, flat_params, T, B, n, weights=None):
+        bf16 = weights is not None
+        fwd, serve = ((columns_forward_bf16, serve_columns_bf16) if bf16
+                      else (columns_forward, serve_columns))
+        ensure(spec.dtype, fwd, serve)
+        self.fwd, self.n, self.T, self.B = fwd, n, T, B
+        I, H, L, dt = spec.in_sizes[0], spec.H, spec.L, spec.dtype
+        self.x = aligned_zeros((T, B, I), dt)
+        self.y = aligned_zeros((T, B, H), dt)
+        inter = aligned_zeros((min(L - 1, 2), T, B, H), dt)
+        self.h0, self.c0 = aligned_zeros((L, B, H), dt), aligned_zeros((L, B, H), dt)
+        self.h_n, self.c_n = aligned_zeros((L, B, H), dt), aligned_zeros((L, B, H), dt)
+        self.lengths = np.full(B, T, np.int64)
+        self.sync = np.zeros((n + 1) * SYNC_STRIDE, np.int64)
+        w = flat_params if weights is None else weights
+        opts = int(spec.opts & EXACT != 0) | (2 if spec.opts & BIAS else 0)
+        widest, R = max(I, H), self.WIDE_ROWS if bf16 else 0
+        self.args = []
+        for k, (j0, j1) in enumerate(unit_ranges(H, n, dt.itemsize)):
+            hk = j1 - j0
+            meta = np.array([T, B, I, H, L, k, n, j0, j1, opts] + list(spec.offsets)
+                            + [spec.offsets[-1] + spec.pblocks[-1].size], np.int64)
+            self.args.append((w, flat_params, self.x, self.y, inter, self.h0, self.c0,
+                              self.h_n, self.c_n, aligned_zeros((4, T * B, hk), dt),
+                              aligned_zeros(R * T * B, dt), aligned_zeros((4, B, hk), dt),
+                              aligned_zeros((B, hk), dt), aligned_zeros((R, widest), dt),
+                              self.sync, meta, self.lengths, spec.clip))
+        self.jobs = []
+        for args in self.args[1:]:
+            number = new_job()
+            self.jobs.append((number, lambda cell, spins, a=args, m=number:
+                              serve(cell, spins, m, *a)))
+        self.out = (readonly(self.y), (readonly(self.h_n), readonly(self.c_n)))
+
+    def forward(self, xt, h0, c0, lengths):
+        """The forward of time-major x (T, B, I) from (h0, c0) (None: zeros), over
+        `lengths` (None: all T); returns y (T, B, H) and (h_n, c_n) (L, B, H), read-only
+        views of this plan's buffers. None when the servers are another thread's."""
+        servers = take_servers(self.n - 1)
+        if servers is None:
+            release_servers()
+            return None
+        try:
+            np.copyto(self.x, xt, casting="same_kind")
+            for src, dst in ((h0, self.h0), (c0, self.c0)):
+                if src is None:
+                    dst.fill(0)
+                else:
+                    np.copyto(dst, src, casting="same_kind")
+            if lengths is None:
+                self.lengths.fill(self.T)
+            else:
+                np.copyto(self.lengths, lengths)
+            token = object()
+            try:
+                enter_single_threaded_blas(token)
+                for server, job in zip(servers, self.jobs):
+                    server.post(*job, FORWARD)
+                self.fwd(*self.args[0])
+            finally:
+                _inside.discard(token)
+                for server in servers:
+                    server.wait(server.posted())
+                leave_single_threaded_blas()
+            self.sync[self.n * SYNC_STRIDE] += self.T * (self.h0.shape[0])
+        finally:
+            release_servers()
+        return self.out

@@ -177,6 +177,25 @@ def batch_parts(threads, B, work):
     return max(min(threads or min(usable_cores(), blas_limit()), B), 1)
 
 
+#: the column split (see _columns) runs where B * COLUMN_UNITS <= H, from H =
+#: COLUMN_MIN_H: measured against the batch split and one thread, evaluation forward,
+#: T = 100, float32 (each setting in its own process): H = 128 lost at every B; H = 256
+#: won at B = 1, 2 (1.06 against 2.24 ms, 1.91 against 2.48) and tied at 4 (3.04,
+#: 3.16); H = 512 won to B = 8 (5.3 against 21.0 ms at B = 1, 20.9 against 27.4 at 8)
+#: and tied at 16 (40.4, 40.4)
+COLUMN_UNITS, COLUMN_MIN_H = 64, 256
+
+
+def column_parts(threads, B, H, force=False):
+    """How many threads to split the hidden units of an evaluation forward over (see
+    _columns); 1: not worth it (or one thread allowed). `force`: whatever B and H (the
+    bfloat16 weights have no other kernel). Never more than the usable cores: the
+    threads wait for each other every step, spinning, so each needs a core of its own."""
+    if not force and (H < COLUMN_MIN_H or B * COLUMN_UNITS > H):
+        return 1
+    return max(min(threads or blas_limit(), usable_cores(), H // 16), 1)
+
+
 def single_threaded(parts, work):
     """Whether each kernel call of a fwd or bwd split into `parts` (of `work`
     multiply-adds in all) has one thread, BLAS included: then its products may run

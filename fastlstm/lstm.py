@@ -17,9 +17,9 @@ from ._config import exact_activations
 from ._kernels import layer_backward, layer_forward, opts_bits
 from ._parts import Part, Spec, rows
 from ._persist import Persist
-from ._plans import MAX_SPLIT_PLANS, Last, Plan, SplitPlan
+from ._plans import MAX_SPLIT_PLANS, ColumnPlan, Last, Plan, SplitPlan
 from ._shared import Buffers, OneThread, aligned_zeros, readonly
-from ._threads import SPLIT_WORK, batch_parts, run_parts, single_threaded
+from ._threads import SPLIT_WORK, batch_parts, column_parts, run_parts, single_threaded
 
 __all__ = ["LSTM"]
 
@@ -146,6 +146,11 @@ class LSTM(Persist):
         self._parts = []       # per part of the batch: workspaces and scratch (_parts.Part)
         self._splits = {}
         self._plans = {}       # x.shape -> Plan or SplitPlan
+        self._col_plans = {}   # (T, B) -> ColumnPlan (an evaluation forward split by units)
+        #: the layer an evaluation forward may split by hidden units (see _columns)
+        self._columns_ok = (D == 1 and not self.proj_size and not (
+            self.peephole or self.layer_norm or self.zoneout or self.zoneout_cell))
+        self._col_weights = None   # bfloat16 copy of flat_params (fastlstm.Inference's)
         self._fast_paths = True  # False (before the first call): no plans are made
         self.bind(check.allocate(offset, self.dtype, what), aligned_zeros(offset, self.dtype))
         bound = 1.0 / math.sqrt(H)
@@ -189,6 +194,7 @@ class LSTM(Persist):
             wflags=self._wflags, dtype=self.dtype, batch_first=self.batch_first,
             threads=self.threads)
         self._plans.clear()          # they hold the old blocks
+        self._col_plans.clear()
         for part in self._parts:
             part.spec = self._spec
 
@@ -372,7 +378,7 @@ class LSTM(Persist):
 
     def _forward(self, x, state, lengths, keep, last_only=False):
         check.float_array("x", x, self.dtype)
-        if state is None and lengths is None and not last_only:
+        if state is None and lengths is None and not last_only and (keep or not self._columns_ok):
             # a shape this model has run before (a plan is made where no segments are)
             plan = self._plans.get(x.shape)
             if type(plan) is Plan:
@@ -406,6 +412,10 @@ class LSTM(Persist):
                              self.dtype, f"the workspace for T={T}, B={B} (x's shape)")
             self._affordable.add((T, B, seg is None))
         padded = lens is not None
+        if not keep and seg is None and self._columns_ok:
+            out = self._columns_forward(xt, h0, c0, lens, last_only)
+            if out is not None:
+                return out
         if lens is None:
             lens = self._full_lengths.get((T, B))
             if lens is None:
@@ -475,6 +485,32 @@ class LSTM(Persist):
             return (ws.readonly(T, B, "y" if padded else "h_out", self.batch_first),
                     (ws.readonly(T, B, "h_n"), ws.readonly(T, B, "c_n")))
         return readonly(self._time_major(out)), (readonly(h_n), readonly(c_n))
+
+    def _columns_forward(self, xt, h0, c0, lens, last_only):
+        """An evaluation forward split by hidden units (_plans.ColumnPlan), or None where
+        that does not pay or the servers are another thread's."""
+        T, B = xt.shape[:2]
+        bf16 = self._col_weights is not None
+        n = column_parts(self.threads, B, self.hidden_size, force=bf16)
+        if n < 2 and not bf16:
+            return None
+        plan = self._col_plans.get((T, B))
+        if plan is None or plan.n != n:
+            for k in list(self._col_plans)[:max(len(self._col_plans) - MAX_SPLIT_PLANS + 1, 0)]:
+                del self._col_plans[k]
+            plan = self._col_plans[(T, B)] = ColumnPlan(self._spec, self.flat_params, T, B, n,
+                                                        self._col_weights)
+        res = plan.forward(xt, h0, c0, lens)
+        if res is None:
+            return None
+        y, state = res
+        self._last = Last(T, B, plan.lengths, [None] * self.num_layers, {}, None, kept=False,
+                          last_only=last_only)
+        if last_only:
+            y_last = self._buf.get("y_last", (B, self._P))
+            np.copyto(y_last, plan.y[plan.lengths - 1, np.arange(B)])
+            return readonly(y_last), state
+        return (y.transpose(1, 0, 2) if self.batch_first else y), state
 
     def _enter_plan(self, x):
         """For a caller that runs the kernels itself (SequenceModel's fused step): the

@@ -1,0 +1,325 @@
+"""Column split: every core on one small batch, each owning a slice of the hidden units.
+
+With B small and H large a step's product h_{t-1} W_hh^T reads all of W_hh (4H x H) to
+do B multiply-adds per weight: it is bound by how fast the weights stream in, not by the
+FMA units. A batch split (``_threads``) makes every core read all of W_hh for its rows,
+and at B = 1 leaves one core idle. Here thread k of n owns the hidden units [j0, j1): the
+rows of W_ih and W_hh (and of the bias) of its units' four gates, its units' cell state,
+and its units' columns of h. It reads only its share of the weights; the threads meet
+once per step (``_barrier``), when every slice of h_t is written, because each needs all
+of h_t for step t + 1.
+
+Evaluation forward only (no per-step state kept), one direction, no projection and no
+variant but the cell clip, any number of layers in one call: whole sequences
+(``Inference.forward``, an evaluation forward of ``LSTM``) and a stream's step (T = 1).
+The weights are read where they lie (the model's flat parameters, in their
+``_layout.PARAMS`` places) or from a bfloat16 copy in the same places (uint16 bit
+patterns, widened to float32 as they are read: half the traffic).
+
+Every thread's result is computed in the same order whatever the other threads do, so
+a call is bitwise repeatable for a given thread count.
+"""
+import numpy as np
+from numba import njit, types
+from numba.extending import overload
+
+from . import _activations, _numba_ext, _spin
+from ._activations import _sigmoid, _tanh
+from ._compile import entry
+from ._config import JIT, follow
+from ._numba_ext import flush_denormals, intrinsic, restore_fp
+from ._spin import CMD, DONE, FORWARD, JOB, SEQ, load_acquire, spin_while_equal, store_release
+
+follow(__file__, _activations.__file__, _numba_ext.__file__, _spin.__file__)
+
+__all__ = ["columns_forward", "serve_columns", "columns_forward_bf16", "serve_columns_bf16", "META", "SYNC_STRIDE", "to_bfloat16",
+           "from_bfloat16", "unit_ranges"]
+
+#: int64 slots between two threads' barrier counters: each on its own 128-byte line pair
+#: (the adjacent-line prefetcher pulls lines in pairs), so that one thread's store does
+#: not take the line another spins on
+SYNC_STRIDE = 16
+
+#: a call's meta array (int64): these sizes, then the layers' parameter offsets (L + 1)
+META = ("T", "B", "I", "H", "L", "k", "n", "j0", "j1", "opts")
+
+
+@intrinsic
+def _f32_from_bits(typingctx, bits):
+    """The float32 whose bit pattern is the uint32 `bits`."""
+    def codegen(context, builder, sig, args):
+        return builder.bitcast(args[0], context.get_value_type(types.float32))
+    return types.float32(types.uint32), codegen
+
+
+def widen(w):
+    """A weight as the float the kernels compute in: itself, or a bfloat16 bit pattern
+    (uint16) as float32 (its 16 bits are a float32's upper half)."""
+
+
+@overload(widen, inline="always")
+def _widen(w):
+    if isinstance(w, types.Float):
+        return lambda w: w
+    if w == types.uint16:
+        return lambda w: _f32_from_bits(np.uint32(w) << np.uint32(16))
+    return None
+
+
+def to_bfloat16(a):
+    """float32 array -> its bfloat16 bit patterns (uint16), rounded to nearest even; NaN
+    stays NaN (its payload's top bits kept, quiet bit set)."""
+    bits = np.ascontiguousarray(a, np.float32).view(np.uint32)
+    nan = (bits & 0x7FFFFFFF) > 0x7F800000
+    rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+    return np.where(nan, (bits >> 16) | 0x0040, rounded).astype(np.uint16)
+
+
+def from_bfloat16(u):
+    """bfloat16 bit patterns (uint16) -> float32."""
+    return (np.asarray(u, np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def unit_ranges(H, n, itemsize):
+    """Thread k's hidden units [j0, j1) for k < n: as equal as whole cache lines allow (a
+    line of h written by two threads would bounce between their cores every step)."""
+    line = max(64 // itemsize, 1)
+    cuts = [min(H, (k * H // n + line // 2) // line * line) for k in range(n)] + [H]
+    cuts[0] = 0
+    return [(cuts[k], cuts[k + 1]) for k in range(n)]
+
+
+@njit(inline="always", **JIT)
+def _barrier(sync, k, n, target):
+    """Publish that this thread reached `target`, then wait until all n have."""
+    store_release(sync, k * SYNC_STRIDE, target)
+    for other in range(n):
+        while load_acquire(sync, other * SYNC_STRIDE) < target:
+            pass
+
+
+@njit(inline="always", **JIT)
+def _recurrent_rows(w, o, H, P, j0, hk, hp, rec):
+    """rec[g, b, r] = h_{t-1}[b] . W_hh[g H + j0 + r] for this thread's rows, two rows by
+    up to four sequences at a time (eight sums: each load of a weight or of h feeds
+    several FMAs; 10-20 % faster than one row at a time). The rows and h's rows are
+    taken as 1-D slices before the loops: indexed as w[at + q] and hp[b, q] the loop ran
+    at half the speed (147 against 280 us at H = 512, B = 1)."""
+    B = hp.shape[0]
+    zero = hp.dtype.type(0.0)
+    for g in range(4):
+        for r in range(0, hk, 2):
+            two = r + 1 < hk
+            at = o + (g * H + j0 + r) * P
+            w0 = w[at:at + P]
+            w1 = w[at + P:at + 2 * P] if two else w0
+            b = 0
+            while b + 4 <= B:
+                h0, h1, h2, h3 = hp[b], hp[b + 1], hp[b + 2], hp[b + 3]
+                a00 = a01 = a02 = a03 = a10 = a11 = a12 = a13 = zero
+                for q in range(P):
+                    x0, x1 = widen(w0[q]), widen(w1[q])
+                    y0, y1, y2, y3 = h0[q], h1[q], h2[q], h3[q]
+                    a00 += y0 * x0
+                    a01 += y1 * x0
+                    a02 += y2 * x0
+                    a03 += y3 * x0
+                    a10 += y0 * x1
+                    a11 += y1 * x1
+                    a12 += y2 * x1
+                    a13 += y3 * x1
+                rec[g, b, r] = a00
+                rec[g, b + 1, r] = a01
+                rec[g, b + 2, r] = a02
+                rec[g, b + 3, r] = a03
+                if two:
+                    rec[g, b, r + 1] = a10
+                    rec[g, b + 1, r + 1] = a11
+                    rec[g, b + 2, r + 1] = a12
+                    rec[g, b + 3, r + 1] = a13
+                b += 4
+            while b < B:
+                hb = hp[b]
+                a0 = a1 = zero
+                for q in range(P):
+                    y = hb[q]
+                    a0 += y * widen(w0[q])
+                    a1 += y * widen(w1[q])
+                rec[g, b, r] = a0
+                if two:
+                    rec[g, b, r + 1] = a1
+                b += 1
+
+
+def weight_rows(w, at, rows, I, wide):
+    """rows x I weights starting at w[at], as a float matrix: a view of float weights,
+    bfloat16 ones widened into `wide`."""
+
+
+@overload(weight_rows, inline="always")
+def _weight_rows(w, at, rows, I, wide):
+    if isinstance(w.dtype, types.Float):
+        return lambda w, at, rows, I, wide: w[at:at + rows * I].reshape((rows, I))
+
+    def widened(w, at, rows, I, wide):
+        out = wide.reshape(wide.size)[:rows * I].reshape((rows, I))
+        for r in range(rows):
+            for q in range(I):
+                out[r, q] = widen(w[at + r * I + q])
+        return out
+    return widened
+
+
+@njit(inline="always", **JIT)
+def _input_rows(w, o, H, I, j0, hk, x2, gin, wide, part):
+    """gin[g, t B + b, r] = x[t, b] . W_ih[g H + j0 + r] for every step at once: one
+    product per gate, or per block of `wide`'s rows for bfloat16 weights (widened there,
+    the product written to `part` and copied into its columns of gin)."""
+    TB = x2.shape[0]
+    if wide.shape[0] == 0:
+        for g in range(4):
+            np.dot(x2, weight_rows(w, o + (g * H + j0) * I, hk, I, wide).T, out=gin[g])
+        return
+    R = wide.shape[0]
+    for g in range(4):
+        for r0 in range(0, hk, R):
+            r1 = min(r0 + R, hk)
+            pr = part.reshape(part.size)[:TB * (r1 - r0)].reshape((TB, r1 - r0))
+            np.dot(x2, weight_rows(w, o + (g * H + j0 + r0) * I, r1 - r0, I, wide).T, out=pr)
+            for col in range(TB):
+                for r in range(r1 - r0):
+                    gin[g, col, r0 + r] = pr[col, r]
+
+
+@njit(inline="always", **JIT)
+def _cells(t, B, j0, hk, gin, rec, c, out, lengths, clip, exact):
+    """This thread's units of step t (gin holds the bias already): gates, cell, h_t into
+    out[t]. A sequence past its length keeps its cell and outputs 0 (its state is read
+    back at its own last step)."""
+    for b in range(B):
+        col = t * B + b
+        if t < lengths[b]:
+            for r in range(hk):
+                i = _sigmoid(gin[0, col, r] + rec[0, b, r], exact)
+                f = _sigmoid(gin[1, col, r] + rec[1, b, r], exact)
+                gg = _tanh(gin[2, col, r] + rec[2, b, r], exact)
+                o = _sigmoid(gin[3, col, r] + rec[3, b, r], exact)
+                cj = f * c[b, r] + i * gg
+                cj = clip if cj > clip else (-clip if cj < -clip else cj)   # NaN passes
+                c[b, r] = cj
+                out[t, b, j0 + r] = o * _tanh(cj, exact)
+        else:
+            for r in range(hk):
+                out[t, b, j0 + r] = 0
+
+
+@njit(inline="always", **JIT)
+def _columns_forward(w, p, x, y, inter, h0, c0, h_n, c_n, gin, part, rec, c, wide, sync,
+                     meta, lengths, clip):
+    """Thread k's share of an evaluation forward over L layers (see the module): meta
+    (META) holds the sizes, k, n, its units [j0, j1) and the layers' offsets into p (and
+    w, laid out alike). y (T, B, H) receives the last layer's h_t, inter (2, T, B, H) the
+    layers' below it; h_n, c_n (L, B, H) the state at each sequence's last step."""
+    fp = flush_denormals()
+    T, B, I, H, L = meta[0], meta[1], meta[2], meta[3], meta[4]
+    k, n, j0, j1, opts = meta[5], meta[6], meta[7], meta[8], meta[9]
+    po = meta[len(META):len(META) + L + 1]
+    exact, has_bias = opts & 1 != 0, opts & 2 != 0
+    hk = j1 - j0
+    step = sync[n * SYNC_STRIDE]        # the barrier count before this call
+    TB = T * B
+    for layer in range(L):
+        I_l = I if layer == 0 else H
+        o_ih = po[layer]
+        o_hh = o_ih + 4 * H * I_l
+        o_b = o_hh + 4 * H * H          # bias_ih, then bias_hh (PARAMS' order)
+        src = x if layer == 0 else inter[(layer - 1) % 2]
+        out = y if layer == L - 1 else inter[layer % 2]
+        g = gin
+        _input_rows(w, o_ih, H, I_l, j0, hk, src.reshape((TB, I_l)), g, wide, part)
+        for gate in range(4 if has_bias else 0):
+            for r in range(hk):
+                j = gate * H + j0 + r
+                bj = p[o_b + j] + p[o_b + 4 * H + j]
+                for col in range(TB):
+                    g[gate, col, r] += bj
+        for b in range(B):
+            for r in range(hk):
+                c[b, r] = c0[layer, b, j0 + r]
+        for t in range(T):
+            # a finished sequence's row of out[t - 1] is 0: its product is not used
+            _recurrent_rows(w, o_hh, H, H, j0, hk, h0[layer] if t == 0 else out[t - 1], rec)
+            if exact:       # a literal in each inlined copy (see _activations)
+                _cells(t, B, j0, hk, g, rec, c, out, lengths, clip, True)
+            else:
+                _cells(t, B, j0, hk, g, rec, c, out, lengths, clip, False)
+            step += 1
+            _barrier(sync, k, n, step)
+        for b in range(B):
+            last = lengths[b] - 1
+            for r in range(hk):
+                h_n[layer, b, j0 + r] = out[last, b, j0 + r]
+                c_n[layer, b, j0 + r] = c[b, r]
+    restore_fp(fp)
+
+
+def _sigs(bf16, serve):
+    out = []
+    for ft in ((types.float32,) if bf16 else (types.float32, types.float64)):
+        a1, a2, a3 = (types.Array(ft, d, "C") for d in (1, 2, 3))
+        i64 = types.Array(types.int64, 1, "C")
+        w = types.Array(types.uint16, 1, "C") if bf16 else a1
+        head = (i64, types.int64, types.int64) if serve else ()
+        out.append(types.void(*head, w, a1, a3, a3, types.Array(ft, 4, "C"), a3, a3, a3, a3,
+                              a3, a1, a3, a2, a2, i64, i64, i64, ft))
+    return out
+
+
+@njit(inline="always", **JIT)
+def _serve(cell, spins, me, w, p, x, y, inter, h0, c0, h_n, c_n, gin, part, rec, c, wide,
+           sync, meta, lengths, clip):
+    done = load_acquire(cell, DONE)
+    while True:
+        seq = spin_while_equal(cell, SEQ, done, spins)
+        if seq == done or load_acquire(cell, JOB) != me:
+            return
+        if load_acquire(cell, CMD) == FORWARD:
+            _columns_forward(w, p, x, y, inter, h0, c0, h_n, c_n, gin, part, rec, c, wide,
+                             sync, meta, lengths, clip)
+        done = seq
+        store_release(cell, DONE, seq)
+
+
+# One entry per weight type (Numba's cache keeps one index per function), each a line.
+@entry(_sigs(False, False))
+def columns_forward(w, p, x, y, inter, h0, c0, h_n, c_n, gin, part, rec, c, wide, sync,
+                    meta, lengths, clip):
+    """Thread k's share of a column-split evaluation forward (``_columns_forward``)."""
+    _columns_forward(w, p, x, y, inter, h0, c0, h_n, c_n, gin, part, rec, c, wide, sync,
+                     meta, lengths, clip)
+
+
+@entry(_sigs(True, False))
+def columns_forward_bf16(w, p, x, y, inter, h0, c0, h_n, c_n, gin, part, rec, c, wide, sync,
+                         meta, lengths, clip):
+    """columns_forward with bfloat16 weights (w: uint16 bit patterns in p's places)."""
+    _columns_forward(w, p, x, y, inter, h0, c0, h_n, c_n, gin, part, rec, c, wide, sync,
+                     meta, lengths, clip)
+
+
+@entry(_sigs(False, True))
+def serve_columns(cell, spins, me, w, p, x, y, inter, h0, c0, h_n, c_n, gin, part, rec, c,
+                  wide, sync, meta, lengths, clip):
+    """A server thread's side (see _threads.Server, _spin.serve_rows): FORWARD runs its
+    share of the forward; returns at a command for another job or after `spins` idle
+    reads."""
+    _serve(cell, spins, me, w, p, x, y, inter, h0, c0, h_n, c_n, gin, part, rec, c, wide,
+           sync, meta, lengths, clip)
+
+
+@entry(_sigs(True, True))
+def serve_columns_bf16(cell, spins, me, w, p, x, y, inter, h0, c0, h_n, c_n, gin, part, rec,
+                       c, wide, sync, meta, lengths, clip):
+    """serve_columns with bfloat16 weights."""
+    _serve(cell, spins, me, w, p, x, y, inter, h0, c0, h_n, c_n, gin, part, rec, c, wide,
+           sync, meta, lengths, clip)
