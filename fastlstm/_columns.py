@@ -174,8 +174,13 @@ def _weight_rows(w, at, rows, I, wide):
 def _input_rows(w, o, H, I, j0, hk, x2, gin, wide, part):
     """gin[g, t B + b, r] = x[t, b] . W_ih[g H + j0 + r] for every step at once: one
     product per gate, or per block of `wide`'s rows for bfloat16 weights (widened there,
-    the product written to `part` and copied into its columns of gin)."""
+    the product written to `part` and copied into its columns of gin). Up to four rows
+    (a stream's step) as the recurrent product: with BLAS one bfloat16 step at H = 1024
+    took 1.9 ms, widening the weights into `wide` every step."""
     TB = x2.shape[0]
+    if TB <= 4:     # a stream's step: rows of the weights read once, as the recurrent ones
+        _recurrent_rows(w, o, H, I, j0, hk, x2, gin)
+        return
     if wide.shape[0] == 0:
         for g in range(4):
             np.dot(x2, weight_rows(w, o + (g * H + j0) * I, hk, I, wide).T, out=gin[g])

@@ -214,18 +214,28 @@ class ColumnPlan:
     #: rows of bfloat16 weights widened at a time for the input product (see _columns)
     WIDE_ROWS = 64
 
-    def __init__(self, spec, flat_params, T, B, n, weights=None):
+    def __init__(self, spec, flat_params, T, B, n, weights=None, carry=None):
+        """carry: None, or (h, c) (L, B, H) arrays that are both h0, c0 and h_n, c_n (a
+        stream's state, carried in place: each thread writes its units of the new state
+        after the last step's barrier, when no thread reads the old one any more)."""
         bf16 = weights is not None
         fwd, serve = ((columns_forward_bf16, serve_columns_bf16) if bf16
                       else (columns_forward, serve_columns))
         ensure(spec.dtype, fwd, serve)
         self.fwd, self.n, self.T, self.B = fwd, n, T, B
+        # BLAS runs the input products of more than four rows (see _columns._input_rows),
+        # held at one thread meanwhile; a stream's step calls none, and holding it (two
+        # thread-count changes) was most of a step's 12 us at H = 32
+        self.blas = T * B > 4
         I, H, L, dt = spec.in_sizes[0], spec.H, spec.L, spec.dtype
         self.x = aligned_zeros((T, B, I), dt)
         self.y = aligned_zeros((T, B, H), dt)
         inter = aligned_zeros((min(L - 1, 2), T, B, H), dt)
-        self.h0, self.c0 = aligned_zeros((L, B, H), dt), aligned_zeros((L, B, H), dt)
-        self.h_n, self.c_n = aligned_zeros((L, B, H), dt), aligned_zeros((L, B, H), dt)
+        if carry is None:
+            self.h0, self.c0 = aligned_zeros((L, B, H), dt), aligned_zeros((L, B, H), dt)
+            self.h_n, self.c_n = aligned_zeros((L, B, H), dt), aligned_zeros((L, B, H), dt)
+        else:
+            self.h0, self.c0 = self.h_n, self.c_n = carry
         self.lengths = np.full(B, T, np.int64)
         self.sync = np.zeros((n + 1) * SYNC_STRIDE, np.int64)
         w = flat_params if weights is None else weights
@@ -252,33 +262,43 @@ class ColumnPlan:
         """The forward of time-major x (T, B, I) from (h0, c0) (None: zeros), over
         `lengths` (None: all T); returns y (T, B, H) and (h_n, c_n) (L, B, H), read-only
         views of this plan's buffers. None when the servers are another thread's."""
-        servers = take_servers(self.n - 1)
-        if servers is None:
-            release_servers()
-            return None
-        try:
-            np.copyto(self.x, xt, casting="same_kind")
-            for src, dst in ((h0, self.h0), (c0, self.c0)):
-                if src is None:
-                    dst.fill(0)
-                else:
-                    np.copyto(dst, src, casting="same_kind")
-            if lengths is None:
-                self.lengths.fill(self.T)
+        np.copyto(self.x, xt, casting="same_kind")
+        for src, dst in ((h0, self.h0), (c0, self.c0)):
+            if src is None:
+                dst.fill(0)
             else:
-                np.copyto(self.lengths, lengths)
-            token = object()
+                np.copyto(dst, src, casting="same_kind")
+        if lengths is None:
+            self.lengths.fill(self.T)
+        else:
+            np.copyto(self.lengths, lengths)
+        return self.out if self.run() else None
+
+    def run(self):
+        """The kernels on what the buffers hold; False (nothing run) when the servers
+        are another thread's."""
+        if self.n == 1:
+            self.fwd(*self.args[0])
+        else:
+            servers = take_servers(self.n - 1)
+            if servers is None:
+                release_servers()
+                return False
             try:
-                enter_single_threaded_blas(token)
-                for server, job in zip(servers, self.jobs):
-                    server.post(*job, FORWARD)
-                self.fwd(*self.args[0])
+                token = object()
+                try:
+                    if self.blas:
+                        enter_single_threaded_blas(token)
+                    for server, job in zip(servers, self.jobs):
+                        server.post(*job, FORWARD)
+                    self.fwd(*self.args[0])
+                finally:
+                    _inside.discard(token)
+                    for server in servers:
+                        server.wait(server.posted())
+                    if self.blas:
+                        leave_single_threaded_blas()
             finally:
-                _inside.discard(token)
-                for server in servers:
-                    server.wait(server.posted())
-                leave_single_threaded_blas()
-            self.sync[self.n * SYNC_STRIDE] += self.T * (self.h0.shape[0])
-        finally:
-            release_servers()
-        return self.out
+                release_servers()
+        self.sync[self.n * SYNC_STRIDE] += self.T * self.h0.shape[0]
+        return True

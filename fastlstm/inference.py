@@ -10,7 +10,10 @@ import numpy as np
 
 from . import _layout
 from . import _validate as check
+from ._columns import to_bfloat16
 from ._compile import ensure
+from ._plans import ColumnPlan
+from ._threads import column_parts
 from ._kernels import ONE_THREAD, PACKED, STREAM_META, stream_step
 from ._shared import aligned_zeros, readonly
 from .lstm import LSTM
@@ -26,9 +29,13 @@ class Inference:
     Parameters
     ----------
     model : LSTM or SequenceModel
-    weights : "float32"
-        How the weight matrices are kept. ("bfloat16", half the weight traffic, is
-        named in the API and refused for now: its kernels are not written yet.)
+    weights : "float32" or "bfloat16"
+        How the weight matrices are kept. "bfloat16": as bfloat16 bit patterns (rounded
+        to nearest even), widened to float32 as the kernels read them and accumulated in
+        float32 — half the weight traffic, for small batches where that traffic is the
+        time (see docs/deploying.md). It takes a float32, one-direction model without
+        projection, peepholes, layer norm or zoneout, and always runs the column split
+        (fastlstm._columns).
 
     Notes
     -----
@@ -40,12 +47,17 @@ class Inference:
     def __init__(self, model, weights="float32"):
         if weights not in WEIGHTS:
             raise ValueError(f"weights must be one of {WEIGHTS}, got {weights!r}")
-        if weights == "bfloat16":
-            raise NotImplementedError("weights='bfloat16' is not built yet; use 'float32'")
         lstm = getattr(model, "lstm", model)
         if not isinstance(lstm, LSTM):
             raise TypeError(f"model must be a fastlstm.LSTM or a SequenceModel on the "
                             f"fastlstm backend, got {type(model).__name__}")
+        if weights == "bfloat16" and (lstm.dtype != np.float32 or not lstm._columns_ok):
+            raise ValueError(
+                "weights='bfloat16' takes a float32 model of one direction without "
+                "proj_size, peephole, layer_norm or zoneout (its kernel is the column split "
+                f"of such a layer), got dtype={lstm.dtype}, bidirectional={lstm.bidirectional}"
+                f", proj_size={lstm.proj_size}, peephole={lstm.peephole}, layer_norm="
+                f"{lstm.layer_norm}, zoneout={lstm.zoneout}, zoneout_cell={lstm.zoneout_cell}")
         self.model, self.weights = model, weights
         self._seq = model if lstm is not model else None
         self._lstm = LSTM(**lstm.config(), threads=lstm.threads).eval()
@@ -55,6 +67,8 @@ class Inference:
             self._seq_copy = SequenceModel(**config, threads=lstm.threads)
             self._seq_copy.lstm.eval()
             self._lstm = self._seq_copy.lstm
+        if weights == "bfloat16":
+            self._lstm._col_weights = np.zeros(self._lstm.flat_params.shape, np.uint16)
         self.refresh()
 
     def refresh(self):
@@ -66,6 +80,8 @@ class Inference:
                 np.copyto(self._seq_copy.flat_params, self._seq.flat_params)
             else:
                 np.copyto(self._lstm.flat_params, self.model.flat_params)
+        if self.weights == "bfloat16":          # in place: the column plans hold this array
+            np.copyto(self._lstm._col_weights, to_bfloat16(self._lstm.flat_params))
         self._generation = getattr(self, "_generation", 0) + 1   # streams pack them again
         return self
 
@@ -101,10 +117,27 @@ class Stream:
             raise ValueError("stream() needs a one-direction model: a bidirectional layer "
                              "reads each sequence from its end, which a live stream has not "
                              "seen yet")
-        ensure(lstm.dtype, stream_step)
         self._inf, self.batch_size = inference, batch_size
         B, L, H, P = batch_size, lstm.num_layers, lstm.hidden_size, lstm._P
         dt = lstm.dtype
+        self._head = inference._seq_copy if inference._seq is not None else None
+        if self._head is not None:
+            self._logits = np.zeros((B, self._head.output_size), dt)
+            self._row = np.zeros((B, 1), dt)
+            self._out_ro = readonly(self._logits)
+        bf16 = lstm._col_weights is not None
+        n = column_parts(lstm.threads, B, H, force=bf16) if lstm._columns_ok else 1
+        self._plan = None
+        if n > 1 or bf16:    # the units split over the cores (see _columns): x, y, state there
+            self._plan = ColumnPlan(lstm._spec, lstm.flat_params, 1, B, n, lstm._col_weights,
+                                    carry=(aligned_zeros((L, B, H), dt),
+                                           aligned_zeros((L, B, H), dt)))
+            self._alone = None          # the plan on this thread alone, made when needed
+            self._h, self._c = self._plan.h0, self._plan.c0
+            self._x, self._y = self._plan.x[0], self._plan.y[0]
+            self._x_shape, self._y_ro = self._x.shape, readonly(self._y)
+            return
+        ensure(lstm.dtype, stream_step)
         offsets = [o for o, _, _ in lstm._blocks]
         p_off = offsets + [offsets[-1] + lstm._blocks[-1][1]]
         w_off = np.concatenate([[0], np.cumsum(
@@ -132,12 +165,6 @@ class Stream:
         self._x_shape = self._x.shape
         self._y_ro = readonly(self._y)
         self._generation = -1       # the weights get packed on the first step
-        seq = inference._seq_copy if inference._seq is not None else None
-        self._head = seq
-        if seq is not None:
-            self._logits = np.zeros((B, seq.output_size), dt)
-            self._row = np.zeros((B, 1), dt)
-            self._out_ro = readonly(self._logits)
 
     @property
     def state(self):
@@ -169,6 +196,8 @@ class Stream:
 
     def step(self, x_t):
         """One step: x_t (B, input_size) -> (B, output); see the class."""
+        if self._plan is not None:
+            return self._columns_step(x_t)
         inf = self._inf
         if self._generation != inf._generation:       # new weights: pack them first
             self._meta[self._opts_at] &= ~PACKED
@@ -183,6 +212,24 @@ class Stream:
         if self._generation != inf._generation:
             self._meta[self._opts_at] |= PACKED
             self._generation = inf._generation
+        if self._head is None:
+            return self._y_ro
+        return self._predict()
+
+    def _columns_step(self, x_t):
+        plan = self._plan
+        if type(x_t) is np.ndarray and x_t.shape == self._x_shape and x_t.dtype == self._x.dtype:
+            np.copyto(self._x, x_t)
+        else:
+            self._checked(x_t)
+        if not plan.run():          # the servers are another thread's: this thread alone
+            if self._alone is None:
+                lstm = self._inf._lstm
+                self._alone = ColumnPlan(lstm._spec, lstm.flat_params, 1, self.batch_size, 1,
+                                         lstm._col_weights, carry=(self._h, self._c))
+            np.copyto(self._alone.x, plan.x)
+            self._alone.run()
+            np.copyto(self._y, self._alone.y[0])
         if self._head is None:
             return self._y_ro
         return self._predict()

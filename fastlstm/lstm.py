@@ -501,8 +501,11 @@ class LSTM(Persist):
             plan = self._col_plans[(T, B)] = ColumnPlan(self._spec, self.flat_params, T, B, n,
                                                         self._col_weights)
         res = plan.forward(xt, h0, c0, lens)
-        if res is None:
-            return None
+        if res is None:             # the servers are another thread's
+            if not bf16:
+                return None
+            plan = ColumnPlan(self._spec, self.flat_params, T, B, 1, self._col_weights)
+            res = plan.forward(xt, h0, c0, lens)
         y, state = res
         self._last = Last(T, B, plan.lengths, [None] * self.num_layers, {}, None, kept=False,
                           last_only=last_only)

@@ -126,3 +126,73 @@ def test_bad_input_to_inference_and_streams():
     finally:
         release.set()
         t.join()
+
+
+def _digits():
+    sk = pytest.importorskip("sklearn.datasets")
+    d = sk.load_digits()
+    x = (d.images / 16.0).astype(np.float32)            # (N, 8 rows, 8): a row per step
+    return x[:1400], d.target[:1400], x[1400:], d.target[1400:]
+
+
+def test_bfloat16_weights_stay_within_1e2_and_keep_a_real_sets_accuracy():
+    x, y, xt, yt = _digits()
+    model = fastlstm.SequenceModel(8, 64, 10, loss="ce", seed=0)
+    model.fit(x, y, fastlstm.Adam(model, lr=1e-2), epochs=8, batch_size=64,
+              progress=False)
+    f32 = np.array(fastlstm.Inference(model).forward(xt))
+    bf16 = np.array(fastlstm.Inference(model, weights="bfloat16").forward(xt))
+    right32, right16 = (int(np.sum(p.argmax(1) == yt)) for p in (f32, bf16))
+    assert right32 > 0.8 * len(yt)                       # it learned
+    assert abs(right16 - right32) <= 1                   # at most one of 397 changes
+    lstm = fastlstm.LSTM(32, 256, num_layers=2, seed=1)
+    inp = np.random.default_rng(0).standard_normal((25, 2, 32)).astype(np.float32)
+    want = np.array(fastlstm.Inference(lstm).forward(inp)[0])
+    got = np.array(fastlstm.Inference(lstm, weights="bfloat16").forward(inp)[0])
+    assert np.linalg.norm(got - want) <= 1e-2 * np.linalg.norm(want)
+    assert not np.array_equal(got, want)                 # the bfloat16 weights were used
+
+
+def test_bfloat16_refresh_and_streams_and_refusals():
+    m = fastlstm.LSTM(16, 64, num_layers=2, seed=0)
+    inf = fastlstm.Inference(m, weights="bfloat16")
+    x = np.random.default_rng(1).standard_normal((12, 3, 16)).astype(np.float32)
+    y = np.array(inf.forward(x)[0])
+    s = inf.stream(3)
+    steps = np.stack([np.array(s.step(x[t])) for t in range(12)])
+    np.testing.assert_allclose(steps, y, rtol=0, atol=1e-6)   # same weights, same maths
+    m.flat_params *= 0.5                                 # more training
+    assert np.array_equal(inf.forward(x)[0], y)          # a copy: unchanged until refresh
+    inf.refresh()
+    assert not np.allclose(inf.forward(x)[0], y)
+    for bad, what in ((fastlstm.LSTM(4, 8, dtype=np.float64), "dtype=float64"),
+                      (fastlstm.LSTM(4, 8, proj_size=4), "proj_size=4"),
+                      (fastlstm.LSTM(4, 8, peephole=True), "peephole=True"),
+                      (fastlstm.LSTM(4, 8, bidirectional=True), "bidirectional=True")):
+        with pytest.raises(ValueError, match=what):
+            fastlstm.Inference(bad, weights="bfloat16")
+
+
+@pytest.mark.parametrize("weights", ["float32", "bfloat16"])
+def test_a_stream_split_by_units_is_the_forward(weights):
+    """Where the hidden units are split over the cores (H = 256, B = 1) a stream gives
+    the whole-sequence forward's outputs: bitwise is the one-thread path's (above); here
+    the forward's input product over all steps is one BLAS call, the stream's one row,
+    which BLAS may sum in another order."""
+    m = fastlstm.LSTM(24, 256, num_layers=2, seed=0)
+    inf = fastlstm.Inference(m, weights=weights)
+    s = inf.stream(1)
+    x = np.random.default_rng(2).standard_normal((30, 1, 24)).astype(np.float32)
+    y, (h_n, c_n) = inf.forward(x)
+    y, h_n, c_n = np.array(y), np.array(h_n), np.array(c_n)
+    steps = np.stack([np.array(s.step(x[t])) for t in range(30)])
+    np.testing.assert_allclose(steps, y, rtol=0, atol=2e-6)
+    h, c = s.state
+    np.testing.assert_allclose(h, h_n, rtol=0, atol=2e-6)
+    np.testing.assert_allclose(c, c_n, rtol=0, atol=2e-6)
+    s.reset(rows=[0])
+    assert not s.state[0].any() and not s.state[1].any()
+    before = s.state
+    with pytest.raises(ValueError, match="batch_size=1"):
+        s.step(np.ones((2, 24), np.float32))
+    assert all(np.array_equal(a, b) for a, b in zip(before, s.state))
