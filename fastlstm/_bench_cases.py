@@ -54,8 +54,21 @@ class Case:
             self.model = torch.nn.LSTM(I, H, **layer).to(tdt)
             self.x = torch.from_numpy(self.x).requires_grad_(True)
             self.dy = torch.from_numpy(self.dy)
+        elif impl == "torch-int8":       # torch's dynamically quantized LSTM (weights int8)
+            import torch
+            from torch.ao.quantization import quantize_dynamic
+            self.model = quantize_dynamic(torch.nn.LSTM(I, H, **layer), {torch.nn.LSTM},
+                                          dtype=torch.qint8).eval()
+            self.x = torch.from_numpy(self.x)
+            self.dy = None
+            self.impl = "torch"
         elif impl == "fastlstm":
             self.model = LSTM(I, H, dtype=dtype, seed=seed, **layer)
+        elif impl == "fastlstm-bf16":     # bfloat16 weights (fastlstm.Inference): inference only
+            from .inference import Inference
+            self.model = Inference(LSTM(I, H, dtype=dtype, seed=seed, **layer),
+                                   weights="bfloat16")
+            self.impl = "fastlstm"
         else:
             if any(layer.values()):
                 raise ValueError("the NumPy reference is one layer, one direction")
@@ -80,7 +93,8 @@ class Case:
 
     def infer(self):
         """A forward in evaluation mode, as a server runs it (torch: under no_grad)."""
-        self.model.eval()
+        if hasattr(self.model, "eval"):     # an Inference has evaluation semantics
+            self.model.eval()
         if self.impl == "torch":
             import torch
             with torch.no_grad():

@@ -75,10 +75,11 @@ def _stream_worker(spec):
     B, I, H, L = spec["size"]
     impl = spec["impl"]
     x = np.random.default_rng(0).standard_normal((B, I)).astype(np.float32)
-    if impl == "fastlstm":
+    if impl in ("fastlstm", "fastlstm-bf16"):
         from .inference import Inference
         from .lstm import LSTM
-        s = Inference(LSTM(I, H, num_layers=L, seed=0)).stream(B)
+        s = Inference(LSTM(I, H, num_layers=L, seed=0),
+                      weights="bfloat16" if impl == "fastlstm-bf16" else "float32").stream(B)
 
         def step():
             s.step(x)

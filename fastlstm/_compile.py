@@ -60,9 +60,12 @@ def entry(sigs, needs=()):
     return wrap
 
 
-def entries():
-    """Every entry defined so far."""
-    return tuple(_SIGS)
+def entries(dtype=None):
+    """Every entry defined so far (that has a signature for `dtype`, when given: the
+    bfloat16 entries have float32's only)."""
+    if dtype is None:
+        return tuple(_SIGS)
+    return tuple(d for d, sigs in _SIGS.items() if np.dtype(dtype).name in sigs)
 
 
 def signature(dtype, d):

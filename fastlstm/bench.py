@@ -163,11 +163,23 @@ def deepbench_table(dtypes=("float32",), min_time=0.2, progress=None, rounds=3,
                  for dt in dtypes for H, B, T in sizes}
         if not cases:
             continue
-        times = _alternated(kind, ("fastlstm", "torch"), cases, rounds, min_time, progress)
+        # inference also with bfloat16 weights (float32 only) and torch's int8 dynamic
+        # quantization, the peer a serving user would pick
+        extra = ("fastlstm-bf16", "torch-int8") if kind == "infer" and all(
+            np.dtype(d) == np.float32 for d in dtypes) else ()
+        times = _alternated(kind, ("fastlstm", "torch") + extra, cases, rounds, min_time,
+                            progress)
         for key, (B, T, _, H, dtype) in cases.items():
-            rows.append(_against_torch(times, key, kind="training" if kind == "fwd_bwd"
-                                       else "inference", H=H, B=B, T=T, dtype=dtype,
-                                       rounds=rounds))
+            row = _against_torch(times, key, kind="training" if kind == "fwd_bwd"
+                                 else "inference", H=H, B=B, T=T, dtype=dtype, rounds=rounds)
+            if extra:
+                row["bf16_ms"] = float(np.median(times["fastlstm-bf16"][key]))
+                row["int8_ms"] = float(np.median(times["torch-int8"][key]))
+                row["bf16_vs_torch"], row["bf16_vs_torch_min"], row["bf16_vs_torch_max"] = \
+                    _ratio_stats(times["torch"][key], times["fastlstm-bf16"][key])
+                row["bf16_vs_int8"] = _ratio_stats(times["torch-int8"][key],
+                                                   times["fastlstm-bf16"][key])[0]
+            rows.append(row)
     return dict(rows=rows)
 
 
@@ -184,12 +196,19 @@ def format_deepbench_table(result):
     lines = ["DeepBench LSTM sizes (input = H); training: fwd+bwd, inference: a forward in "
              "evaluation mode; x = torch time / fastlstm time, the median of the per-round "
              "ratios [min-max]",
+             "inference also: fastlstm with bfloat16 weights (bf16) and torch's int8 dynamic "
+             "quantization (int8); bf16 x = torch float32 / bf16, x int8 = int8 / bf16",
              f"{'kind':10} {'H':>5} {'B':>4} {'T':>4} {'dtype':8} {'fastlstm ms':>12} "
-             f"{'torch ms':>10} {'x torch [min-max]':>20}"]
+             f"{'torch ms':>10} {'x torch [min-max]':>20} {'bf16 ms':>9} {'int8 ms':>9} "
+             f"{'bf16 x [min-max]':>20} {'x int8':>7}"]
     for r in result["rows"]:
-        lines.append(f"{r['kind']:10} {r['H']:5d} {r['B']:4d} {r['T']:4d} {r['dtype']:8} "
-                     f"{r['fastlstm_ms']:12.3f} {r['torch_ms']:10.3f} "
-                     f"{_spread(r, 'vs_torch'):>20}")
+        line = (f"{r['kind']:10} {r['H']:5d} {r['B']:4d} {r['T']:4d} {r['dtype']:8} "
+                f"{r['fastlstm_ms']:12.3f} {r['torch_ms']:10.3f} "
+                f"{_spread(r, 'vs_torch'):>20}")
+        if "bf16_ms" in r:
+            line += (f" {r['bf16_ms']:9.3f} {r['int8_ms']:9.3f} "
+                     f"{_spread(r, 'bf16_vs_torch'):>20} {r['bf16_vs_int8']:7.2f}")
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -242,8 +261,9 @@ def stream_table(sizes=STREAM_SIZES, steps=10_000, rounds=3, progress=None):
     """The per-step latency (p50, p99 over `steps` steps) of a live stream, float32, at
     each (B, I, H, layers): fastlstm's ``Inference.stream``, ``torch.nn.LSTM`` called one
     step at a time with its state, and onnxruntime running the exported model one step
-    at a time, each in a process of its own, alternated over `rounds` (medians)."""
-    impls = ["fastlstm"]
+    at a time, each in a process of its own, alternated over `rounds` (medians);
+    fastlstm also with bfloat16 weights (fastlstm-bf16)."""
+    impls = ["fastlstm", "fastlstm-bf16"]
     for name, module in (("torch", "torch"), ("onnxruntime", "onnxruntime")):
         try:
             __import__(module)

@@ -122,8 +122,10 @@ def test_bench_deepbench_times_training_and_inference_against_torch():
     for row in r["rows"]:
         assert row["fastlstm_ms"] > 0 and row["torch_ms"] > 0
         assert row["vs_torch_min"] <= row["vs_torch"] <= row["vs_torch_max"]
+    infer = r["rows"][1]              # beside it: bfloat16 weights and torch's int8 LSTM
+    assert infer["bf16_ms"] > 0 and infer["int8_ms"] > 0 and infer["bf16_vs_torch"] > 0
     text = bench.format_deepbench_table(r)
-    assert "inference" in text and "   16    1    3" in text
+    assert "inference" in text and "   16    1    3" in text and "int8" in text
     from fastlstm._bench_cases import DEEPBENCH_INFER, DEEPBENCH_TRAIN
     assert len(DEEPBENCH_TRAIN) == 18 and len(DEEPBENCH_INFER) == 15
     assert max(H for H, _, _ in DEEPBENCH_TRAIN + DEEPBENCH_INFER) == 2048
@@ -155,7 +157,7 @@ def test_bench_stream_times_each_implementation_one_step_at_a_time():
     installed, each in its own process, with p50 <= p99."""
     from fastlstm import bench
     r = bench.stream_table(sizes=[(1, 4, 8, 1)], steps=200, rounds=1)
-    assert r["impls"][0] == "fastlstm"
+    assert r["impls"][:2] == ["fastlstm", "fastlstm-bf16"]
     row = r["rows"][0]
     for impl in r["impls"]:
         assert 0 < row[impl]["p50_us"] <= row[impl]["p99_us"]
