@@ -32,8 +32,8 @@ from ._spin import CMD, DONE, FORWARD, JOB, SEQ, load_acquire, spin_while_equal,
 
 follow(__file__, _activations.__file__, _numba_ext.__file__, _spin.__file__)
 
-__all__ = ["columns_forward", "serve_columns", "columns_forward_bf16", "serve_columns_bf16", "META", "SYNC_STRIDE", "to_bfloat16",
-           "from_bfloat16", "unit_ranges"]
+__all__ = ["columns_forward", "serve_columns", "columns_forward_bf16", "serve_columns_bf16",
+           "META", "SYNC_STRIDE", "to_bfloat16", "from_bfloat16", "unit_ranges"]
 
 #: int64 slots between two threads' barrier counters: each on its own 128-byte line pair
 #: (the adjacent-line prefetcher pulls lines in pairs), so that one thread's store does

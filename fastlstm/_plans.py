@@ -10,7 +10,6 @@ from functools import partial
 
 import numpy as np
 
-from ._compile import ensure, ready
 from ._columns import (
     SYNC_STRIDE,
     columns_forward,
@@ -19,6 +18,7 @@ from ._columns import (
     serve_columns_bf16,
     unit_ranges,
 )
+from ._compile import ensure, ready
 from ._kernels import (
     BIAS,
     EXACT,

@@ -12,10 +12,10 @@ from . import _layout
 from . import _validate as check
 from ._columns import to_bfloat16
 from ._compile import ensure
-from ._plans import ColumnPlan
-from ._threads import column_parts
 from ._kernels import ONE_THREAD, PACKED, STREAM_META, stream_step
+from ._plans import ColumnPlan
 from ._shared import aligned_zeros, readonly
+from ._threads import column_parts
 from .lstm import LSTM
 
 __all__ = ["Inference", "Stream"]
