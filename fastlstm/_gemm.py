@@ -170,8 +170,17 @@ _micro1, _micro2, _micro3, _micro4 = (_make_micro(r) for r in (1, 2, 3, 4))
 
 #: bytes of a's rows one block of the product keeps in L2 across all panels: without
 #: blocks, a (6400, 512) float32 was read from memory once per panel, and the packed
-#: input projection ran slower than OpenBLAS's
+#: input projection ran slower than OpenBLAS's. But never fewer than A_MIN_ROWS rows: at
+#: K = 2048 that made blocks of 16 rows, and a step's product over 64 rows read the
+#: whole W_hh^T (32 MB) four times (57 GF/s; 108 with one block, float32, one thread)
 A_BLOCK_BYTES = 1 << 17
+A_MIN_ROWS = 64
+#: k per pass of the micro-kernel over a panel: its slice (K_PANEL x NR, 32 KB float32)
+#: stays in L1 for every row group of the block. Over all of a long K the panel came from
+#: L2 for each group of four rows: at (32, 2048) x (2048, 8192) 54 against 85 GF/s, at
+#: (16, 1536) x (1536, 6144) 72 against 95 (float32, one thread); at K <= K_PANEL the
+#: sums are the same as one pass's
+K_PANEL = 128
 
 
 @njit(inline="always", **JIT)
@@ -181,22 +190,27 @@ def packed_product(a, packed, c):
     M, K = a.shape
     NR = packed.shape[2]
     N = c.shape[1]
-    rows = max(MR, A_BLOCK_BYTES // max(K * a.itemsize, 1) // MR * MR)
+    rows = max(A_MIN_ROWS, A_BLOCK_BYTES // max(K * a.itemsize, 1)) // MR * MR
     for i0 in range(0, M, rows):
         i1 = min(M, i0 + rows)
         for p in range(packed.shape[0]):
-            p_off = p * K * NR
-            i = i0
-            while i + MR <= i1:
-                _micro4(a, i * K, K, 1, packed, p_off, NR, c, i * N + p * NR, N, K, 0)
-                i += MR
-            rest = i1 - i
-            if rest == 3:
-                _micro3(a, i * K, K, 1, packed, p_off, NR, c, i * N + p * NR, N, K, 0)
-            elif rest == 2:
-                _micro2(a, i * K, K, 1, packed, p_off, NR, c, i * N + p * NR, N, K, 0)
-            elif rest == 1:
-                _micro1(a, i * K, K, 1, packed, p_off, NR, c, i * N + p * NR, N, K, 0)
+            for k0 in range(0, K, K_PANEL):
+                kn = min(K, k0 + K_PANEL) - k0
+                add = 1 if k0 > 0 else 0
+                p_off = p * K * NR + k0 * NR
+                i = i0
+                while i + MR <= i1:
+                    _micro4(a, i * K + k0, K, 1, packed, p_off, NR, c, i * N + p * NR, N, kn,
+                            add)
+                    i += MR
+                rest = i1 - i
+                at, ct = i * K + k0, i * N + p * NR
+                if rest == 3:
+                    _micro3(a, at, K, 1, packed, p_off, NR, c, ct, N, kn, add)
+                elif rest == 2:
+                    _micro2(a, at, K, 1, packed, p_off, NR, c, ct, N, kn, add)
+                elif rest == 1:
+                    _micro1(a, at, K, 1, packed, p_off, NR, c, ct, N, kn, add)
 
 
 #: rows of K (time steps x batch) per block of a weight-gradient product: B's panel
