@@ -412,7 +412,10 @@ class LSTM(Persist):
                              self.dtype, f"the workspace for T={T}, B={B} (x's shape)")
             self._affordable.add((T, B, seg is None))
         padded = lens is not None
-        if not keep and seg is None and self._columns_ok:
+        if not keep and self._columns_ok and (seg is None or self.dtype.itemsize * T * B * (
+                4 + 2 * (self.num_layers > 1)) * self.hidden_size <= self.EVAL_SEGMENT_BYTES):
+            # the column split keeps its gates (4H a step) and the layers' outputs below the
+            # last: within the bound of an evaluation forward's segments
             out = self._columns_forward(xt, h0, c0, lens, last_only)
             if out is not None:
                 return out

@@ -71,8 +71,10 @@ def test_state_reset_and_refresh():
     assert np.array_equal(new, np.array(inf.forward(x[:1])[0][0]))
 
 
-def test_a_step_allocates_no_array():
-    s = fastlstm.Inference(fastlstm.LSTM(32, 64, seed=0)).stream(1)
+@pytest.mark.parametrize("H, weights", [(64, "float32"), (256, "float32"), (64, "bfloat16")],
+                         ids=["one-thread", "split-by-units", "bfloat16"])
+def test_a_step_allocates_no_array(H, weights):
+    s = fastlstm.Inference(fastlstm.LSTM(32, H, seed=0), weights=weights).stream(1)
     x = np.ones((1, 32), np.float32)
     for _ in range(10):
         s.step(x)
