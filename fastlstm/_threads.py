@@ -186,12 +186,11 @@ def batch_parts(threads, B, work):
 COLUMN_UNITS, COLUMN_MIN_H = 64, 256
 
 
-def column_parts(threads, B, H, force=False):
+def column_parts(threads, B, H):
     """How many threads to split the hidden units of an evaluation forward over (see
-    _columns); 1: not worth it (or one thread allowed). `force`: whatever B and H (the
-    bfloat16 weights have no other kernel). Never more than the usable cores: the
-    threads wait for each other every step, spinning, so each needs a core of its own."""
-    if not force and (H < COLUMN_MIN_H or B * COLUMN_UNITS > H):
+    _columns); 1: not worth it (or one thread allowed). Never more than the usable cores:
+    the threads wait for each other every step, spinning, so each needs a core of its own."""
+    if H < COLUMN_MIN_H or B * COLUMN_UNITS > H:
         return 1
     return max(min(threads or blas_limit(), usable_cores(), H // 16), 1)
 

@@ -126,7 +126,7 @@ class Stream:
             self._row = np.zeros((B, 1), dt)
             self._out_ro = readonly(self._logits)
         bf16 = lstm._col_weights is not None
-        n = column_parts(lstm.threads, B, H, force=bf16) if lstm._columns_ok else 1
+        n = column_parts(lstm.threads, B, H) if lstm._columns_ok else 1
         self._plan = None
         if n > 1 or bf16:    # the units split over the cores (see _columns): x, y, state there
             self._plan = ColumnPlan(lstm._spec, lstm.flat_params, 1, B, n, lstm._col_weights,

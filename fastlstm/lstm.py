@@ -494,7 +494,7 @@ class LSTM(Persist):
         that does not pay or the servers are another thread's."""
         T, B = xt.shape[:2]
         bf16 = self._col_weights is not None
-        n = column_parts(self.threads, B, self.hidden_size, force=bf16)
+        n = column_parts(self.threads, B, self.hidden_size)  # bfloat16: 1 too
         if n < 2 and not bf16:
             return None
         plan = self._col_plans.get((T, B))

@@ -79,7 +79,6 @@ def test_the_rule_and_the_unit_ranges():
     assert column_parts(None, 1, 128) == 1              # too small: one thread is faster
     assert column_parts(1, 1, 1024) == 1                # threads=1 is honoured
     assert column_parts(8, 1, 1024) <= usable_cores()   # never more than the cores
-    assert column_parts(None, 64, 64, force=True) >= 1
     for H, n in ((256, 2), (100, 3), (33, 2), (64, 4)):
         r = unit_ranges(H, n, 4)
         assert r[0][0] == 0 and r[-1][1] == H and all(a[1] == b[0] for a, b in zip(r, r[1:]))
