@@ -28,7 +28,8 @@ def _ref_stack(m, x, h0, c0, lengths):
 
 @pytest.mark.parametrize("T,B,I,H,L,n", [(6, 1, 5, 64, 1, 2), (9, 3, 7, 48, 2, 2),
                                          (5, 4, 16, 128, 3, 2), (4, 2, 8, 40, 1, 3),
-                                         (7, 5, 6, 33, 2, 1), (3, 1, 4, 256, 2, 2)])
+                                         (7, 5, 6, 33, 2, 1), (3, 1, 4, 256, 2, 2),
+                                         (40, 3, 8, 256, 2, 2)])     # packed products
 def test_the_column_split_is_the_reference_in_float64(T, B, I, H, L, n):
     m = fastlstm.LSTM(I, H, num_layers=L, dtype=np.float64, seed=T, cell_clip=1.5).eval()
     rng = np.random.default_rng(B)
@@ -36,6 +37,7 @@ def test_the_column_split_is_the_reference_in_float64(T, B, I, H, L, n):
     h0, c0 = rng.standard_normal((2, L, B, H))
     lengths = rng.integers(1, T + 1, B)
     plan = ColumnPlan(m._spec, m.flat_params, T, B, n)
+    assert plan.panels == (T >= ColumnPlan.PANEL_STEPS)
     y, (h_n, c_n) = plan.forward(x, h0, c0, lengths)
     want_y, want_h, want_c = _ref_stack(m, x, h0, c0, lengths)
     np.testing.assert_allclose(y, want_y, rtol=0, atol=1e-10)
