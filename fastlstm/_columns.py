@@ -169,11 +169,11 @@ def _weight_rows(w, at, rows, I, wide):
         return lambda w, at, rows, I, wide: w[at:at + rows * I].reshape((rows, I))
 
     def widened(w, at, rows, I, wide):
-        out = wide.reshape(wide.size)[:rows * I].reshape((rows, I))
-        for r in range(rows):
-            for q in range(I):
-                out[r, q] = widen(w[at + r * I + q])
-        return out
+        flat = wide.reshape(wide.size)
+        src = w[at:at + rows * I]
+        for q in range(rows * I):     # one flat loop: it vectorises (2-D indexing did not)
+            flat[q] = widen(src[q])
+        return flat[:rows * I].reshape((rows, I))
     return widened
 
 
