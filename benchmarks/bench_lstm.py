@@ -194,3 +194,62 @@ class TorchModule:
 
     def time_train_step(self, module, size):
         self.step()
+
+
+class Serving:
+    """An evaluation forward at DeepBench's inference size H = 1024, B = 1, T = 25 (input
+    = H): fastlstm.Inference with float32 and bfloat16 weights, and torch.nn.LSTM under
+    no_grad; skipped where a commit has no fastlstm.Inference (or bfloat16 weights)."""
+    params = [["fastlstm", "fastlstm-bf16", "torch"]]
+    param_names = ["impl"]
+    timeout = 300
+
+    def setup(self, impl):
+        import numpy as np
+        B, T, H = 1, 25, 1024
+        x = np.random.default_rng(0).standard_normal((T, B, H)).astype(np.float32)
+        if impl == "torch":
+            torch = need_torch()
+            lstm = torch.nn.LSTM(H, H).eval()
+            xt = torch.from_numpy(x)
+
+            def forward():
+                with torch.no_grad():
+                    lstm(xt)
+        else:
+            serve = _inference(impl, H, H, 1)
+            forward = lambda: serve.forward(x)      # noqa: E731
+        self.forward = forward
+        forward()
+
+    def time_forward(self, impl):
+        self.forward()
+
+
+class Stream:
+    """A live stream's step, B = 1: fastlstm.Inference(...).stream(1).step with float32
+    and bfloat16 weights at one small layer (I = 32, H = 64) and two larger ones (I = H =
+    256); fastlstm bench --stream times torch and onnxruntime one step at a time."""
+    params = [["fastlstm", "fastlstm-bf16"], ["32,64,1", "256,256,2"]]
+    param_names = ["impl", "size"]
+    timeout = 300
+
+    def setup(self, impl, size):
+        import numpy as np
+        I, H, L = map(int, size.split(","))
+        s = _inference(impl, I, H, L).stream(1)
+        x_t = np.ones((1, I), np.float32)
+        self.step = lambda: s.step(x_t)
+        self.step()
+
+    def time_step(self, impl, size):
+        self.step()
+
+
+def _inference(impl, I, H, L):
+    try:
+        from fastlstm import LSTM, Inference
+        return Inference(LSTM(I, H, num_layers=L, seed=0),
+                         weights="bfloat16" if impl == "fastlstm-bf16" else "float32")
+    except (ImportError, NotImplementedError):
+        skip("this fastlstm has no Inference with these weights")

@@ -303,7 +303,7 @@ class ColumnPlan:
                 release_servers()
                 return False
             try:
-                token = object()
+                token = object() if self.blas else None
                 try:
                     if self.blas:
                         enter_single_threaded_blas(token)

@@ -392,6 +392,8 @@ class Server:
         that has ended is never waited on."""
         with self._mutex:
             self._kick()
+        if spin_until_at_least(self.cell, DONE, seq, self.spins) >= seq:
+            return          # the common case, without building the loop below (no objects)
 
         def until_done():
             while spin_until_at_least(self.cell, DONE, seq, self.spins) < seq:
@@ -420,8 +422,10 @@ def take_servers(n):
         if _state.servers_owner not in (None, me):
             return None         # another thread's (this thread's: a call cut short kept them)
         servers = _state.servers
-        if any(sv.error is not None for sv in servers):       # a failed one is replaced
-            servers[:] = [sv for sv in servers if sv.error is None]
+        for sv in servers:
+            if sv.error is not None:            # a failed one is replaced
+                servers[:] = [sv for sv in servers if sv.error is None]
+                break
         while len(servers) < n:
             servers.append(Server(_state.spins))
         _state.servers_owner = me           # one store: taken, or not
