@@ -19,7 +19,14 @@ from ._parts import Part, Spec, rows
 from ._persist import Persist
 from ._plans import MAX_SPLIT_PLANS, ColumnPlan, Last, Plan, SplitPlan
 from ._shared import Buffers, OneThread, aligned_zeros, readonly
-from ._threads import SPLIT_WORK, batch_parts, column_parts, run_parts, single_threaded
+from ._threads import (
+    COLUMN_MIN_H,
+    SPLIT_WORK,
+    batch_parts,
+    column_parts,
+    run_parts,
+    single_threaded,
+)
 
 __all__ = ["LSTM"]
 
@@ -378,7 +385,7 @@ class LSTM(Persist):
 
     def _forward(self, x, state, lengths, keep, last_only=False):
         check.float_array("x", x, self.dtype)
-        if state is None and lengths is None and not last_only and (keep or not self._columns_ok):
+        if state is None and lengths is None and not last_only and (keep or not self._units_split):
             # a shape this model has run before (a plan is made where no segments are)
             plan = self._plans.get(x.shape)
             if type(plan) is Plan:
@@ -488,6 +495,13 @@ class LSTM(Persist):
             return (ws.readonly(T, B, "y" if padded else "h_out", self.batch_first),
                     (ws.readonly(T, B, "h_n"), ws.readonly(T, B, "c_n")))
         return readonly(self._time_major(out)), (readonly(h_n), readonly(c_n))
+
+    @property
+    def _units_split(self):
+        """Whether an evaluation forward may take the column split (then not the plans):
+        a layer of its kind large enough for the rule, or bfloat16 weights."""
+        return self._columns_ok and (self.hidden_size >= COLUMN_MIN_H
+                                     or self._col_weights is not None)
 
     def _columns_forward(self, xt, h0, c0, lens, last_only):
         """An evaluation forward split by hidden units (_plans.ColumnPlan), or None where
