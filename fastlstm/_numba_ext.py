@@ -18,7 +18,7 @@ from numba.extending import intrinsic
 from numba.np.arrayobj import make_array, populate_array
 
 __all__ = ["cgutils", "make_array", "intrinsic", "make_view", "cache_locators",
-           "NumbaIRAssumptionWarning", "flush_denormals", "restore_fp"]
+           "NumbaIRAssumptionWarning", "flush_denormals", "restore_fp", "int64_pointer"]
 
 
 def cache_locators():
@@ -104,3 +104,12 @@ def restore_fp(typingctx, old):
             _mxcsr(builder, "llvm.x86.sse.ldmxcsr", ptr)
         return context.get_dummy_value()
     return types.void(types.int64), codegen
+
+
+@intrinsic
+def int64_pointer(typingctx, address):
+    """The int64 address (e.g. an array's ``ctypes.data``) as a pointer to int64, for
+    ``numba.carray`` in a cfunc that is handed addresses rather than arrays."""
+    def codegen(context, builder, sig, args):
+        return builder.inttoptr(args[0], ir.PointerType(ir.IntType(64)))
+    return types.CPointer(types.int64)(types.int64), codegen

@@ -23,7 +23,8 @@ from ._numba_ext import intrinsic, make_array
 # serve_rows carries the entries' code in its cache entry
 follow(__file__, *_kernels.SOURCES)
 
-__all__ = ["load_acquire", "store_release", "spin_while_equal", "spin_until_at_least", "post",
+__all__ = ["load_acquire", "store_release", "spin_while_equal", "spin_until_at_least",
+           "spin_for_command", "post",
            "SEQ", "CMD", "JOB", "DONE", "FORWARD", "BACKWARD", "serve_rows"]
 
 
@@ -68,6 +69,23 @@ def spin_until_at_least(cell, idx, target, spins):
         v = load_acquire(cell, idx)
         n += 1
     return v
+
+
+@njit(**JIT)
+def spin_for_command(cell, stop, spins):
+    """Spin (without the GIL) until a command is pending in cell (SEQ > DONE) or stop[0]
+    is set, at most `spins` reads; returns whether a command is pending. Sets stop[1]
+    first: the sign to a lender (see _threads.Server.host) that this thread has let go
+    of the GIL."""
+    store_release(stop, 1, 1)
+    n = 0
+    while n < spins:
+        if load_acquire(cell, SEQ) > load_acquire(cell, DONE):
+            return True
+        if load_acquire(stop, 0) != 0:
+            break
+        n += 1
+    return load_acquire(cell, SEQ) > load_acquire(cell, DONE)
 
 
 #: the slots of a Server's cell: the number of commands posted, the last one's code and

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from ._spin import DONE, SEQ, post, spin_until_at_least
+from ._spin import DONE, JOB, SEQ, post, spin_for_command, spin_until_at_least
 
 _lock = threading.Lock()
 
@@ -42,6 +42,7 @@ class _State:
         self.spins = None           # spin-reads of a server before it sleeps
         self.servers = []           # the split plans' spinning servers
         self.servers_owner = None   # the thread that took them; None: free
+        self.servers_pinned = False  # their owner keeps them past release_servers (lend)
 
 
 _state = _State()
@@ -324,6 +325,7 @@ class Server:
         self.spins = spins
         self._job = None
         self._serving = False
+        self._hosted = False                # a lent thread serves instead (see host)
         self._mutex = threading.Lock()
         self._wake = threading.Lock()       # released: a command waits for a sleeping server
         self._wake.acquire()
@@ -341,16 +343,19 @@ class Server:
         try:
             while True:
                 with self._mutex:
-                    sleep = not self._pending()
-                    if sleep:
-                        self._job, self._serving = None, False
-                    else:                       # a wake-up posted for it: taken with it
-                        self._wake.acquire(blocking=False)
-                        job, self._serving = self._job, True
+                    if self._hosted:            # a lent thread serves: sleep until it ends
+                        sleep = True
+                    else:
+                        sleep = not self._pending()
+                        if sleep:
+                            self._job, self._serving = None, False
+                        else:                   # a wake-up posted for it: taken with it
+                            self._wake.acquire(blocking=False)
+                            job, self._serving = self._job, True
                 if sleep:
                     self._wake.acquire()
                     continue
-                if job is None:                 # parked (see park): nothing to run
+                if job is None or self.cell[JOB] == 0:  # parked (see park): nothing to run
                     self.cell[DONE] = self.cell[SEQ]
                     continue
                 job(self.cell, self.spins)
@@ -381,6 +386,39 @@ class Server:
             post(self.cell, 0, 0)
             self._kick()
 
+    def host(self, stop):
+        """Serve this server's commands on the calling thread, one lent by another pool
+        (torch's OpenMP workers, see fastlstm.torch), until stop[0] is set and nothing
+        is pending; its own thread sleeps meanwhile. Returns at once when its own thread
+        is serving (it goes on doing so), having set stop[1] to 2; else stop[1] is 1 once
+        it no longer needs the GIL (see _spin.spin_for_command). The lender ends it by
+        posting a park command (job 0: it ends a job's loop still spinning), then
+        setting stop[0]."""
+        with self._mutex:
+            if self._serving:
+                stop[1] = 2
+                return
+            self._hosted = self._serving = True
+        try:
+            while True:
+                pending = spin_for_command(self.cell, stop, self.spins)
+                if not pending:
+                    if stop[0]:
+                        return
+                    continue
+                with self._mutex:
+                    job = self._job
+                if job is None or self.cell[JOB] == 0:  # parked: nothing to run
+                    self.cell[DONE] = self.cell[SEQ]
+                else:
+                    job(self.cell, self.spins)
+        except BaseException as e:      # noqa: BLE001 - handed to the caller by wait()
+            self.error = e
+        finally:
+            with self._mutex:
+                self._hosted = self._serving = False
+                self._kick()
+
     def posted(self):
         """The number of the last command posted."""
         return int(self.cell[SEQ])
@@ -397,7 +435,7 @@ class Server:
 
         def until_done():
             while spin_until_at_least(self.cell, DONE, seq, self.spins) < seq:
-                if not self._thread.is_alive():
+                if self.error is not None or not self._thread.is_alive():
                     raise RuntimeError("a fastlstm server thread failed while running a "
                                        "split call's part") from self.error
                 time.sleep(1e-4)
@@ -432,6 +470,47 @@ def take_servers(n):
         return servers[:n]
 
 
+def pin_servers():
+    """Take the servers for this thread until ``unpin_servers``, through the calls that
+    take and release them meanwhile (a lender's region, which posts to them when it
+    ends: see fastlstm.torch). False when another thread has them."""
+    with _lock:
+        me = threading.get_ident()
+        if _state.servers_owner not in (None, me):
+            return False
+        _state.servers_owner, _state.servers_pinned = me, True
+        return True
+
+
+def unpin_servers():
+    """End ``pin_servers``: the servers are free again."""
+    with _lock:
+        if _state.servers_owner == threading.get_ident():
+            _state.servers_owner, _state.servers_pinned = None, False
+
+
+def _server(k):
+    with _lock:
+        if _state.spins is None:
+            _state.spins = int(_spins_per_second() * SPIN_SECONDS)
+        servers = _state.servers
+        while len(servers) <= k:
+            servers.append(Server(_state.spins))
+        return servers[k]
+
+
+def server_cell(k):
+    """The k-th server's cell (made when there is none yet), where its commands are
+    posted (see _spin.post)."""
+    return _server(k).cell
+
+
+def host_server(k, stop):
+    """Serve the k-th server's commands on the calling thread until stop[0] is set (see
+    ``Server.host``)."""
+    _server(k).host(stop)
+
+
 def park_servers():
     """``Server.park`` every server no thread holds."""
     with _lock:
@@ -444,5 +523,5 @@ def release_servers():
     """Give back the servers this thread took (nothing when it holds none, so that a
     ``finally`` may call it whether or not ``take_servers`` got them)."""
     with _lock:
-        if _state.servers_owner == threading.get_ident():
+        if _state.servers_owner == threading.get_ident() and not _state.servers_pinned:
             _state.servers_owner = None

@@ -303,6 +303,70 @@ def test_threads_follow_torch():
     assert np.isfinite(m.weight_ih_l0.grad.numpy()).all()
 
 
+def _lending():
+    """Whether this process's torch lends its OpenMP workers (see fastlstm.torch._OpenMP)."""
+    ft._lent(1, lambda: None)
+    return ft._openmp.lib is not None and torch.get_num_threads() > 1
+
+
+def test_a_split_call_runs_its_parts_on_torchs_openmp_workers():
+    """A job posted to a server inside a lent region runs on one of torch's OpenMP
+    workers, not on the server's own thread; the region returns the work's value, raises
+    its error, and leaves the servers free either way."""
+    if not _lending():
+        pytest.skip("torch without libgomp or with one thread")
+    import threading
+
+    from fastlstm import _threads
+    from fastlstm._spin import FORWARD
+    ran = []
+
+    def work():
+        server = _threads.take_servers(1)[0]
+        try:
+            number = _threads.new_job()
+
+            def job(cell, spins):
+                ran.append(threading.get_native_id())
+                cell[_threads.DONE] = cell[_threads.SEQ]
+            server.wait(server.post(number, job, FORWARD))
+            return server._thread.native_id
+        finally:
+            _threads.release_servers()
+    own = ft._lent(2, work)
+    assert ran and ran[0] not in (own, threading.get_native_id())
+    with pytest.raises(ZeroDivisionError):
+        ft._lent(2, lambda: 1 / 0)
+    assert _threads._state.servers_owner is None
+    assert ft._lent(2, lambda: 7) == 7
+
+
+def test_lent_and_unlent_calls_agree_bitwise(monkeypatch):
+    """A training step split over two threads gives bitwise the same output and
+    gradients whether its second part runs on torch's OpenMP worker or on fastlstm's
+    own server thread, from the main thread and from another thread."""
+    import threading
+    torch.manual_seed(0)
+    ref = nn.LSTM(32, 64, dtype=torch.float32)
+    x = torch.randn(50, 32, 32)
+
+    def step():
+        m = ft.LSTM.from_torch(ref, threads=2)
+        out = m(x)[0]
+        out.square().sum().backward()
+        return out.detach().clone(), grads(m)
+    lent = step()
+    box = []
+    t = threading.Thread(target=lambda: box.append(step()))
+    t.start()
+    t.join()
+    monkeypatch.setattr(ft._openmp, "lib", None)         # fastlstm's own servers only
+    own = step()
+    for other in (own, box[0]):
+        assert torch.equal(lent[0], other[0])
+        assert all(torch.equal(lent[1][k], other[1][k]) for k in lent[1])
+
+
 DDP_SCRIPT = r"""
 import os, sys
 import torch
