@@ -29,7 +29,17 @@ from ._compile import entry
 from ._config import JIT, follow
 from ._gemm import packed_product, panel_width
 from ._numba_ext import flush_denormals, intrinsic, make_view, restore_fp
-from ._spin import CMD, DONE, FORWARD, JOB, SEQ, load_acquire, spin_while_equal, store_release
+from ._spin import (
+    CMD,
+    DONE,
+    FORWARD,
+    JOB,
+    SEQ,
+    entered,
+    load_acquire,
+    spin_while_equal,
+    store_release,
+)
 
 follow(__file__, _activations.__file__, _gemm.__file__, _numba_ext.__file__, _spin.__file__)
 
@@ -324,6 +334,7 @@ def _sigs(bf16, serve):
 @njit(inline="always", **JIT)
 def _serve(cell, spins, me, w, p, x, y, inter, h0, c0, h_n, c_n, gin, part, rec, c, wide,
            panels, sync, meta, lengths, clip):
+    entered(cell)
     done = load_acquire(cell, DONE)
     while True:
         seq = spin_while_equal(cell, SEQ, done, spins)

@@ -24,8 +24,8 @@ from ._numba_ext import intrinsic, make_array
 follow(__file__, *_kernels.SOURCES)
 
 __all__ = ["load_acquire", "store_release", "spin_while_equal", "spin_until_at_least",
-           "spin_for_command", "post",
-           "SEQ", "CMD", "JOB", "DONE", "FORWARD", "BACKWARD", "serve_rows"]
+           "spin_for_command", "entered", "post",
+           "SEQ", "CMD", "JOB", "DONE", "ENTERED", "FORWARD", "BACKWARD", "serve_rows"]
 
 
 @intrinsic
@@ -74,10 +74,9 @@ def spin_until_at_least(cell, idx, target, spins):
 @njit(**JIT)
 def spin_for_command(cell, stop, spins):
     """Spin (without the GIL) until a command is pending in cell (SEQ > DONE) or stop[0]
-    is set, at most `spins` reads; returns whether a command is pending. Sets stop[1]
-    first: the sign to a lender (see _threads.Server.host) that this thread has let go
-    of the GIL."""
-    store_release(stop, 1, 1)
+    is set, at most `spins` reads; returns whether a command is pending. Counts itself
+    in cell[ENTERED] first (see entered)."""
+    entered(cell)
     n = 0
     while n < spins:
         if load_acquire(cell, SEQ) > load_acquire(cell, DONE):
@@ -89,8 +88,17 @@ def spin_for_command(cell, stop, spins):
 
 
 #: the slots of a Server's cell: the number of commands posted, the last one's code and
-#: the job (serving loop) it is for, the number done (each written by one side only)
-SEQ, CMD, JOB, DONE = 0, 1, 2, 3
+#: the job (serving loop) it is for, the number done (each written by one side only), and
+#: the number of serving loops entered (see entered)
+SEQ, CMD, JOB, DONE, ENTERED = 0, 1, 2, 3, 4
+
+
+@njit(inline="always", **JIT)
+def entered(cell):
+    """Count a serving loop's start in cell[ENTERED]. Stored from compiled code, so after
+    the thread let go of the GIL: what a lender waits for before it takes the GIL (see
+    fastlstm.torch._OpenMP). One thread serves a cell at a time: a plain increment."""
+    store_release(cell, ENTERED, load_acquire(cell, ENTERED) + 1)
 #: command codes (what a serving loop does with them is its own)
 FORWARD, BACKWARD = 1, 2
 
@@ -126,6 +134,7 @@ def serve_rows(cell, spins, me, p, g, ws, y, h_n, c_n, dx, dh0, dc0, b0, lengths
     x already in the workspace, its rows of y, h_n, c_n written as ``rows_forward``
     does. BACKWARD: g zeroed, then ``layer_backward`` on dy already in the workspace,
     and its rows of dx, dh0, dc0 written."""
+    entered(cell)
     v = workspace_of(ws, T, B, I, H, P, opts)
     done = load_acquire(cell, DONE)
     while True:

@@ -39,6 +39,7 @@ except ImportError as e:          # pragma: no cover - torch is installed for th
                       "the CPU build, torch==2.13.0)") from e
 
 from . import _layout, _options
+from ._spin import ENTERED
 from ._threads import (
     host_server,
     park_servers,
@@ -120,9 +121,10 @@ class _OpenMP:
     the call runs as it is."""
 
     _FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
-    #: a row of the control table per thread: [stop, ready (1: serving, 2: not), out of
-    #: Python, its server's cell address]
-    STOP, READY, DONE, CELL = 0, 1, 2, 3
+    #: a row of the control table per thread: [stop, 2 when it does not serve, out of
+    #: Python, its server's cell address, the count of serving loops entered
+    #: (cell[ENTERED]) that says it has let go of the GIL]
+    STOP, READY, DONE, CELL, TARGET = 0, 1, 2, 3, 4
 
     def __init__(self):
         self.lib = None
@@ -164,9 +166,10 @@ class _OpenMP:
             ctypes.pythonapi.PyGILState_Ensure()
             _lent_thread.kept = True
         k = self.lib.omp_get_thread_num()
-        run = self.runs[data]
-        row = run["ctl"][k]
-        row[self.CELL] = server_cell(k - 1).ctypes.data
+        row = self.runs[data]["ctl"][k]
+        cell = server_cell(k - 1)
+        row[self.TARGET] = cell[ENTERED] + 1
+        row[self.CELL] = cell.ctypes.data
         host_server(k - 1, row)
 
     def run(self, n, work):
@@ -194,8 +197,9 @@ def _region_body(thread_num, num_threads, master, worker):
     from numba import carray, cfunc, types
 
     from ._numba_ext import int64_pointer
-    from ._spin import load_acquire, post, store_release
-    STOP, READY, DONE, CELL = _OpenMP.STOP, _OpenMP.READY, _OpenMP.DONE, _OpenMP.CELL
+    from ._spin import ENTERED, load_acquire, post, store_release
+    STOP, READY, DONE = _OpenMP.STOP, _OpenMP.READY, _OpenMP.DONE
+    CELL, TARGET = _OpenMP.CELL, _OpenMP.TARGET
     WAIT = 1 << 26          # reads (tens of ms) before thread 0 starts without a thread
 
     @cfunc(types.void(types.voidptr), nogil=True)
@@ -207,15 +211,21 @@ def _region_body(thread_num, num_threads, master, worker):
             worker(data)                        # serves until it reads stop
             store_release(ctl[k], DONE, 1)
             return
-        for j in range(1, m):
-            n = 0
-            while load_acquire(ctl[j], READY) == 0 and n < WAIT:
+        for j in range(1, m):                   # until each has let go of the GIL
+            row, n = ctl[j], 0
+            while load_acquire(row, CELL) == 0 and load_acquire(row, READY) == 0 and n < WAIT:
                 n += 1
+            if load_acquire(row, CELL) != 0:
+                cell = carray(int64_pointer(row[CELL]), 8)
+                while (load_acquire(cell, ENTERED) < row[TARGET]
+                       and load_acquire(row, READY) == 0 and n < WAIT):
+                    n += 1
         master(data)                            # the call
         for j in range(1, m):
-            if load_acquire(ctl[j], READY) == 1:  # serving: its loop ends at a park
-                post(carray(int64_pointer(ctl[j, CELL]), 8), 0, 0)
-            store_release(ctl[j], STOP, 1)
+            row = ctl[j]
+            store_release(row, STOP, 1)
+            if load_acquire(row, CELL) != 0 and load_acquire(row, READY) == 0:
+                post(carray(int64_pointer(row[CELL]), 8), 0, 0)   # ends its loop
         for j in range(1, m):
             while load_acquire(ctl[j], DONE) == 0:
                 pass

@@ -335,6 +335,8 @@ def test_a_split_call_runs_its_parts_on_torchs_openmp_workers():
             _threads.release_servers()
     own = ft._lent(2, work)
     assert ran and ran[0] not in (own, threading.get_native_id())
+    server = _threads._state.servers[0]          # holds no job once the region ends
+    assert server._job is None and server._kept() is None
     with pytest.raises(ZeroDivisionError):
         ft._lent(2, lambda: 1 / 0)
     assert _threads._state.servers_owner is None
