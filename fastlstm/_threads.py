@@ -22,6 +22,7 @@ import threading
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 
 import numpy as np
 
@@ -253,12 +254,49 @@ class deferred_interrupt:
                 raise KeyboardInterrupt
 
 
-def run_parts(calls):
-    """Call calls[0]() here and the others on the pool, BLAS single-threaded;
-    returns their results in order."""
+class _Posted:
+    """call() run as a command of a server, as a future: for a caller that holds the
+    servers pinned (``pin_servers``), whose threads a lender has put on cores of their
+    own (see fastlstm.torch), where the pool's threads would contend for them."""
+
+    def __init__(self, server, call):
+        self.server, self.call = server, call
+        self.value = self.error = None
+        self.seq = server.post(new_job(), self._run, 1)
+
+    def _run(self, cell, spins):
+        seq = cell[SEQ]
+        try:
+            self.value = self.call()
+        except BaseException as e:      # noqa: BLE001 - raised by result()
+            self.error = e
+        cell[DONE] = seq
+
+    def result(self):
+        self.server.wait(self.seq)
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def _submitter(n):
+    """How this thread hands n calls to other threads: to its pinned servers (see
+    _Posted), else to the pool."""
+    with _lock:
+        servers = _state.servers
+        if (_state.servers_pinned and _state.servers_owner == threading.get_ident()
+                and len(servers) >= n):
+            return [partial(_Posted, server) for server in servers[:n]]
     _, pool = _controller()
+    return [pool.submit] * n
+
+
+def run_parts(calls):
+    """Call calls[0]() here and the others on the pool (or the pinned servers), BLAS
+    single-threaded; returns their results in order."""
+    submit = _submitter(len(calls) - 1)
     with deferred_interrupt(), _SingleThreadedBlas():
-        futures = [pool.submit(call) for call in calls[1:]]
+        futures = [s(call) for s, call in zip(submit, calls[1:])]
         try:
             first = calls[0]()
         finally:
@@ -277,9 +315,9 @@ def parallel_worthwhile(work, threads=None):
 
 def run_pair(first, second):
     """Call first() here and second() on a worker thread, BLAS single-threaded."""
-    _, pool = _controller()
+    submit, = _submitter(1)
     with deferred_interrupt(), _SingleThreadedBlas():
-        future = pool.submit(second)
+        future = submit(second)
         try:
             first()
         finally:

@@ -42,6 +42,7 @@ from . import _layout, _options
 from ._spin import ENTERED
 from ._threads import (
     host_server,
+    parallel_worthwhile,
     park_servers,
     pin_servers,
     server_cell,
@@ -236,8 +237,11 @@ _openmp = None
 
 
 def _threads_of(lstm, T, B, keep):
-    """The threads a call of `lstm` at (T, B) runs on: 1 when it does not split."""
-    if len(lstm._split(T, B)) > 1 or (not keep and lstm._units_split):
+    """The threads a call of `lstm` at (T, B) runs on: 1 when it splits neither its
+    batch, its units nor its two directions (see fastlstm._threads)."""
+    if (len(lstm._split(T, B)) > 1 or (not keep and lstm._units_split)
+            or (lstm.num_directions == 2 and parallel_worthwhile(
+                T * B * 4 * lstm.hidden_size * (lstm.input_size + lstm._P), lstm.threads))):
         return min(lstm.threads, usable_cores())
     return 1
 

@@ -343,18 +343,24 @@ def test_a_split_call_runs_its_parts_on_torchs_openmp_workers():
     assert ft._lent(2, lambda: 7) == 7
 
 
-def test_lent_and_unlent_calls_agree_bitwise(monkeypatch):
+@pytest.mark.parametrize("cfg", [dict(), dict(num_layers=2, bidirectional=True)],
+                         ids=["plan", "L2-bi-packed"])
+def test_lent_and_unlent_calls_agree_bitwise(monkeypatch, cfg):
     """A training step split over two threads gives bitwise the same output and
-    gradients whether its second part runs on torch's OpenMP worker or on fastlstm's
-    own server thread, from the main thread and from another thread."""
+    gradients whether its other part (or direction) runs on torch's OpenMP worker or on
+    fastlstm's own threads, from the main thread and from another thread: a one-layer
+    call (a split plan) and a two-layer bidirectional one on a PackedSequence."""
     import threading
     torch.manual_seed(0)
-    ref = nn.LSTM(32, 64, dtype=torch.float32)
+    ref = nn.LSTM(32, 64, dtype=torch.float32, **cfg)
     x = torch.randn(50, 32, 32)
+    if cfg:
+        x = pack.pack_padded_sequence(x, torch.randint(10, 51, (32,)), enforce_sorted=False)
 
     def step():
         m = ft.LSTM.from_torch(ref, threads=2)
         out = m(x)[0]
+        out = out.data if cfg else out
         out.square().sum().backward()
         return out.detach().clone(), grads(m)
     lent = step()
