@@ -25,7 +25,8 @@ TOL = {np.float32: 1e-5, np.float64: 1e-13}
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: d.__name__)
-@pytest.mark.parametrize("M,K,panels", [(1, 1, 1), (3, 7, 2), (6, 33, 1), (9, 130, 3)])
+@pytest.mark.parametrize("M,K,panels", [(1, 1, 1), (3, 7, 2), (6, 33, 1), (9, 130, 3),
+                                        (1, 7, 4), (1, 130, 5)])
 def test_packed_product(dtype, M, K, panels):
     rng = np.random.default_rng(M * K)
     nr = 64 if dtype == np.float32 else 32
@@ -34,6 +35,23 @@ def test_packed_product(dtype, M, K, panels):
     c = np.full((M, panels * nr), np.nan, dtype)
     _packed(a, b, np.empty((panels, K, nr), dtype), c)
     assert _rel(c, a.astype(np.float64) @ b) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: d.__name__)
+def test_one_row_sums_as_each_row_of_several(dtype):
+    """A one-row product (its panels taken WIDE at a time) sums each element in the same
+    order as the same row in a product of several: bitwise equal (a stream's step
+    against the forward over the same steps)."""
+    rng = np.random.default_rng(1)
+    nr = 64 if dtype == np.float32 else 32
+    K, panels = _gemm.K_PANEL + 9, _gemm.WIDE + 1
+    a = rng.standard_normal((3, K)).astype(dtype)
+    b = rng.standard_normal((K, panels * nr)).astype(dtype)
+    packed = np.empty((panels, K, nr), dtype)
+    c3, c1 = np.empty((3, panels * nr), dtype), np.empty((1, panels * nr), dtype)
+    _packed(a, b, packed, c3)
+    _packed(a[1:2].copy(), b, packed, c1)
+    assert np.array_equal(c1[0], c3[1])
 
 
 # K past one block of K_BLOCK rows (the blocks add into C), n with 1, 2 and 3 rows left
