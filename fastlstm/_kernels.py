@@ -359,37 +359,14 @@ def segments_backward(p, g, ws, src, grad, dy0, dx, h_start, c_start, zh, zc, rm
             dx[s0 + t] = v.dx[t]
 
 
-# A stream's step runs the same operations as layer_forward at T = 1, inlined into it:
-# at H = 64, B = 1 (float32) the call into lstm_forward with its tuples of views, and
-# the biases summed again every step, were a fifth of the step's 2.1 us in compiled code.
-_lstm_forward_inline = njit(inline="always", **JIT)(lstm_forward.py_func)
-
-
-@njit(inline="always", **JIT)
-def _layer_step(p, ws, lengths, clip, B, I, H, P, opts):
-    """layer_forward over T = 1 with opts' ZERO_STATE and PADDED unset; the summed
-    biases are kept in the workspace while its weights are current (PACKED)."""
-    w = params_of(p, I, H, P, opts)
-    v = workspace_of(ws, 1, B, I, H, P, opts)
-    if opts & PACKED == 0:
-        for k in range(4 * H):
-            v.bias[k] = w.bias_ih[k] + w.bias_hh[k] if opts & BIAS != 0 else 0
-        if opts & LAYER_NORM != 0:
-            for k in range(4 * H):
-                v.bias[k] += w.ln_ih_bias[k] + w.ln_hh_bias[k]
-    m = v.m if opts & (PROJ | ZONEOUT) != 0 else v.h[1:]
-    _lstm_forward_inline(w, v, m, lengths, clip, opts & PEEPHOLE != 0, opts & LAYER_NORM != 0,
-                         opts & ZONEOUT != 0, opts & RDROP != 0, opts & EXACT != 0,
-                         opts & ONE_THREAD != 0, opts & PACKED != 0)
-
-
 #: stream_step's meta array: these sizes, then the layers' parameter offsets (L + 1),
 #: workspace offsets (L + 1) and the lengths (B ones)
 STREAM_META = ("L", "B", "I", "H", "P", "opts", "y", "h", "c")
 
 
 @entry(["void(float32[::1], float32[::1], float32[:, ::1], int64[::1], float32)",
-        "void(float64[::1], float64[::1], float64[:, ::1], int64[::1], float64)"])
+        "void(float64[::1], float64[::1], float64[:, ::1], int64[::1], float64)"],
+       needs=(layer_forward,))
 def stream_step(p, ws, x, meta, clip):
     """One step of a stack of L one-direction layers (``Inference.stream``). Five
     arguments: the dispatcher's checks cost about 0.1 us apiece, a tenth of a step at
@@ -398,7 +375,6 @@ def stream_step(p, ws, x, meta, clip):
     (L, B, H), carried in place. Each layer is ``layer_forward`` over T = 1, so a stream
     of T steps computes what a forward over them does; PACKED in opts once the
     workspaces hold the weights packed."""
-    fp = flush_denormals()
     L, B, I, H, P, opts = meta[0], meta[1], meta[2], meta[3], meta[4], meta[5]
     n = len(STREAM_META)
     po, wo = meta[n:n + L + 1], meta[n + L + 1:n + 2 * L + 2]
@@ -416,11 +392,10 @@ def stream_step(p, ws, x, meta, clip):
             v.x[0] = y
         v.h[0] = h[k]
         v.c[0] = c[k]
-        _layer_step(p[po[k]:po[k + 1]], wk, lengths, clip, B, I_k, H, P, opts)
+        layer_forward(p[po[k]:po[k + 1]], wk, lengths, clip, 1, B, I_k, H, P, opts)
         h[k] = v.h[1]
         c[k] = v.c[1]
         y[:] = v.h[1]
-    restore_fp(fp)
 
 
 @entry(["void(float32[:, :, :], float32[:, :, :], int64[::1])",
