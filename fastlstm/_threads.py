@@ -262,10 +262,15 @@ class _Posted:
     def __init__(self, server, call):
         self.server, self.call = server, call
         self.value = self.error = None
-        self.seq = server.post(new_job(), self._run, 1)
+        self.number = new_job()
+        self.seq = server.post(self.number, self._run, 1)
 
     def _run(self, cell, spins):
+        """A job (see Server): serves its one command, and nothing when the command
+        pending is not its own (a lent thread enters the job it ran last again)."""
         seq = cell[SEQ]
+        if seq != self.seq or cell[DONE] >= seq or cell[JOB] != self.number:
+            return
         try:
             self.value = self.call()
         except BaseException as e:      # noqa: BLE001 - raised by result()

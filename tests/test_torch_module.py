@@ -343,6 +343,37 @@ def test_a_split_call_runs_its_parts_on_torchs_openmp_workers():
     assert ft._lent(2, lambda: 7) == 7
 
 
+def test_a_call_handed_to_a_lent_server_runs_once():
+    """run_pair inside a lent region hands its second call to the hosted server, which
+    runs it once: the next region's thread, entering the job it ran last, does not run
+    it again."""
+    if not _lending():
+        pytest.skip("torch without libgomp or with one thread")
+    import threading
+
+    from fastlstm import _threads
+    calls = []
+
+    def pair():
+        _threads.run_pair(lambda: None, lambda: calls.append(threading.get_native_id()))
+    for _ in range(3):
+        ft._lent(2, pair)
+    assert len(calls) == 3 and threading.get_native_id() not in calls
+    # entered again when its command is done (or another job's is pending): nothing runs
+    server = _threads.take_servers(1)[0]
+    try:
+        posted = _threads._Posted(server, lambda: calls.append(0))
+        posted.result()
+        posted._run(server.cell.copy(), 0)           # its command done
+        other = server.cell.copy()                   # another job's command pending
+        other[_threads.SEQ] += 1
+        other[_threads.JOB] = _threads.new_job()
+        posted._run(other, 0)
+    finally:
+        _threads.release_servers()
+    assert calls.count(0) == 1
+
+
 @pytest.mark.parametrize("cfg", [dict(), dict(num_layers=2, bidirectional=True)],
                          ids=["plan", "L2-bi-packed"])
 def test_lent_and_unlent_calls_agree_bitwise(monkeypatch, cfg):
