@@ -27,7 +27,8 @@ from ._config import JIT
 from ._numba_ext import cgutils, intrinsic, make_array
 
 __all__ = ["panel_width", "pack_panels", "pack_panels_transposed", "packed_product",
-           "gradient_product", "gradient_product_pays", "narrow_product", "narrow_pays"]
+           "gradient_product", "gradient_product_pays", "narrow_product", "narrow_pays",
+           "dot_rows8", "dot_rows1", "DOT_ROWS"]
 
 #: bytes of one SIMD vector the micro-kernel works in (AVX-512; LLVM splits the
 #: vectors on machines with narrower ones, which still computes the right thing)
@@ -350,3 +351,120 @@ def narrow_product(a, b, c):
         _narrow2(a, b, c)
     else:
         _narrow3(a, b, c)
+
+
+def _dot_rows_codegen(rows):
+    """IR for out[o_off + r * o_stride] = w[w_off + r * ld : ... + K] . h[h_off : h_off + K]
+    for r < rows: each row's sum in a SIMD accumulator of its own (rows independent FMA
+    chains), ended by an ordered sum across the lanes, and a scalar tail past the last
+    whole vector. w is float like h, or uint16 bfloat16 bit patterns with h float32
+    (widened as loaded: zero-extended, shifted up 16 bits)."""
+
+    def codegen(context, builder, sig, args):
+        w_ty, _, _, h_ty, _, _, o_ty = sig.args[:7]
+        w_arr, w_off, ld, h_arr, h_off, K, o_arr, o_off, o_stride = args
+        w = make_array(w_ty)(context, builder, w_arr)
+        h = make_array(h_ty)(context, builder, h_arr)
+        o = make_array(o_ty)(context, builder, o_arr)
+        fty = context.get_data_type(h_ty.dtype)
+        size = context.get_abi_sizeof(fty)
+        width = VECTOR_BYTES // size
+        vty = ir.VectorType(fty, width)
+        i64 = ir.IntType(64)
+        bf16 = w_ty.dtype == types.uint16
+        suffix = f"v{width}f{size * 8}"
+        fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
+                                             f"llvm.fma.{suffix}")
+        sfma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(fty, [fty] * 3),
+                                              f"llvm.fma.f{size * 8}")
+        reduce = cgutils.get_or_insert_function(builder.module, ir.FunctionType(fty, [fty, vty]),
+                                                f"llvm.vector.reduce.fadd.{suffix}")
+        zero = ir.Constant(vty, [ir.Constant(fty, 0.0)] * width)
+        w_rows = [builder.gep(w.data, [builder.add(w_off, builder.mul(ir.Constant(i64, r), ld))])
+                  for r in range(rows)]
+        h_ptr = builder.gep(h.data, [h_off])
+        kv = builder.mul(builder.sdiv(K, ir.Constant(i64, width)), ir.Constant(i64, width))
+
+        def load_w(r, k, vector):
+            p = builder.gep(w_rows[r], [k])
+            if not bf16:
+                if vector:
+                    return builder.load(builder.bitcast(p, vty.as_pointer()), align=4)
+                return builder.load(p)
+            i16, i32 = ir.IntType(16), ir.IntType(32)
+            if vector:
+                bits = builder.load(builder.bitcast(p, ir.VectorType(i16, width).as_pointer()),
+                                    align=2)
+                wide = builder.zext(bits, ir.VectorType(i32, width))
+                wide = builder.shl(wide, ir.Constant(ir.VectorType(i32, width), [16] * width))
+                return builder.bitcast(wide, vty)
+            wide = builder.shl(builder.zext(builder.load(p), i32), ir.Constant(i32, 16))
+            return builder.bitcast(wide, fty)
+
+        entry = builder.basic_block
+        loop = builder.append_basic_block("dot_k")
+        after = builder.append_basic_block("dot_after")
+        builder.cbranch(builder.icmp_signed(">", kv, ir.Constant(i64, 0)), loop, after)
+        builder.position_at_end(loop)
+        k = builder.phi(i64)
+        accs = [builder.phi(vty) for _ in range(rows)]
+        hv = builder.load(builder.bitcast(builder.gep(h_ptr, [k]), vty.as_pointer()), align=4)
+        new = [builder.call(fma, [load_w(r, k, True), hv, accs[r]]) for r in range(rows)]
+        k_next = builder.add(k, ir.Constant(i64, width))
+        end = builder.basic_block
+        builder.cbranch(builder.icmp_signed("<", k_next, kv), loop, after)
+        k.add_incoming(ir.Constant(i64, 0), entry)
+        k.add_incoming(k_next, end)
+        for r in range(rows):
+            accs[r].add_incoming(zero, entry)
+            accs[r].add_incoming(new[r], end)
+        builder.position_at_end(after)
+        sums = []
+        for r in range(rows):
+            acc = builder.phi(vty)
+            acc.add_incoming(zero, entry)
+            acc.add_incoming(new[r], end)
+            sums.append(acc)
+        sums = [builder.call(reduce, [ir.Constant(fty, -0.0), s]) for s in sums]
+        # the tail, scalar
+        tail = builder.append_basic_block("dot_tail")
+        done = builder.append_basic_block("dot_done")
+        head = builder.basic_block
+        builder.cbranch(builder.icmp_signed("<", kv, K), tail, done)
+        builder.position_at_end(tail)
+        kt = builder.phi(i64)
+        ts = [builder.phi(fty) for _ in range(rows)]
+        hs = builder.load(builder.gep(h_ptr, [kt]))
+        tnew = [builder.call(sfma, [load_w(r, kt, False), hs, ts[r]]) for r in range(rows)]
+        kt_next = builder.add(kt, ir.Constant(i64, 1))
+        tend = builder.basic_block
+        builder.cbranch(builder.icmp_signed("<", kt_next, K), tail, done)
+        kt.add_incoming(kv, head)
+        kt.add_incoming(kt_next, tend)
+        for r in range(rows):
+            ts[r].add_incoming(sums[r], head)
+            ts[r].add_incoming(tnew[r], tend)
+        builder.position_at_end(done)
+        totals = [builder.phi(fty) for _ in range(rows)]        # phis first
+        for r in range(rows):
+            totals[r].add_incoming(sums[r], head)
+            totals[r].add_incoming(tnew[r], tend)
+        for r in range(rows):
+            at = builder.add(o_off, builder.mul(ir.Constant(i64, r), o_stride))
+            builder.store(totals[r], builder.gep(o.data, [at]))
+        return context.get_dummy_value()
+    return codegen
+
+
+def _make_dot_rows(rows):
+    @intrinsic
+    def dot_rows(typingctx, w, w_off, ld, h, h_off, K, out, o_off, o_stride):
+        i = types.int64
+        return types.void(w, i, i, h, i, i, out, i, i), _dot_rows_codegen(rows)
+    return dot_rows
+
+
+#: rows per call of the row dot products: eight independent FMA chains keep both FMA
+#: units busy (one row's chain is latency-bound)
+DOT_ROWS = 8
+dot_rows8, dot_rows1 = _make_dot_rows(DOT_ROWS), _make_dot_rows(1)

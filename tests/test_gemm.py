@@ -110,3 +110,33 @@ def test_narrow_pays_below_one_panel_only(dtype):
     assert not _gemm.narrow_pays(width + 1, size)
     assert not _gemm.narrow_pays(4 * width, size)       # a whole panel: packed_product's
     assert not _gemm.narrow_pays(0, size)
+
+
+@njit
+def _dots(w, ld, h, K, out):
+    r = 0
+    while r + _gemm.DOT_ROWS <= out.size:
+        _gemm.dot_rows8(w, r * ld, ld, h, 0, K, out, r, 1)
+        r += _gemm.DOT_ROWS
+    while r < out.size:
+        _gemm.dot_rows1(w, r * ld, ld, h, 0, K, out, r, 1)
+        r += 1
+
+
+# rows past a multiple of DOT_ROWS, K past a multiple of the SIMD width, and K = 0
+@pytest.mark.parametrize("kind", ["float32", "float64", "bfloat16"])
+@pytest.mark.parametrize("R,K", [(1, 1), (13, 37), (16, 256), (9, 0)])
+def test_dot_rows(kind, R, K):
+    from fastlstm._columns import to_bfloat16
+    rng = np.random.default_rng(R + K)
+    dtype = np.float64 if kind == "float64" else np.float32
+    w = rng.standard_normal((R, K)).astype(dtype)
+    h = rng.standard_normal(K).astype(dtype)
+    if kind == "bfloat16":
+        w = to_bfloat16(w)
+        want = (w.astype(np.uint32) << 16).view(np.float32).astype(np.float64) @ h
+    else:
+        want = w.astype(np.float64) @ h
+    out = np.full(R, np.nan, dtype)
+    _dots(w.reshape(-1), K, h, K, out)
+    assert np.abs(out - want).max() <= TOL[dtype] * max(np.abs(want).max(), 1.0) * 10
