@@ -27,7 +27,14 @@ from . import _activations, _gemm, _numba_ext, _spin
 from ._activations import _sigmoid, _tanh
 from ._compile import entry
 from ._config import JIT, follow
-from ._gemm import DOT_ROWS, dot_rows1, dot_rows8, packed_product, panel_width
+from ._gemm import (
+    dot_rows1,
+    dot_rows2x4,
+    dot_rows4x2,
+    dot_rows8,
+    packed_product,
+    panel_width,
+)
 from ._numba_ext import flush_denormals, intrinsic, make_view, restore_fp
 from ._spin import (
     CMD,
@@ -116,6 +123,34 @@ def _barrier(sync, k, n, target):
 
 
 @njit(inline="always", **JIT)
+def _bf16_rows(w, at, P, hk, hp, out):
+    """out[b, r] = hp[b] . widen(w[at + r P:at + (r + 1) P]) for r < hk, b < B: bfloat16
+    rows in SIMD registers (_gemm.dot_rows*), two rows by four sequences, four by two or
+    eight by one, each weight vector widened once for all. Numba's loops widened element
+    by element and ran about half as fast as float32's (compute-bound). hp and out
+    C-contiguous."""
+    B, hs, os = hp.shape[0], hp.shape[1], out.shape[1]
+    b = 0
+    while b < B:
+        nb = 4 if B - b >= 4 else (2 if B - b >= 2 else 1)
+        rows = 2 if nb == 4 else (4 if nb == 2 else 8)
+        r = 0
+        while r + rows <= hk:
+            if nb == 4:
+                dot_rows2x4(w, at + r * P, P, hp, b * hs, hs, P, out, b * os + r, 1, os)
+            elif nb == 2:
+                dot_rows4x2(w, at + r * P, P, hp, b * hs, hs, P, out, b * os + r, 1, os)
+            else:
+                dot_rows8(w, at + r * P, P, hp, b * hs, hs, P, out, b * os + r, 1, os)
+            r += rows
+        while r < hk:
+            for q in range(b, b + nb):
+                dot_rows1(w, at + r * P, P, hp, q * hs, hs, P, out, q * os + r, 1, os)
+            r += 1
+        b += nb
+
+
+@njit(inline="always", **JIT)
 def _recurrent_rows(w, o, H, P, j0, hk, hp, rec):
     """rec[g, b, r] = h_{t-1}[b] . W_hh[g H + j0 + r] for this thread's rows, two rows by
     up to four sequences at a time (eight sums: each load of a weight or of h feeds
@@ -124,21 +159,9 @@ def _recurrent_rows(w, o, H, P, j0, hk, hp, rec):
     at half the speed (147 against 280 us at H = 512, B = 1)."""
     B = hp.shape[0]
     zero = hp.dtype.type(0.0)
-    if B == 1 and w.itemsize == 2:
-        # bfloat16 at B = 1: the widening made the loops below compute-bound (about half
-        # the speed of float32's); eight rows at a time in SIMD registers (_gemm.dot_rows8)
-        # read them at the speed of the cache they come from
-        h = hp[0]
+    if w.itemsize == 2:
         for g in range(4):
-            out = rec[g, 0]
-            at = o + (g * H + j0) * P
-            r = 0
-            while r + DOT_ROWS <= hk:
-                dot_rows8(w, at + r * P, P, h, 0, P, out, r, 1)
-                r += DOT_ROWS
-            while r < hk:
-                dot_rows1(w, at + r * P, P, h, 0, P, out, r, 1)
-                r += 1
+            _bf16_rows(w, o + (g * H + j0) * P, P, hk, hp, rec[g])
         return
     for g in range(4):
         for r in range(0, hk, 2):

@@ -28,7 +28,7 @@ from ._numba_ext import cgutils, intrinsic, make_array
 
 __all__ = ["panel_width", "pack_panels", "pack_panels_transposed", "packed_product",
            "gradient_product", "gradient_product_pays", "narrow_product", "narrow_pays",
-           "dot_rows8", "dot_rows1", "DOT_ROWS"]
+           "dot_rows8", "dot_rows4x2", "dot_rows2x4", "dot_rows1"]
 
 #: bytes of one SIMD vector the micro-kernel works in (AVX-512; LLVM splits the
 #: vectors on machines with narrower ones, which still computes the right thing)
@@ -353,16 +353,17 @@ def narrow_product(a, b, c):
         _narrow3(a, b, c)
 
 
-def _dot_rows_codegen(rows):
-    """IR for out[o_off + r * o_stride] = w[w_off + r * ld : ... + K] . h[h_off : h_off + K]
-    for r < rows: each row's sum in a SIMD accumulator of its own (rows independent FMA
-    chains), ended by an ordered sum across the lanes, and a scalar tail past the last
+def _dot_rows_codegen(rows, seqs):
+    """IR for out[o_off + r * o_stride + b * o_seq] = w[w_off + r * ld:... + K] .
+    h[h_off + b * h_seq:... + K] for r < rows, b < seqs: each sum in a SIMD accumulator
+    of its own (rows x seqs independent FMA chains, each weight vector loaded once for
+    all seqs), ended by an ordered sum across the lanes, and a scalar tail past the last
     whole vector. w is float like h, or uint16 bfloat16 bit patterns with h float32
     (widened as loaded: zero-extended, shifted up 16 bits)."""
 
     def codegen(context, builder, sig, args):
-        w_ty, _, _, h_ty, _, _, o_ty = sig.args[:7]
-        w_arr, w_off, ld, h_arr, h_off, K, o_arr, o_off, o_stride = args
+        w_ty, h_ty, o_ty = sig.args[0], sig.args[3], sig.args[7]
+        w_arr, w_off, ld, h_arr, h_off, h_seq, K, o_arr, o_off, o_stride, o_seq = args
         w = make_array(w_ty)(context, builder, w_arr)
         h = make_array(h_ty)(context, builder, h_arr)
         o = make_array(o_ty)(context, builder, o_arr)
@@ -382,8 +383,11 @@ def _dot_rows_codegen(rows):
         zero = ir.Constant(vty, [ir.Constant(fty, 0.0)] * width)
         w_rows = [builder.gep(w.data, [builder.add(w_off, builder.mul(ir.Constant(i64, r), ld))])
                   for r in range(rows)]
-        h_ptr = builder.gep(h.data, [h_off])
+        h_rows = [builder.gep(h.data, [builder.add(h_off, builder.mul(ir.Constant(i64, b),
+                                                                      h_seq))])
+                  for b in range(seqs)]
         kv = builder.mul(builder.sdiv(K, ir.Constant(i64, width)), ir.Constant(i64, width))
+        pairs = [(r, b) for r in range(rows) for b in range(seqs)]
 
         def load_w(r, k, vector):
             p = builder.gep(w_rows[r], [k])
@@ -407,64 +411,69 @@ def _dot_rows_codegen(rows):
         builder.cbranch(builder.icmp_signed(">", kv, ir.Constant(i64, 0)), loop, after)
         builder.position_at_end(loop)
         k = builder.phi(i64)
-        accs = [builder.phi(vty) for _ in range(rows)]
-        hv = builder.load(builder.bitcast(builder.gep(h_ptr, [k]), vty.as_pointer()), align=4)
-        new = [builder.call(fma, [load_w(r, k, True), hv, accs[r]]) for r in range(rows)]
+        accs = [builder.phi(vty) for _ in pairs]
+        hv = [builder.load(builder.bitcast(builder.gep(h_rows[b], [k]), vty.as_pointer()),
+                           align=4) for b in range(seqs)]
+        wv = [load_w(r, k, True) for r in range(rows)]
+        new = [builder.call(fma, [wv[r], hv[b], accs[q]]) for q, (r, b) in enumerate(pairs)]
         k_next = builder.add(k, ir.Constant(i64, width))
         end = builder.basic_block
         builder.cbranch(builder.icmp_signed("<", k_next, kv), loop, after)
         k.add_incoming(ir.Constant(i64, 0), entry)
         k.add_incoming(k_next, end)
-        for r in range(rows):
-            accs[r].add_incoming(zero, entry)
-            accs[r].add_incoming(new[r], end)
+        for q in range(len(pairs)):
+            accs[q].add_incoming(zero, entry)
+            accs[q].add_incoming(new[q], end)
         builder.position_at_end(after)
-        sums = []
-        for r in range(rows):
-            acc = builder.phi(vty)
-            acc.add_incoming(zero, entry)
-            acc.add_incoming(new[r], end)
-            sums.append(acc)
-        sums = [builder.call(reduce, [ir.Constant(fty, -0.0), s]) for s in sums]
-        # the tail, scalar
+        sums = [builder.phi(vty) for _ in pairs]
+        for q in range(len(pairs)):
+            sums[q].add_incoming(zero, entry)
+            sums[q].add_incoming(new[q], end)
+        sums = [builder.call(reduce, [ir.Constant(fty, -0.0), v]) for v in sums]
         tail = builder.append_basic_block("dot_tail")
         done = builder.append_basic_block("dot_done")
         head = builder.basic_block
         builder.cbranch(builder.icmp_signed("<", kv, K), tail, done)
         builder.position_at_end(tail)
         kt = builder.phi(i64)
-        ts = [builder.phi(fty) for _ in range(rows)]
-        hs = builder.load(builder.gep(h_ptr, [kt]))
-        tnew = [builder.call(sfma, [load_w(r, kt, False), hs, ts[r]]) for r in range(rows)]
+        ts = [builder.phi(fty) for _ in pairs]
+        hs = [builder.load(builder.gep(h_rows[b], [kt])) for b in range(seqs)]
+        ws = [load_w(r, kt, False) for r in range(rows)]
+        tnew = [builder.call(sfma, [ws[r], hs[b], ts[q]]) for q, (r, b) in enumerate(pairs)]
         kt_next = builder.add(kt, ir.Constant(i64, 1))
         tend = builder.basic_block
         builder.cbranch(builder.icmp_signed("<", kt_next, K), tail, done)
         kt.add_incoming(kv, head)
         kt.add_incoming(kt_next, tend)
-        for r in range(rows):
-            ts[r].add_incoming(sums[r], head)
-            ts[r].add_incoming(tnew[r], tend)
+        for q in range(len(pairs)):
+            ts[q].add_incoming(sums[q], head)
+            ts[q].add_incoming(tnew[q], tend)
         builder.position_at_end(done)
-        totals = [builder.phi(fty) for _ in range(rows)]        # phis first
-        for r in range(rows):
-            totals[r].add_incoming(sums[r], head)
-            totals[r].add_incoming(tnew[r], tend)
-        for r in range(rows):
-            at = builder.add(o_off, builder.mul(ir.Constant(i64, r), o_stride))
-            builder.store(totals[r], builder.gep(o.data, [at]))
+        totals = [builder.phi(fty) for _ in pairs]        # phis first
+        for q in range(len(pairs)):
+            totals[q].add_incoming(sums[q], head)
+            totals[q].add_incoming(tnew[q], tend)
+        for q, (r, b) in enumerate(pairs):
+            at = builder.add(o_off, builder.add(builder.mul(ir.Constant(i64, r), o_stride),
+                                                builder.mul(ir.Constant(i64, b), o_seq)))
+            builder.store(totals[q], builder.gep(o.data, [at]))
         return context.get_dummy_value()
     return codegen
 
 
-def _make_dot_rows(rows):
+def _make_dot_rows(rows, seqs):
     @intrinsic
-    def dot_rows(typingctx, w, w_off, ld, h, h_off, K, out, o_off, o_stride):
+    def dot_rows(typingctx, w, w_off, ld, h, h_off, h_seq, K, out, o_off, o_stride, o_seq):
         i = types.int64
-        return types.void(w, i, i, h, i, i, out, i, i), _dot_rows_codegen(rows)
+        return (types.void(w, i, i, h, i, i, i, out, i, i, i),
+                _dot_rows_codegen(rows, seqs))
     return dot_rows
 
 
-#: rows per call of the row dot products: eight independent FMA chains keep both FMA
-#: units busy (one row's chain is latency-bound)
-DOT_ROWS = 8
-dot_rows8, dot_rows1 = _make_dot_rows(DOT_ROWS), _make_dot_rows(1)
+#: the row dot products' shapes (rows x sequences): eight independent FMA chains keep
+#: both FMA units busy (one row's chain is latency-bound); with several sequences each
+#: weight vector, widened once, feeds one chain per sequence
+dot_rows8 = _make_dot_rows(8, 1)
+dot_rows4x2 = _make_dot_rows(4, 2)
+dot_rows2x4 = _make_dot_rows(2, 4)
+dot_rows1 = _make_dot_rows(1, 1)

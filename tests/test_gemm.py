@@ -114,29 +114,43 @@ def test_narrow_pays_below_one_panel_only(dtype):
 
 @njit
 def _dots(w, ld, h, K, out):
-    r = 0
-    while r + _gemm.DOT_ROWS <= out.size:
-        _gemm.dot_rows8(w, r * ld, ld, h, 0, K, out, r, 1)
-        r += _gemm.DOT_ROWS
-    while r < out.size:
-        _gemm.dot_rows1(w, r * ld, ld, h, 0, K, out, r, 1)
-        r += 1
+    """out (B, R) = h (B, K) . w's R rows, through every shape of dot_rows."""
+    B, R = out.shape
+    b = 0
+    while b < B:
+        nb = 4 if B - b >= 4 else (2 if B - b >= 2 else 1)
+        rows = 2 if nb == 4 else (4 if nb == 2 else 8)
+        r = 0
+        while r + rows <= R:
+            if nb == 4:
+                _gemm.dot_rows2x4(w, r * ld, ld, h, b * K, K, K, out, b * R + r, 1, R)
+            elif nb == 2:
+                _gemm.dot_rows4x2(w, r * ld, ld, h, b * K, K, K, out, b * R + r, 1, R)
+            else:
+                _gemm.dot_rows8(w, r * ld, ld, h, b * K, K, K, out, b * R + r, 1, R)
+            r += rows
+        while r < R:
+            for q in range(b, b + nb):
+                _gemm.dot_rows1(w, r * ld, ld, h, q * K, K, K, out, q * R + r, 1, R)
+            r += 1
+        b += nb
 
 
-# rows past a multiple of DOT_ROWS, K past a multiple of the SIMD width, and K = 0
+# rows and sequences past the kernels' shapes, K past a multiple of the SIMD width, K = 0
 @pytest.mark.parametrize("kind", ["float32", "float64", "bfloat16"])
-@pytest.mark.parametrize("R,K", [(1, 1), (13, 37), (16, 256), (9, 0)])
-def test_dot_rows(kind, R, K):
+@pytest.mark.parametrize("B,R,K", [(1, 1, 1), (1, 13, 37), (7, 9, 37), (4, 16, 256),
+                                   (3, 9, 0)])
+def test_dot_rows(kind, B, R, K):
     from fastlstm._columns import to_bfloat16
-    rng = np.random.default_rng(R + K)
+    rng = np.random.default_rng(B + R + K)
     dtype = np.float64 if kind == "float64" else np.float32
     w = rng.standard_normal((R, K)).astype(dtype)
-    h = rng.standard_normal(K).astype(dtype)
+    h = rng.standard_normal((B, K)).astype(dtype)
     if kind == "bfloat16":
         w = to_bfloat16(w)
-        want = (w.astype(np.uint32) << 16).view(np.float32).astype(np.float64) @ h
+        want = h @ (w.astype(np.uint32) << 16).view(np.float32).astype(np.float64).T
     else:
-        want = w.astype(np.float64) @ h
-    out = np.full(R, np.nan, dtype)
+        want = h @ w.astype(np.float64).T
+    out = np.full((B, R), np.nan, dtype)
     _dots(w.reshape(-1), K, h, K, out)
     assert np.abs(out - want).max() <= TOL[dtype] * max(np.abs(want).max(), 1.0) * 10
