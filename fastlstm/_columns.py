@@ -27,14 +27,7 @@ from . import _activations, _gemm, _numba_ext, _spin
 from ._activations import _sigmoid, _tanh
 from ._compile import entry
 from ._config import JIT, follow
-from ._gemm import (
-    dot_rows1,
-    dot_rows2x4,
-    dot_rows4x2,
-    dot_rows8,
-    packed_product,
-    panel_width,
-)
+from ._gemm import packed_product, panel_width, row_dots
 from ._numba_ext import flush_denormals, intrinsic, make_view, restore_fp
 from ._spin import (
     CMD,
@@ -123,34 +116,6 @@ def _barrier(sync, k, n, target):
 
 
 @njit(inline="always", **JIT)
-def _bf16_rows(w, at, P, hk, hp, out):
-    """out[b, r] = hp[b] . widen(w[at + r P:at + (r + 1) P]) for r < hk, b < B: bfloat16
-    rows in SIMD registers (_gemm.dot_rows*), two rows by four sequences, four by two or
-    eight by one, each weight vector widened once for all. Numba's loops widened element
-    by element and ran about half as fast as float32's (compute-bound). hp and out
-    C-contiguous."""
-    B, hs, os = hp.shape[0], hp.shape[1], out.shape[1]
-    b = 0
-    while b < B:
-        nb = 4 if B - b >= 4 else (2 if B - b >= 2 else 1)
-        rows = 2 if nb == 4 else (4 if nb == 2 else 8)
-        r = 0
-        while r + rows <= hk:
-            if nb == 4:
-                dot_rows2x4(w, at + r * P, P, hp, b * hs, hs, P, out, b * os + r, 1, os)
-            elif nb == 2:
-                dot_rows4x2(w, at + r * P, P, hp, b * hs, hs, P, out, b * os + r, 1, os)
-            else:
-                dot_rows8(w, at + r * P, P, hp, b * hs, hs, P, out, b * os + r, 1, os)
-            r += rows
-        while r < hk:
-            for q in range(b, b + nb):
-                dot_rows1(w, at + r * P, P, hp, q * hs, hs, P, out, q * os + r, 1, os)
-            r += 1
-        b += nb
-
-
-@njit(inline="always", **JIT)
 def _recurrent_rows(w, o, H, P, j0, hk, hp, rec):
     """rec[g, b, r] = h_{t-1}[b] . W_hh[g H + j0 + r] for this thread's rows, two rows by
     up to four sequences at a time (eight sums: each load of a weight or of h feeds
@@ -160,8 +125,10 @@ def _recurrent_rows(w, o, H, P, j0, hk, hp, rec):
     B = hp.shape[0]
     zero = hp.dtype.type(0.0)
     if w.itemsize == 2:
+        # bfloat16: Numba's loops below widened element by element and ran at about half
+        # float32's speed (compute-bound); the SIMD kernels widen each vector once
         for g in range(4):
-            _bf16_rows(w, o + (g * H + j0) * P, P, hk, hp, rec[g])
+            row_dots(w, o + (g * H + j0) * P, P, hk, hp, rec[g])
         return
     for g in range(4):
         for r in range(0, hk, 2):

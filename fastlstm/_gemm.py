@@ -28,7 +28,7 @@ from ._numba_ext import cgutils, intrinsic, make_array
 
 __all__ = ["panel_width", "pack_panels", "pack_panels_transposed", "packed_product",
            "gradient_product", "gradient_product_pays", "narrow_product", "narrow_pays",
-           "dot_rows8", "dot_rows4x2", "dot_rows2x4", "dot_rows1"]
+           "row_dots"]
 
 #: bytes of one SIMD vector the micro-kernel works in (AVX-512; LLVM splits the
 #: vectors on machines with narrower ones, which still computes the right thing)
@@ -477,3 +477,30 @@ dot_rows8 = _make_dot_rows(8, 1)
 dot_rows4x2 = _make_dot_rows(4, 2)
 dot_rows2x4 = _make_dot_rows(2, 4)
 dot_rows1 = _make_dot_rows(1, 1)
+
+
+@njit(inline="always", **JIT)
+def row_dots(w, at, K, R, h, out):
+    """out[b, r] = h[b] . w[at + r K:at + (r + 1) K] for r < R, b < B = h.shape[0]: two
+    rows by four sequences, four by two or eight by one a call (eight sums in registers,
+    each weight vector loaded, and widened from bfloat16, once for the call's
+    sequences). h (B, >= K) and out (B, >= R) C-contiguous."""
+    B, hs, os = h.shape[0], h.shape[1], out.shape[1]
+    b = 0
+    while b < B:
+        nb = 4 if B - b >= 4 else (2 if B - b >= 2 else 1)
+        rows = 2 if nb == 4 else (4 if nb == 2 else 8)
+        r = 0
+        while r + rows <= R:
+            if nb == 4:
+                dot_rows2x4(w, at + r * K, K, h, b * hs, hs, K, out, b * os + r, 1, os)
+            elif nb == 2:
+                dot_rows4x2(w, at + r * K, K, h, b * hs, hs, K, out, b * os + r, 1, os)
+            else:
+                dot_rows8(w, at + r * K, K, h, b * hs, hs, K, out, b * os + r, 1, os)
+            r += rows
+        while r < R:
+            for q in range(b, b + nb):
+                dot_rows1(w, at + r * K, K, h, q * hs, hs, K, out, q * os + r, 1, os)
+            r += 1
+        b += nb

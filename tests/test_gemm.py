@@ -114,26 +114,7 @@ def test_narrow_pays_below_one_panel_only(dtype):
 
 @njit
 def _dots(w, ld, h, K, out):
-    """out (B, R) = h (B, K) . w's R rows, through every shape of dot_rows."""
-    B, R = out.shape
-    b = 0
-    while b < B:
-        nb = 4 if B - b >= 4 else (2 if B - b >= 2 else 1)
-        rows = 2 if nb == 4 else (4 if nb == 2 else 8)
-        r = 0
-        while r + rows <= R:
-            if nb == 4:
-                _gemm.dot_rows2x4(w, r * ld, ld, h, b * K, K, K, out, b * R + r, 1, R)
-            elif nb == 2:
-                _gemm.dot_rows4x2(w, r * ld, ld, h, b * K, K, K, out, b * R + r, 1, R)
-            else:
-                _gemm.dot_rows8(w, r * ld, ld, h, b * K, K, K, out, b * R + r, 1, R)
-            r += rows
-        while r < R:
-            for q in range(b, b + nb):
-                _gemm.dot_rows1(w, r * ld, ld, h, q * K, K, K, out, q * R + r, 1, R)
-            r += 1
-        b += nb
+    _gemm.row_dots(w, 0, K, out.shape[1], h, out)
 
 
 # rows and sequences past the kernels' shapes, K past a multiple of the SIMD width, K = 0

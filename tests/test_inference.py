@@ -82,17 +82,21 @@ def test_a_step_allocates_no_array(H, weights):
     # No collection meanwhile: in a process holding the whole suite's objects a full
     # collection stalls this thread for milliseconds, and a split step's server, idle
     # that long, goes to sleep and re-enters its job in Python when woken (CI saw a
-    # 2.3 KB peak from that once; 952 bytes without).
-    gc.disable()
-    tracemalloc.start()
-    try:
-        for _ in range(200):
-            s.step(x)
-        current, peak = tracemalloc.get_traced_memory()
-    finally:
-        tracemalloc.stop()
-        gc.enable()
-    assert peak < 2000, peak
+    # 2.3 KB peak from that once; 952 bytes without). The machine's other load can
+    # stall it as well (CI again, with gc off): the least peak of three trials, which a
+    # step that allocates raises in every one.
+    peaks = []
+    for _ in range(3):
+        gc.disable()
+        tracemalloc.start()
+        try:
+            for _ in range(200):
+                s.step(x)
+            peaks.append(tracemalloc.get_traced_memory()[1])
+        finally:
+            tracemalloc.stop()
+            gc.enable()
+    assert min(peaks) < 2000, peaks
 
 
 def test_bad_input_to_inference_and_streams():
