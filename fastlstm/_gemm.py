@@ -77,34 +77,27 @@ def pack_panels_transposed(bt, packed):
                     dst[c] = bt[p * NR + c, k]
 
 
-def _micro_codegen(rows, nv=NV, panels=1):
+def _micro_codegen(rows, nv=NV):
     """IR for C[0:rows, 0:NR] (+)= A[0:rows, 0:K] @ B[0:K, 0:NR], NR = nv vectors.
 
     Element (r, k) of A is at a_off + r * a_rs + k * a_ks: a row-major A has
     (a_rs, a_ks) = (lda, 1), the transpose of a row-major X (K, n) has (1, n).
     Row k of B starts at b_off + k * b_ks: a packed panel has b_ks = NR, a
     row-major matrix its row length. C is row-major with stride ldc. acc != 0 adds
-    into C; otherwise C is overwritten (and never read). panels > 1 (an extra last
-    argument, the panels' stride p_stride): C[0:rows, 0:panels * NR] from that many
-    panels at once, panel q's row k at b_off + q * p_stride + k * b_ks."""
-
-    nv_per_panel = nv
+    into C; otherwise C is overwritten (and never read)."""
 
     def codegen(context, builder, sig, args):
         a_ty, _, _, _, b_ty, _, _, c_ty = sig.args[:8]
-        a_arr, a_off, a_rs, a_ks, b_arr, b_off, b_ks, c_arr, c_off, ldc, K, acc = args[:12]
-        p_stride = args[12] if panels > 1 else None
+        a_arr, a_off, a_rs, a_ks, b_arr, b_off, b_ks, c_arr, c_off, ldc, K, acc = args
         a = make_array(a_ty)(context, builder, a_arr)
         b = make_array(b_ty)(context, builder, b_arr)
         c = make_array(c_ty)(context, builder, c_arr)
-        nv_in, nv = nv_per_panel, nv_per_panel * panels
         fty = context.get_data_type(a_ty.dtype)
         width = VECTOR_BYTES // context.get_abi_sizeof(fty)
         vty = ir.VectorType(fty, width)
         i64 = ir.IntType(64)
         a_ptr = builder.gep(a.data, [a_off])
-        b_ptrs = [builder.gep(b.data, [b_off if q == 0 else builder.add(
-            b_off, builder.mul(ir.Constant(i64, q), p_stride))]) for q in range(panels)]
+        b_ptr = builder.gep(b.data, [b_off])
         c_ptr = builder.gep(c.data, [c_off])
         suffix = f"v{width}f{context.get_abi_sizeof(fty) * 8}"        # e.g. v16f32
         fma = cgutils.get_or_insert_function(builder.module, ir.FunctionType(vty, [vty] * 3),
@@ -139,12 +132,10 @@ def _micro_codegen(rows, nv=NV, panels=1):
         builder.position_at_end(loop)
         k = builder.phi(i64)
         accs = [[builder.phi(vty) for _ in range(nv)] for _ in range(rows)]
-        bs = []
-        for b_ptr in b_ptrs:
-            row = builder.gep(b_ptr, [builder.mul(k, b_ks)])
-            bs += [builder.load(builder.bitcast(builder.gep(row, [ir.Constant(i64, v * width)]),
-                                                vty.as_pointer()), align=4)
-                   for v in range(nv_in)]
+        row = builder.gep(b_ptr, [builder.mul(k, b_ks)])
+        bs = [builder.load(builder.bitcast(builder.gep(row, [ir.Constant(i64, v * width)]),
+                                           vty.as_pointer()), align=4)
+              for v in range(nv)]
         a_k = builder.gep(a_ptr, [builder.mul(k, a_ks)])
         new = []
         for r in range(rows):
@@ -186,20 +177,6 @@ def _make_micro(rows, nv=NV):
 
 _micro1, _micro2, _micro3, _micro4 = (_make_micro(r) for r in (1, 2, 3, 4))
 
-#: panels a one-row product takes at once: one row times one panel is four chains of
-#: dependent FMAs (latency-bound); four panels make sixteen, which keep both FMA units
-#: busy: (1, 32) x (32, 256) float32, in L1, 211 -> 125 ns (one thread, a loop of
-#: calls); at K = 64 both run from L2 (W_hh^T is 64 KB), 625 -> 587 ns
-WIDE = 4
-
-
-@intrinsic
-def _micro1_wide(typingctx, a, a_off, a_rs, a_ks, b, b_off, b_ks, c, c_off, ldc, K, acc,
-                 p_stride):
-    i = types.int64
-    return (types.void(a, i, i, i, b, i, i, c, i, i, i, i, i),
-            _micro_codegen(1, NV, WIDE))
-
 
 #: bytes of a's rows one block of the product keeps in L2 across all panels: without
 #: blocks, a (6400, 512) float32 was read from memory once per panel, and the packed
@@ -223,20 +200,6 @@ def packed_product(a, packed, c):
     M, K = a.shape
     NR = packed.shape[2]
     N = c.shape[1]
-    if M == 1:          # every element's sum in the same order as the loop below
-        n_p = packed.shape[0]
-        for k0 in range(0, K, K_PANEL):
-            kn = min(K, k0 + K_PANEL) - k0
-            add = 1 if k0 > 0 else 0
-            p = 0
-            while p + WIDE <= n_p:
-                _micro1_wide(a, k0, K, 1, packed, p * K * NR + k0 * NR, NR, c, p * NR, N, kn,
-                             add, K * NR)
-                p += WIDE
-            while p < n_p:
-                _micro1(a, k0, K, 1, packed, p * K * NR + k0 * NR, NR, c, p * NR, N, kn, add)
-                p += 1
-        return
     rows = max(A_MIN_ROWS, A_BLOCK_BYTES // max(K * a.itemsize, 1)) // MR * MR
     for i0 in range(0, M, rows):
         i1 = min(M, i0 + rows)

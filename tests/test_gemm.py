@@ -39,12 +39,12 @@ def test_packed_product(dtype, M, K, panels):
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=lambda d: d.__name__)
 def test_one_row_sums_as_each_row_of_several(dtype):
-    """A one-row product (its panels taken WIDE at a time) sums each element in the same
-    order as the same row in a product of several: bitwise equal (a stream's step
-    against the forward over the same steps)."""
+    """A one-row product sums each element in the same order as the same row in a
+    product of several: bitwise equal (a stream's step against the forward over the
+    same steps)."""
     rng = np.random.default_rng(1)
     nr = 64 if dtype == np.float32 else 32
-    K, panels = _gemm.K_PANEL + 9, _gemm.WIDE + 1
+    K, panels = _gemm.K_PANEL + 9, 5
     a = rng.standard_normal((3, K)).astype(dtype)
     b = rng.standard_normal((K, panels * nr)).astype(dtype)
     packed = np.empty((panels, K, nr), dtype)
