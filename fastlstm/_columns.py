@@ -115,6 +115,24 @@ def _barrier(sync, k, n, target):
             pass
 
 
+def _simd_rows(w, o, H, P, j0, hk, hp, rec):
+    """_recurrent_rows through _gemm.row_dots for bfloat16 weights (returns True), else
+    nothing (False): Numba's loops there widened element by element and ran at about
+    half float32's speed (compute-bound); the SIMD kernels widen each vector once. An
+    overload, so that the float entries compile none of it."""
+
+
+@overload(_simd_rows, inline="always")
+def _simd_rows_impl(w, o, H, P, j0, hk, hp, rec):
+    if w.dtype == types.uint16:
+        def rows(w, o, H, P, j0, hk, hp, rec):
+            for g in range(4):
+                row_dots(w, o + (g * H + j0) * P, P, hk, hp, rec[g])
+            return True
+        return rows
+    return lambda w, o, H, P, j0, hk, hp, rec: False
+
+
 @njit(inline="always", **JIT)
 def _recurrent_rows(w, o, H, P, j0, hk, hp, rec):
     """rec[g, b, r] = h_{t-1}[b] . W_hh[g H + j0 + r] for this thread's rows, two rows by
@@ -124,11 +142,7 @@ def _recurrent_rows(w, o, H, P, j0, hk, hp, rec):
     at half the speed (147 against 280 us at H = 512, B = 1)."""
     B = hp.shape[0]
     zero = hp.dtype.type(0.0)
-    if w.itemsize == 2:
-        # bfloat16: Numba's loops below widened element by element and ran at about half
-        # float32's speed (compute-bound); the SIMD kernels widen each vector once
-        for g in range(4):
-            row_dots(w, o + (g * H + j0) * P, P, hk, hp, rec[g])
+    if _simd_rows(w, o, H, P, j0, hk, hp, rec):
         return
     for g in range(4):
         for r in range(0, hk, 2):
