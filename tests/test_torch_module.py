@@ -12,6 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 ft = pytest.importorskip("fastlstm.torch")
+openmp = pytest.importorskip("fastlstm._openmp")
 nn = torch.nn
 pack = torch.nn.utils.rnn
 
@@ -307,8 +308,8 @@ def _lending():
     """Whether this process's torch lends its OpenMP workers (see fastlstm.torch._OpenMP):
     whatever torch's own thread count (the suite's torch fixture sets 1), a region of two
     threads makes its worker."""
-    ft._lent(1, lambda: None)
-    return ft._openmp.lib is not None
+    openmp.lend(1, lambda: None)
+    return openmp._pool.lib is not None
 
 
 def test_a_split_call_runs_its_parts_on_torchs_openmp_workers():
@@ -335,14 +336,14 @@ def test_a_split_call_runs_its_parts_on_torchs_openmp_workers():
             return server._thread.native_id
         finally:
             _threads.release_servers()
-    own = ft._lent(2, work)
+    own = openmp.lend(2, work)
     assert ran and ran[0] not in (own, threading.get_native_id())
     server = _threads._state.servers[0]          # holds no job once the region ends
     assert server._job is None and server._kept() is None
     with pytest.raises(ZeroDivisionError):
-        ft._lent(2, lambda: 1 / 0)
+        openmp.lend(2, lambda: 1 / 0)
     assert _threads._state.servers_owner is None
-    assert ft._lent(2, lambda: 7) == 7
+    assert openmp.lend(2, lambda: 7) == 7
 
 
 def test_a_call_handed_to_a_lent_server_runs_once():
@@ -359,7 +360,7 @@ def test_a_call_handed_to_a_lent_server_runs_once():
     def pair():
         _threads.run_pair(lambda: None, lambda: calls.append(threading.get_native_id()))
     for _ in range(3):
-        ft._lent(2, pair)
+        openmp.lend(2, pair)
     assert len(calls) == 3 and threading.get_native_id() not in calls
     # entered again when its command is done (or another job's is pending): nothing runs
     server = _threads.take_servers(1)[0]
@@ -401,7 +402,7 @@ def test_lent_and_unlent_calls_agree_bitwise(monkeypatch, cfg):
     t = threading.Thread(target=lambda: box.append(step()))
     t.start()
     t.join()
-    monkeypatch.setattr(ft._openmp, "lib", None)         # fastlstm's own servers only
+    monkeypatch.setattr(openmp._pool, "lib", None)         # fastlstm's own servers only
     own = step()
     for other in (own, box[0]):
         assert torch.equal(lent[0], other[0])
