@@ -97,8 +97,10 @@ SEQ, CMD, JOB, DONE, ENTERED = 0, 1, 2, 3, 4
 def entered(cell):
     """Count a serving loop's start in cell[ENTERED]. Stored from compiled code, so after
     the thread let go of the GIL: what a lender waits for before it takes the GIL (see
-    fastlstm.torch._OpenMP). One thread serves a cell at a time: a plain increment."""
+    fastlstm._openmp). One thread serves a cell at a time: a plain increment."""
     store_release(cell, ENTERED, load_acquire(cell, ENTERED) + 1)
+
+
 #: command codes (what a serving loop does with them is its own)
 FORWARD, BACKWARD = 1, 2
 

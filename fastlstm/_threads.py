@@ -257,7 +257,7 @@ class deferred_interrupt:
 class _Posted:
     """call() run as a command of a server, as a future: for a caller that holds the
     servers pinned (``pin_servers``), whose threads a lender has put on cores of their
-    own (see fastlstm.torch), where the pool's threads would contend for them."""
+    own (see fastlstm._openmp), where the pool's threads would contend for them."""
 
     def __init__(self, server, call):
         self.server, self.call = server, call
@@ -404,13 +404,20 @@ class Server:
                 if sleep:
                     self._wake.acquire()
                     continue
-                if job is None or self.cell[JOB] == 0:  # parked (see park): nothing to run
-                    self.cell[DONE] = self.cell[SEQ]
+                if self._parked(job):
                     continue
                 job(self.cell, self.spins)
                 job = None
         except BaseException as e:      # noqa: BLE001 - handed to the caller by wait()
             self.error = e              # the thread ends: wait() raises, take_servers replaces it
+
+    def _parked(self, job):
+        """Whether the pending command is a park (see park; or no job holds it): then it
+        is done here, with nothing to run."""
+        if job is None or self.cell[JOB] == 0:
+            self.cell[DONE] = self.cell[SEQ]
+            return True
+        return False
 
     def _kick(self):
         """Wake the thread if it sleeps with a command waiting. Under _mutex."""
@@ -437,13 +444,14 @@ class Server:
 
     def host(self, stop):
         """Serve this server's commands on the calling thread, one lent by another pool
-        (torch's OpenMP workers, see fastlstm.torch), until stop[0] is set and nothing
+        (torch's OpenMP workers, see fastlstm._openmp), until stop[0] is set and nothing
         is pending; its own thread sleeps meanwhile. Returns at once when its own thread
         is serving (it goes on doing so), having set stop[1] to 2. Every loop it serves
         in counts itself in cell[ENTERED] as it starts, without the GIL (see _spin): the
         lender's sign that this thread no longer wants it. The lender ends it by
-        posting a park command (job 0: it ends a job's loop still spinning), then
-        setting stop[0].
+        setting stop[0] and posting a park command (job 0: it ends a job's loop still
+        spinning; a park still pending when this returns waits for the server's own
+        thread, like any command).
 
         The job it ran last is entered again first (while its plan lives: a weak
         reference), so that a command for it starts without this thread taking the GIL
@@ -466,9 +474,7 @@ class Server:
                     continue
                 with self._mutex:
                     job = self._job
-                if job is None or self.cell[JOB] == 0:  # parked: nothing to run
-                    self.cell[DONE] = self.cell[SEQ]
-                else:
+                if not self._parked(job):
                     self._kept = weakref.ref(job)
                     job(self.cell, self.spins)
                 job = None
@@ -535,7 +541,7 @@ def take_servers(n):
 def pin_servers():
     """Take the servers for this thread until ``unpin_servers``, through the calls that
     take and release them meanwhile (a lender's region, which posts to them when it
-    ends: see fastlstm.torch). False when another thread has them."""
+    ends: see fastlstm._openmp). False when another thread has them."""
     with _lock:
         me = threading.get_ident()
         if _state.servers_owner not in (None, me):
