@@ -92,8 +92,12 @@ class Case:
             self.model.backward(self.dy)
 
     def infer(self):
-        """A forward in evaluation mode, as a server runs it (torch: under no_grad)."""
-        if hasattr(self.model, "eval"):     # an Inference has evaluation semantics
+        """A forward in evaluation mode, as a server runs it: torch under no_grad,
+        fastlstm's layer through ``fastlstm.Inference`` (float32 weights)."""
+        if isinstance(self.model, LSTM):
+            from .inference import Inference
+            self.model = Inference(self.model)
+        elif hasattr(self.model, "eval"):   # an Inference has evaluation semantics
             self.model.eval()
         if self.impl == "torch":
             import torch

@@ -47,7 +47,7 @@ follow(__file__, _activations.__file__, _gemm.__file__, _numba_ext.__file__, _sp
 _uview = make_view(False)
 
 __all__ = ["columns_forward", "serve_columns", "columns_forward_bf16", "serve_columns_bf16",
-           "META", "PANELS", "SYNC_STRIDE", "to_bfloat16", "from_bfloat16", "unit_ranges"]
+           "META", "PACKED", "PANELS", "SYNC_STRIDE", "to_bfloat16", "from_bfloat16", "unit_ranges"]
 
 #: int64 slots between two threads' barrier counters: each on its own 128-byte line pair
 #: (the adjacent-line prefetcher pulls lines in pairs), so that one thread's store does
@@ -56,9 +56,10 @@ SYNC_STRIDE = 16
 
 #: a call's meta array (int64): these sizes, then the layers' parameter offsets (L + 1)
 META = ("T", "B", "I", "H", "L", "k", "n", "j0", "j1", "opts")
-#: a bit of meta's opts (beside 1: exact activations, 2: biases): the recurrent products
-#: run from packed panels (see _columns_forward)
-PANELS = 4
+#: bits of meta's opts (beside 1: exact activations, 2: biases): the recurrent products
+#: run from packed panels (see _columns_forward); the panels hold every layer's rows
+#: already (packed by an earlier call on the same weights)
+PANELS, PACKED = 4, 8
 
 
 @intrinsic
@@ -277,22 +278,23 @@ def _columns_forward(w, p, x, y, inter, h0, c0, h_n, c_n, gin, part, rec, c, wid
     layers' below it; h_n, c_n (L, B, H) the state at each sequence's last step.
 
     With the PANELS bit (float weights) each layer's recurrent products run packed
-    (``_gemm.packed_product``) from this thread's rows of W_hh, packed into `panels` at
-    the start of the layer: the row dot products end each row in a sum across the SIMD
-    lanes and read h once per row; the packed product keeps its sums in registers over
-    K. Where W_hh's share stays in L2 (H = 256) a step at B = 2 took 6.0 against 12.9 us,
-    at B = 4 8.2 against 14.8 (packing it: 220 us a layer)."""
+    (``_gemm.packed_product``) from this thread's rows of W_hh, packed into the layer's
+    place in `panels` at its start, unless the PACKED bit says they are there already:
+    the row dot products end each row in a sum across the SIMD lanes and read h once per
+    row; the packed product keeps its sums in registers over K. Where W_hh's share stays
+    in L2 (H = 256) a step at B = 2 took 6.0 against 12.9 us, at B = 4 8.2 against 14.8
+    (packing it: 220 us a layer)."""
     fp = flush_denormals()
     T, B, I, H, L = meta[0], meta[1], meta[2], meta[3], meta[4]
     k, n, j0, j1, opts = meta[5], meta[6], meta[7], meta[8], meta[9]
     po = meta[len(META):len(META) + L + 1]
     exact, has_bias = opts & 1 != 0, opts & 2 != 0
-    use_pk = opts & PANELS != 0
+    use_pk, packed = opts & PANELS != 0, opts & PACKED != 0
     hk = j1 - j0
     step = sync[n * SYNC_STRIDE]        # the barrier count before this call
     TB = T * B
     NR = panel_width(p.itemsize)
-    phh = _uview(panels, 0, (4 * hk // NR if use_pk else 0, H, NR))
+    npk = 4 * hk // NR if use_pk else 0
     sc = _uview(part, 0, (B if use_pk else 0, 4 * hk))
     for layer in range(L):
         I_l = I if layer == 0 else H
@@ -318,7 +320,8 @@ def _columns_forward(w, p, x, y, inter, h0, c0, h_n, c_n, gin, part, rec, c, wid
         for b in range(B):
             for r in range(hk):
                 c[b, r] = c0[layer, b, j0 + r]
-        if use_pk:
+        phh = _uview(panels, layer * npk * H * NR, (npk, H, NR))
+        if use_pk and not packed:
             _pack_rows(w, o_hh, H, H, j0, hk, phh)
         for t in range(T):
             # a finished sequence's row of out[t - 1] is 0: its product is not used

@@ -11,6 +11,8 @@ from functools import partial
 import numpy as np
 
 from ._columns import (
+    META,
+    PACKED,
     PANELS,
     SYNC_STRIDE,
     columns_forward,
@@ -261,7 +263,7 @@ class ColumnPlan:
             hk = j1 - j0
             meta = np.array([T, B, I, H, L, k, n, j0, j1, opts] + list(spec.offsets)
                             + [spec.offsets[-1] + spec.pblocks[-1].size], np.int64)
-            pk = 4 * hk * H if self.panels else 0
+            pk = L * 4 * hk * H if self.panels else 0
             part = max(R * T * B, 4 * hk * B if self.panels else 0)
             self.args.append((w, flat_params, self.x, self.y, inter, self.h0, self.c0,
                               self.h_n, self.c_n, aligned_zeros((4, T * B, hk), dt),
@@ -275,11 +277,22 @@ class ColumnPlan:
             self.jobs.append((number, lambda cell, spins, a=args, m=number:
                               serve(cell, spins, m, *a)))
         self.out = (readonly(self.y), (readonly(self.h_n), readonly(self.c_n)))
+        self.packed = None      # the weights' version the panels hold (see forward)
 
-    def forward(self, xt, h0, c0, lengths):
+    def forward(self, xt, h0, c0, lengths, version=None):
         """The forward of time-major x (T, B, I) from (h0, c0) (None: zeros), over
         `lengths` (None: all T); returns y (T, B, H) and (h_n, c_n) (L, B, H), read-only
-        views of this plan's buffers. None when the servers are another thread's."""
+        views of this plan's buffers. None when the servers are another thread's.
+
+        version: None, or a number that changes whenever the weights do (fastlstm.Inference
+        's refresh): the panels packed for a version are used again while it holds."""
+        if self.panels:
+            again = version is not None and version == self.packed
+            at = META.index("opts")
+            for args in self.args:
+                meta = args[-3]
+                meta[at] = meta[at] | PACKED if again else meta[at] & ~PACKED
+            self.packed = None
         np.copyto(self.x, xt, casting="same_kind")
         for src, dst in ((h0, self.h0), (c0, self.c0)):
             if src is None:
@@ -290,7 +303,11 @@ class ColumnPlan:
             self.lengths.fill(self.T)
         else:
             np.copyto(self.lengths, lengths)
-        return self.out if self.run() else None
+        if not self.run():
+            return None
+        if self.panels:
+            self.packed = version
+        return self.out
 
     def run(self):
         """The kernels on what the buffers hold; False (nothing run) when the servers

@@ -83,6 +83,7 @@ class Inference:
         if self.weights == "bfloat16":          # in place: the column plans hold this array
             np.copyto(self._lstm._col_weights, to_bfloat16(self._lstm.flat_params))
         self._generation = getattr(self, "_generation", 0) + 1   # streams pack them again
+        self._lstm._weights_version = self._generation           # and the column plans
         return self
 
     @property

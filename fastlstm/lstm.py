@@ -158,6 +158,9 @@ class LSTM(Persist):
         self._columns_ok = (D == 1 and not self.proj_size and not (
             self.peephole or self.layer_norm or self.zoneout or self.zoneout_cell))
         self._col_weights = None   # bfloat16 copy of flat_params (fastlstm.Inference's)
+        #: None, or a number that changes whenever flat_params do: fastlstm.Inference's copy
+        #: (no one else writes its weights) sets it, and the column plans pack them once
+        self._weights_version = None
         self._fast_paths = True  # False (before the first call): no plans are made
         self.bind(check.allocate(offset, self.dtype, what), aligned_zeros(offset, self.dtype))
         bound = 1.0 / math.sqrt(H)
@@ -517,7 +520,7 @@ class LSTM(Persist):
                 del self._col_plans[k]
             plan = self._col_plans[(T, B)] = ColumnPlan(self._spec, self.flat_params, T, B, n,
                                                         self._col_weights)
-        res = plan.forward(xt, h0, c0, lens)
+        res = plan.forward(xt, h0, c0, lens, self._weights_version)
         if res is None:             # the servers are another thread's
             if not bf16:
                 return None

@@ -72,6 +72,26 @@ def test_state_reset_and_refresh():
     assert np.array_equal(new, np.array(inf.forward(x[:1])[0][0]))
 
 
+def test_a_forward_packs_the_weights_once_until_refresh():
+    """Inference's copy of the weights changes only in refresh(): its column plans pack
+    W_hh into panels on the first forward and use them again after, until refresh()."""
+    m = fastlstm.LSTM(16, 256, num_layers=2, seed=0, threads=2)
+    inf = fastlstm.Inference(m)
+    x = np.random.default_rng(3).standard_normal((40, 2, 16)).astype(np.float32)
+    first = np.array(inf.forward(x)[0])
+    plan = inf._lstm._col_plans[(40, 2)]
+    assert plan.n == 2 and plan.panels and plan.packed == inf._generation
+    assert np.array_equal(inf.forward(x)[0], first)          # from the panels kept
+    assert np.array_equal(m.eval().forward(x)[0], first)     # the model packs every call
+    m.flat_params *= 0.5
+    inf.refresh()
+    assert plan.packed != inf._generation
+    again = np.array(inf.forward(x)[0])
+    assert np.array_equal(again, m.forward(x)[0]) and not np.array_equal(again, first)
+    m.flat_params *= 2                  # the model's own plans: packed again every call
+    assert np.array_equal(m.forward(x)[0], first)
+
+
 @pytest.mark.parametrize("H, weights", [(64, "float32"), (256, "float32"), (64, "bfloat16")],
                          ids=["one-thread", "split-by-units", "bfloat16"])
 def test_a_step_allocates_no_array(H, weights):
