@@ -349,7 +349,15 @@ def _dot_rows_codegen(rows, seqs):
         h_rows = [builder.gep(h.data, [builder.add(h_off, builder.mul(ir.Constant(i64, b),
                                                                       h_seq))])
                   for b in range(seqs)]
-        kv = builder.mul(builder.sdiv(K, ir.Constant(i64, width)), ir.Constant(i64, width))
+        # bfloat16 for one or two sequences: two vectors a step, from one load of 2 x
+        # width weights as width 32-bit pairs: the even ones shifted up, the odd ones
+        # masked (one op a vector, against a zero-extension and a shift), h's even and
+        # odd elements taken apart to match (a shuffle per vector of h, shared by the
+        # rows). A 512 x 256 product in L2, 8 rows x 1: 4.0 -> 3.0 us; at four
+        # sequences the shuffles cost more than they save (H = 1024, B = 4: 9.3 -> 9.9 ms)
+        pairwise = bf16 and seqs <= 2
+        step = 2 * width if pairwise else width
+        kv = builder.mul(builder.sdiv(K, ir.Constant(i64, step)), ir.Constant(i64, step))
         pairs = [(r, b) for r in range(rows) for b in range(seqs)]
 
         def load_w(r, k, vector):
@@ -375,11 +383,33 @@ def _dot_rows_codegen(rows, seqs):
         builder.position_at_end(loop)
         k = builder.phi(i64)
         accs = [builder.phi(vty) for _ in pairs]
-        hv = [builder.load(builder.bitcast(builder.gep(h_rows[b], [k]), vty.as_pointer()),
-                           align=4) for b in range(seqs)]
-        wv = [load_w(r, k, True) for r in range(rows)]
-        new = [builder.call(fma, [wv[r], hv[b], accs[q]]) for q, (r, b) in enumerate(pairs)]
-        k_next = builder.add(k, ir.Constant(i64, width))
+        def load_h(b, at):
+            return builder.load(builder.bitcast(builder.gep(h_rows[b], [at]), vty.as_pointer()),
+                                align=4)
+
+        if not pairwise:
+            hv = [load_h(b, k) for b in range(seqs)]
+            wv = [load_w(r, k, True) for r in range(rows)]
+            new = [builder.call(fma, [wv[r], hv[b], accs[q]]) for q, (r, b) in enumerate(pairs)]
+        else:
+            i32v = ir.VectorType(ir.IntType(32), width)
+            even = ir.Constant(ir.VectorType(ir.IntType(32), width), list(range(0, step, 2)))
+            odd = ir.Constant(ir.VectorType(ir.IntType(32), width), list(range(1, step, 2)))
+            he, ho = [], []
+            for b in range(seqs):
+                lo, hi = load_h(b, k), load_h(b, builder.add(k, ir.Constant(i64, width)))
+                he.append(builder.shuffle_vector(lo, hi, even))
+                ho.append(builder.shuffle_vector(lo, hi, odd))
+            we, wo = [], []
+            for r in range(rows):
+                d = builder.load(builder.bitcast(builder.gep(w_rows[r], [k]),
+                                                 i32v.as_pointer()), align=2)
+                we.append(builder.bitcast(builder.shl(d, ir.Constant(i32v, [16] * width)), vty))
+                wo.append(builder.bitcast(builder.and_(d, ir.Constant(i32v, [-65536] * width)),
+                                          vty))
+            new = [builder.call(fma, [wo[r], ho[b], builder.call(fma, [we[r], he[b], accs[q]])])
+                   for q, (r, b) in enumerate(pairs)]
+        k_next = builder.add(k, ir.Constant(i64, step))
         end = builder.basic_block
         builder.cbranch(builder.icmp_signed("<", k_next, kv), loop, after)
         k.add_incoming(ir.Constant(i64, 0), entry)

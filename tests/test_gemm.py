@@ -119,7 +119,7 @@ def _dots(w, ld, h, K, out):
 
 # rows and sequences past the kernels' shapes, K past a multiple of the SIMD width, K = 0
 @pytest.mark.parametrize("kind", ["float32", "float64", "bfloat16"])
-@pytest.mark.parametrize("B,R,K", [(1, 1, 1), (1, 13, 37), (7, 9, 37), (4, 16, 256),
+@pytest.mark.parametrize("B,R,K", [(1, 1, 1), (1, 13, 37), (7, 9, 37), (4, 16, 256), (2, 8, 80),
                                    (3, 9, 0)])
 def test_dot_rows(kind, B, R, K):
     from fastlstm._columns import to_bfloat16
