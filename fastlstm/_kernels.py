@@ -16,10 +16,12 @@ calls these entries is ``_spin.serve_rows``.
 from numba import njit, types
 
 from . import _activations, _cell, _gemm, _layout, _numba_ext, _recurrence
+from ._cell import _gates_forward, _state_forward
 from ._compile import entry
 from ._config import JIT, follow
+from ._gemm import packed_product, panel_width
 from ._numba_ext import flush_denormals, make_view, restore_fp
-from ._recurrence import _accumulate, lstm_backward, lstm_forward
+from ._recurrence import _accumulate, _uview, lstm_backward, lstm_forward
 
 #: the files whose code the entries' cache entries carry (they inline or link all of it);
 #: a cached function that calls an entry follows these and this file
@@ -359,6 +361,35 @@ def segments_backward(p, g, ws, src, grad, dy0, dx, h_start, c_start, zh, zc, rm
             dx[s0 + t] = v.dx[t]
 
 
+#: the option bits of a layer that is not plain (its step needs ``lstm_forward``)
+VARIANTS = PROJ | PEEPHOLE | LAYER_NORM | ZONEOUT | RDROP
+
+
+@njit(inline="always", **JIT)
+def _plain_products(v, src, h):
+    """A plain layer's step, products: gates (B, 4H) <- src W_ih^T, rec <- h W_hh^T,
+    as ``lstm_forward`` runs them over T = 1 (so bitwise the same), from the weights an
+    earlier step's ``lstm_forward`` packed into the workspace's panels. One loop over
+    the two: each inlined product added about 2 s to the entry's compile."""
+    H, I = h.shape[1], src.shape[1]
+    NR = panel_width(h.itemsize)
+    for q in range(2):
+        pk = _uview(v.w_ih_pk if q == 0 else v.w_hhT, 0, (4 * H // NR, I if q == 0 else H, NR))
+        packed_product(src if q == 0 else h, pk, v.gates[0] if q == 0 else v.rec)
+
+
+@njit(inline="always", **JIT)
+def _plain_cells(v, h, c, clip, exact):
+    """A plain layer's step, cell maths on the state (h, c) (B, H) in place (the new c
+    written to the workspace's c[1] first: the same loops as lstm_forward's)."""
+    gates, rec, c_new = v.gates[0], v.rec, v.c[1]
+    for b in range(h.shape[0]):
+        _gates_forward(gates[b], rec[b], v.bias, exact)
+        _state_forward(gates[b], c[b], c_new[b], v.tanh_c[0, b], h[b], clip, exact)
+        for j in range(h.shape[1]):
+            c[b, j] = c_new[b, j]
+
+
 #: stream_step's meta array: these sizes, then the layers' parameter offsets (L + 1),
 #: workspace offsets (L + 1) and the lengths (B ones)
 STREAM_META = ("L", "B", "I", "H", "P", "opts", "y", "h", "c")
@@ -372,12 +403,38 @@ def stream_step(p, ws, x, meta, clip):
     arguments: the dispatcher's checks cost about 0.1 us apiece, a tenth of a step at
     H = 64. meta (STREAM_META): layer k's parameters are p[po[k]:po[k + 1]], its one-step
     workspace ws[wo[k]:wo[k + 1]]; ws also holds y (B, P) and the state h (L, B, P), c
-    (L, B, H), carried in place. Each layer is ``layer_forward`` over T = 1, so a stream
-    of T steps computes what a forward over them does; PACKED in opts once the
-    workspaces hold the weights packed."""
+    (L, B, H), carried in place. Each layer is ``layer_forward`` over T = 1, or once its
+    weights are packed (PACKED in opts), for a plain layer, its products and cell maths
+    alone (``_plain_products``, ``_plain_cells``): a stream of T steps computes what a
+    forward over them does."""
     L, B, I, H, P, opts = meta[0], meta[1], meta[2], meta[3], meta[4], meta[5]
     n = len(STREAM_META)
     po, wo = meta[n:n + L + 1], meta[n + L + 1:n + 2 * L + 2]
+    if opts & VARIANTS == 0 and opts & ONE_THREAD != 0 and opts & PACKED != 0 and (
+            4 * H) % panel_width(ws.itemsize) == 0:
+        # views without reference counts: the counted ones' increments and decrements
+        # cost about 0.13 us a step (B = 1, I = 32, H = 64)
+        fp = flush_denormals()
+        y, h, c = _uview(ws, meta[6], (B, P)), _uview(ws, meta[7], (L, B, P)), _uview(
+            ws, meta[8], (L, B, H))
+        for k in range(L):
+            I_k = I if k == 0 else P
+            src = x if k == 0 else h[k - 1]
+            v = workspace_of(_uview(ws, wo[k], (wo[k + 1] - wo[k],)), 1, B, I_k, H, P, opts)
+            # what lstm_forward does over T = 1 (the first step ran it: the weights are
+            # packed, the biases summed in v.bias), without its copies in and out of the
+            # workspace: they cost about 0.8 of a 1.7 us step at B = 1, I = 32, H = 64
+            _plain_products(v, src, h[k])
+            if opts & EXACT:        # a literal in each inlined copy (see _activations)
+                _plain_cells(v, h[k], c[k], clip, True)
+            else:
+                _plain_cells(v, h[k], c[k], clip, False)
+        last = h[L - 1]
+        for b in range(B):
+            for j in range(P):
+                y[b, j] = last[b, j]
+        restore_fp(fp)
+        return
     lengths = meta[n + 2 * L + 2:n + 2 * L + 2 + B]
     y = ws[meta[6]:meta[6] + B * P].reshape((B, P))
     h = ws[meta[7]:meta[7] + L * B * P].reshape((L, B, P))

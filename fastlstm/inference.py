@@ -166,6 +166,9 @@ class Stream:
         self._x_shape = self._x.shape
         self._y_ro = readonly(self._y)
         self._generation = -1       # the weights get packed on the first step
+        # the private copy's buffers never change (refresh copies into them): a step's
+        # Python, about 0.2 us of a 2 us step at H = 64, reads one attribute for them
+        self._p_clip = (lstm.flat_params, lstm._clip)
 
     @property
     def state(self):
@@ -199,23 +202,28 @@ class Stream:
         """One step: x_t (B, input_size) -> (B, output); see the class."""
         if self._plan is not None:
             return self._columns_step(x_t)
-        inf = self._inf
-        if self._generation != inf._generation:       # new weights: pack them first
-            self._meta[self._opts_at] &= ~PACKED
-        lstm = inf._lstm
+        generation = self._inf._generation
+        if self._generation != generation:       # new weights: pack them first
+            return self._first_step(x_t, generation)
         if type(x_t) is not np.ndarray or x_t.shape != self._x_shape:
             x_t = self._checked(x_t)
+        p, clip = self._p_clip
         try:        # the dispatcher checks x_t's dtype and layout
-            stream_step(lstm.flat_params, self._ws, x_t, self._meta, lstm._clip)
+            stream_step(p, self._ws, x_t, self._meta, clip)
         except TypeError:
-            stream_step(lstm.flat_params, self._ws, self._checked(x_t), self._meta,
-                        lstm._clip)
-        if self._generation != inf._generation:
-            self._meta[self._opts_at] |= PACKED
-            self._generation = inf._generation
+            stream_step(p, self._ws, self._checked(x_t), self._meta, clip)
         if self._head is None:
             return self._y_ro
         return self._predict()
+
+    def _first_step(self, x_t, generation):
+        """A step after new weights (or the first): packs them into the workspaces."""
+        x_t, (p, clip) = self._checked(x_t), self._p_clip
+        self._meta[self._opts_at] &= ~PACKED
+        stream_step(p, self._ws, x_t, self._meta, clip)
+        self._meta[self._opts_at] |= PACKED
+        self._generation = generation
+        return self._y_ro if self._head is None else self._predict()
 
     def _columns_step(self, x_t):
         plan = self._plan

@@ -11,7 +11,9 @@ import fastlstm
 
 CONFIGS = [dict(), dict(num_layers=2, proj_size=16), dict(num_layers=3, proj_size=32),
            dict(peephole=True, layer_norm=True, zoneout=0.2, zoneout_cell=0.1),
-           dict(recurrent_dropout=0.3, dropout=0.2, num_layers=2, cell_clip=0.5)]
+           dict(recurrent_dropout=0.3, dropout=0.2, num_layers=2, cell_clip=0.5),
+           # plain layers: a stream step runs their maths alone (_kernels._plain_step)
+           dict(num_layers=2, cell_clip=0.5), dict(bias=False)]
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=lambda d: d.__name__)
