@@ -221,10 +221,12 @@ class ColumnPlan:
     #: fewest steps a call packs them for
     PANEL_BYTES, PANEL_STEPS = 1 << 20, 32
 
-    def __init__(self, spec, flat_params, T, B, n, weights=None, carry=None):
+    def __init__(self, spec, flat_params, T, B, n, weights=None, carry=None, kept=False):
         """carry: None, or (h, c) (L, B, H) arrays that are both h0, c0 and h_n, c_n (a
         stream's state, carried in place: each thread writes its units of the new state
-        after the last step's barrier, when no thread reads the old one any more)."""
+        after the last step's barrier, when no thread reads the old one any more).
+        kept: the caller gives ``forward`` the weights' version (see there), so that
+        panels packed once serve many calls."""
         bf16 = weights is not None
         fwd, serve = ((columns_forward_bf16, serve_columns_bf16) if bf16
                       else (columns_forward, serve_columns))
@@ -251,9 +253,10 @@ class ColumnPlan:
         ranges = unit_ranges(H, n, dt.itemsize)
         NR = panel_width(dt.itemsize)
         # the recurrent products packed (see _columns_forward): where a thread's W_hh stays
-        # in L2, for B >= 2 (at B = 1 a step gained 0.7 us of 7), over enough steps to
-        # repay packing it (220 us at H = 256)
-        self.panels = (not bf16 and B >= 2 and T >= self.PANEL_STEPS and all(
+        # in L2, for B >= 2 over enough steps to repay packing it (220 us at H = 256); at
+        # B = 1 (a step 9.1 -> 6.8 us at H = 256) and over fewer steps only where the
+        # packing is kept for later calls (at T = 32 packed every call: 0.34 -> 0.53 ms)
+        self.panels = (not bf16 and (kept or B >= 2 and T >= self.PANEL_STEPS) and all(
             4 * (j1 - j0) % NR == 0 and 4 * (j1 - j0) * H * dt.itemsize <= self.PANEL_BYTES
             for j0, j1 in ranges))
         if self.panels:

@@ -518,8 +518,9 @@ class LSTM(Persist):
         if plan is None or plan.n != n:
             for k in list(self._col_plans)[:max(len(self._col_plans) - MAX_SPLIT_PLANS + 1, 0)]:
                 del self._col_plans[k]
-            plan = self._col_plans[(T, B)] = ColumnPlan(self._spec, self.flat_params, T, B, n,
-                                                        self._col_weights)
+            plan = self._col_plans[(T, B)] = ColumnPlan(
+                self._spec, self.flat_params, T, B, n, self._col_weights,
+                kept=self._weights_version is not None)
         res = plan.forward(xt, h0, c0, lens, self._weights_version)
         if res is None:             # the servers are another thread's
             if not bf16:
