@@ -321,8 +321,9 @@ def _dot_rows_codegen(rows, seqs):
     h[h_off + b * h_seq:... + K] for r < rows, b < seqs: each sum in a SIMD accumulator
     of its own (rows x seqs independent FMA chains, each weight vector loaded once for
     all seqs), ended by an ordered sum across the lanes, and a scalar tail past the last
-    whole vector. w is float like h, or uint16 bfloat16 bit patterns with h float32
-    (widened as loaded: zero-extended, shifted up 16 bits)."""
+    whole step of the vector loop. w is float like h, or uint16 bfloat16 bit patterns with
+    h float32, widened as loaded: for one or two seqs a pair of vectors a step (see
+    `pairwise` below), else zero-extended and shifted up 16 bits."""
 
     def codegen(context, builder, sig, args):
         w_ty, h_ty, o_ty = sig.args[0], sig.args[3], sig.args[7]
@@ -393,8 +394,8 @@ def _dot_rows_codegen(rows, seqs):
             new = [builder.call(fma, [wv[r], hv[b], accs[q]]) for q, (r, b) in enumerate(pairs)]
         else:
             i32v = ir.VectorType(ir.IntType(32), width)
-            even = ir.Constant(ir.VectorType(ir.IntType(32), width), list(range(0, step, 2)))
-            odd = ir.Constant(ir.VectorType(ir.IntType(32), width), list(range(1, step, 2)))
+            even = ir.Constant(i32v, list(range(0, step, 2)))
+            odd = ir.Constant(i32v, list(range(1, step, 2)))
             he, ho = [], []
             for b in range(seqs):
                 lo, hi = load_h(b, k), load_h(b, builder.add(k, ir.Constant(i64, width)))

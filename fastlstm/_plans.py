@@ -206,6 +206,10 @@ class SplitPlan(Last):
         return self.grad_out
 
 
+#: where a column plan's meta array holds the kernel's option bits
+_OPTS = META.index("opts")
+
+
 class ColumnPlan:
     """An evaluation forward split by hidden units over n threads (see _columns), made
     once per (T, B): its buffers, each thread's share and the servers' jobs. Thread 0
@@ -291,10 +295,9 @@ class ColumnPlan:
         's refresh): the panels packed for a version are used again while it holds."""
         if self.panels:
             again = version is not None and version == self.packed
-            at = META.index("opts")
             for args in self.args:
                 meta = args[-3]
-                meta[at] = meta[at] | PACKED if again else meta[at] & ~PACKED
+                meta[_OPTS] = meta[_OPTS] | PACKED if again else meta[_OPTS] & ~PACKED
             self.packed = None
         np.copyto(self.x, xt, casting="same_kind")
         for src, dst in ((h0, self.h0), (c0, self.c0)):
