@@ -21,6 +21,7 @@ from ._columns import (
     serve_columns_bf16,
     unit_ranges,
 )
+from ._columns_train import columns_train, serve_columns_train
 from ._compile import ensure, ready
 from ._gemm import panel_width
 from ._kernels import (
@@ -45,7 +46,7 @@ from ._threads import (
     take_servers,
 )
 
-__all__ = ["Last", "Plan", "SplitPlan", "ColumnPlan", "MAX_SPLIT_PLANS"]
+__all__ = ["Last", "Plan", "SplitPlan", "ColumnPlan", "ColumnTrainPlan", "MAX_SPLIT_PLANS"]
 
 
 class Last:
@@ -342,4 +343,119 @@ class ColumnPlan:
             finally:
                 release_servers()
         self.sync[self.n * SYNC_STRIDE] += self.T * self.h0.shape[0]
+        return True
+
+
+class ColumnTrainPlan(Last):
+    """A training forward (what backward reads kept) and its backward split by hidden
+    units over n threads (see _columns_train), made once per x shape: thread 0 runs here,
+    the others on the servers, which meet at a barrier in compiled code once per step.
+    One layer, one direction, no projection, no variant but the cell clip, full lengths."""
+
+    def __init__(self, spec, T, B, n):
+        ensure(spec.dtype, columns_train, serve_columns_train)
+        I, H, dt = spec.in_sizes[0], spec.H, spec.dtype
+        self.spec, self.n = spec, n
+        self.x = aligned_zeros((T, B, I), dt)
+        self.h = aligned_zeros((T + 1, B, H), dt)       # h0, then h_t: shared by the threads
+        self.dy, self.dx = aligned_zeros((T, B, H), dt), aligned_zeros((T, B, I), dt)
+        self.c_n, self.dh0, self.dc0, self.dh_n, self.dc_n = (
+            aligned_zeros((1, B, H), dt) for _ in range(5))
+        part = aligned_zeros((2, n, B, H), dt)
+        dxp = aligned_zeros((n, T * B, I), dt)
+        self.sync = np.zeros((n + 1) * SYNC_STRIDE, np.int64)
+        opts = int(spec.opts & EXACT != 0) | (2 if spec.opts & BIAS else 0)
+        self.ranges = unit_ranges(H, n, dt.itemsize)
+        NR = panel_width(dt.itemsize)
+        self.args, self.cells = [], []
+        for k, (j0, j1) in enumerate(self.ranges):
+            hk = j1 - j0
+            meta = np.array([T, B, I, H, k, n, j0, j1, opts], np.int64)
+            c = aligned_zeros((T + 1, B, hk), dt)
+            self.cells.append(c)
+            self.args.append((
+                spec.pblocks[0], spec.gblocks[0], self.x, self.h, self.dy, self.dx, self.c_n,
+                self.dh0, self.dc0, self.dh_n, self.dc_n,
+                aligned_zeros((T, B, 4 * hk), dt), c, aligned_zeros((T, B, hk), dt),
+                aligned_zeros((4 * hk, I), dt), aligned_zeros((4 * hk, H), dt),
+                aligned_zeros(4 * hk, dt), aligned_zeros((4 * hk // NR, H, NR), dt),
+                aligned_zeros((H // NR, 4 * hk, NR), dt), aligned_zeros((B, 4 * hk), dt),
+                aligned_zeros((T, B, 4 * hk), dt), aligned_zeros((B, hk), dt),
+                aligned_zeros((B, hk), dt), aligned_zeros((B, hk), dt), part, dxp,
+                aligned_zeros((4 * hk, I), dt), aligned_zeros((4 * hk, H), dt), self.sync,
+                meta, spec.clip))
+        self.jobs = []
+        for args in self.args[1:]:
+            number = new_job()
+            self.jobs.append((number, lambda cell, spins, a=args, m=number:
+                              serve_columns_train(cell, spins, m, *a)))
+        bf = spec.batch_first
+        y = self.h[1:]
+        self.out = (readonly(y.transpose(1, 0, 2) if bf else y),
+                    (readonly(self.h[T:]), readonly(self.c_n)))
+        self.grad_out = (readonly(self.dx.transpose(1, 0, 2) if bf else self.dx),
+                         (readonly(self.dh0), readonly(self.dc0)))
+        self.dy_shape = self.out[0].shape
+        Last.__init__(self, T, B, np.full(B, T, np.int64), [None], {}, None)
+
+    @staticmethod
+    def fits(spec, n):
+        """Whether the kernels take this layer split n ways: whole panels of each share."""
+        NR = panel_width(spec.dtype.itemsize)
+        return n > 1 and spec.H % NR == 0 and all(
+            4 * (j1 - j0) % NR == 0 and j1 > j0
+            for j0, j1 in unit_ranges(spec.H, n, spec.dtype.itemsize))
+
+    def forward(self, xt, h0=None, c0=None):
+        """The forward of time-major x (T, B, I) from (h0, c0) (None: zeros): y and (h_n,
+        c_n), read-only views of this plan's buffers; None when the servers are another
+        thread's (nothing run)."""
+        np.copyto(self.x, xt, casting="same_kind")
+        if h0 is None:
+            self.h[0].fill(0)
+        else:
+            np.copyto(self.h[0], h0[0], casting="same_kind")
+        for c, (j0, j1) in zip(self.cells, self.ranges):
+            if c0 is None:
+                c[0].fill(0)
+            else:
+                np.copyto(c[0], c0[0][:, j0:j1], casting="same_kind")
+        if not self._run(FORWARD):
+            return None
+        return self.out
+
+    def backward(self, dy, dh_n=None, dc_n=None):
+        """dx and (dh0, dc0) of the last forward, read-only views of this plan's buffers;
+        the weight gradients added into the model's; None when the servers are another
+        thread's."""
+        np.copyto(self.dy, dy, casting="same_kind")
+        for src, dst in ((dh_n, self.dh_n), (dc_n, self.dc_n)):
+            if src is None:
+                dst.fill(0)
+            else:
+                np.copyto(dst, src, casting="same_kind")
+        if not self._run(BACKWARD):
+            return None
+        return self.grad_out
+
+    def _run(self, cmd):
+        servers = take_servers(self.n - 1)
+        if servers is None:
+            release_servers()
+            return False
+        try:
+            token = object()
+            try:
+                enter_single_threaded_blas(token)
+                for server, job in zip(servers, self.jobs):
+                    server.post(*job, cmd)
+                columns_train(cmd, *self.args[0])
+            finally:
+                _inside.discard(token)
+                for server in servers:
+                    server.wait(server.posted())
+                leave_single_threaded_blas()
+        finally:
+            release_servers()
+        self.sync[self.n * SYNC_STRIDE] += self.T + (cmd == BACKWARD)
         return True

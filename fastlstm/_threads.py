@@ -198,6 +198,19 @@ def column_parts(threads, B, H):
     return max(min(threads or blas_limit(), usable_cores(), H // 16), 1)
 
 
+#: a training forward and backward split by hidden units (see _columns_train) where
+#: W_hh's bytes per sequence of the batch reach this: measured TBD
+TRAIN_COLUMN_BYTES = 128 << 10
+
+
+def train_column_parts(threads, B, H, itemsize):
+    """How many threads to split the hidden units of a training forward and backward
+    over (see _columns_train); 1: the batch split instead (or one thread allowed)."""
+    if 4 * H * H * itemsize < B * TRAIN_COLUMN_BYTES:
+        return 1
+    return max(min(threads or blas_limit(), usable_cores(), H // 16), 1)
+
+
 def single_threaded(parts, work):
     """Whether each kernel call of a fwd or bwd split into `parts` (of `work`
     multiply-adds in all) has one thread, BLAS included: then its products may run

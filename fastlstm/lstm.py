@@ -17,7 +17,7 @@ from ._config import exact_activations
 from ._kernels import layer_backward, layer_forward, opts_bits
 from ._parts import Part, Spec, rows
 from ._persist import Persist
-from ._plans import MAX_SPLIT_PLANS, ColumnPlan, Last, Plan, SplitPlan
+from ._plans import MAX_SPLIT_PLANS, ColumnPlan, ColumnTrainPlan, Last, Plan, SplitPlan
 from ._shared import Buffers, OneThread, aligned_zeros, readonly
 from ._threads import (
     COLUMN_MIN_H,
@@ -26,6 +26,7 @@ from ._threads import (
     column_parts,
     run_parts,
     single_threaded,
+    train_column_parts,
 )
 
 __all__ = ["LSTM"]
@@ -405,6 +406,13 @@ class LSTM(Persist):
                 plan.kept = keep
                 self._last = plan
                 return out
+            if type(plan) is ColumnTrainPlan and plan.n == self._train_columns(plan.T, plan.B):
+                out = plan.forward(self._time_major(x))
+                if out is not None:
+                    plan.thread = threading.get_ident()
+                    plan.kept = keep
+                    self._last = plan
+                    return out
         check.shape("x", x, ("B", "T", self.input_size) if self.batch_first
                     else ("T", "B", self.input_size))
         xt = self._time_major(x)
@@ -445,6 +453,11 @@ class LSTM(Persist):
                 mask /= keep
                 masks[k] = mask
         vmasks = self._variant_masks(T, B)
+        if (keep and state is None and not padded and not last_only and seg is None
+                and not vmasks and self._train_columns(T, B) > 1 and self._fast_paths):
+            out = self._columns_train_forward(x, xt)
+            if out is not None:
+                return out
         split = self._split(T, B)
         one_thread = single_threaded(len(split), T * B * 4 * H * (self.input_size + P) * L)
         in_parts = last_only and seg is not None      # else gathered from y here
@@ -536,6 +549,28 @@ class LSTM(Persist):
             return readonly(y_last), state
         return (y.transpose(1, 0, 2) if self.batch_first else y), state
 
+    def _train_columns(self, T, B):
+        """Threads for a forward that keeps its activations, and its backward, split by
+        hidden units (_plans.ColumnTrainPlan); 1: not that way."""
+        if not (self._columns_ok and self.num_layers == 1):
+            return 1
+        n = train_column_parts(self.threads, B, self.hidden_size, self.dtype.itemsize)
+        return n if ColumnTrainPlan.fits(self._spec, n) else 1
+
+    def _columns_train_forward(self, x, xt):
+        """A new ColumnTrainPlan for x's shape, run: the forward's result, or None when
+        the servers are another thread's."""
+        T, B = xt.shape[:2]
+        held = [k for k, p in self._plans.items() if type(p) is not Plan]
+        for k in held[:max(len(held) - MAX_SPLIT_PLANS + 1, 0)]:
+            del self._plans[k]
+        plan = self._plans[x.shape] = ColumnTrainPlan(self._spec, T, B,
+                                                      self._train_columns(T, B))
+        out = plan.forward(xt)
+        if out is not None:
+            self._last = plan
+        return out
+
     def _enter_plan(self, x):
         """For a caller that runs the kernels itself (SequenceModel's fused step): the
         plan for x's shape, with x copied in and the call recorded as the last
@@ -595,6 +630,14 @@ class LSTM(Persist):
         if (type(plan) is SplitPlan and dstate is None and dy.shape == plan.dy_shape
                 and dy.dtype == self.dtype):
             return plan.backward(dy)
+        if type(plan) is ColumnTrainPlan:
+            check.shape("dy", dy, plan.dy_shape)
+            dh_n, dc_n = self._state("dstate", dstate, B)
+            out = plan.backward(self._time_major(dy), dh_n, dc_n)
+            if out is None:
+                raise RuntimeError("backward() found the threads busy with another thread's "
+                                   "call; use one model per thread")
+            return out
         check.shape("dy", dy, (B, T, D * P) if self.batch_first else (T, B, D * P))
         dh_n, dc_n = self._state("dstate", dstate, B)
         grad = self._time_major(dy)

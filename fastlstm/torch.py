@@ -92,6 +92,7 @@ def _threads_of(lstm, T, B, keep):
     """The threads a call of `lstm` at (T, B) runs on: 1 when it splits neither its
     batch, its units nor its two directions (see fastlstm._threads)."""
     if (len(lstm._split(T, B)) > 1 or (not keep and lstm._units_split)
+            or (keep and lstm._train_columns(T, B) > 1)
             or (lstm.num_directions == 2 and parallel_worthwhile(
                 T * B * 4 * lstm.hidden_size * (lstm.input_size + lstm._P), lstm.threads))):
         return min(lstm.threads, usable_cores())
