@@ -199,7 +199,12 @@ def column_parts(threads, B, H):
 
 
 #: a training forward and backward split by hidden units (see _columns_train) where
-#: W_hh's bytes per sequence of the batch reach this: measured TBD
+#: W_hh's bytes per sequence of the batch reach this. Measured against the batch split,
+#: fwd+bwd, 2 threads, T = 25-50, median of 3 alternated rounds (batch / column): at 64
+#: KiB it lost or tied (H = 128, B = 4: 0.99; H = 256, B = 16: 0.97; float64 H = 128, B
+#: = 8: 0.96; H = 512, B = 64: 1.01); at 128 KiB it tied or won (H = 256, B = 8: 1.11;
+#: H = 512, B = 32: 1.01; float64 H = 256, B = 16: 1.07), and more above (H = 512, B =
+#: 8: 1.33; H = 1024, B = 4: 1.45; H = 2048, B = 16: 1.63, B = 128: 1.15)
 TRAIN_COLUMN_BYTES = 128 << 10
 
 

@@ -453,9 +453,9 @@ class LSTM(Persist):
                 mask /= keep
                 masks[k] = mask
         vmasks = self._variant_masks(T, B)
-        if (keep and state is None and not padded and not last_only and seg is None
-                and not vmasks and self._train_columns(T, B) > 1 and self._fast_paths):
-            out = self._columns_train_forward(x, xt)
+        if (keep and not padded and not last_only and seg is None and not vmasks
+                and self._train_columns(T, B) > 1 and self._fast_paths):
+            out = self._columns_train_forward(x, xt, h0, c0)
             if out is not None:
                 return out
         split = self._split(T, B)
@@ -557,17 +557,20 @@ class LSTM(Persist):
         n = train_column_parts(self.threads, B, self.hidden_size, self.dtype.itemsize)
         return n if ColumnTrainPlan.fits(self._spec, n) else 1
 
-    def _columns_train_forward(self, x, xt):
-        """A new ColumnTrainPlan for x's shape, run: the forward's result, or None when
-        the servers are another thread's."""
+    def _columns_train_forward(self, x, xt, h0, c0):
+        """x's forward through the ColumnTrainPlan of its shape (made on the first call):
+        its result, or None when the servers are another thread's."""
         T, B = xt.shape[:2]
-        held = [k for k, p in self._plans.items() if type(p) is not Plan]
-        for k in held[:max(len(held) - MAX_SPLIT_PLANS + 1, 0)]:
-            del self._plans[k]
-        plan = self._plans[x.shape] = ColumnTrainPlan(self._spec, T, B,
-                                                      self._train_columns(T, B))
-        out = plan.forward(xt)
+        n = self._train_columns(T, B)
+        plan = self._plans.get(x.shape)
+        if type(plan) is not ColumnTrainPlan or plan.n != n:
+            held = [k for k, p in self._plans.items() if type(p) is not Plan]
+            for k in held[:max(len(held) - MAX_SPLIT_PLANS + 1, 0)]:
+                del self._plans[k]
+            plan = self._plans[x.shape] = ColumnTrainPlan(self._spec, T, B, n)
+        out = plan.forward(xt, h0, c0)
         if out is not None:
+            plan.thread, plan.kept = threading.get_ident(), True
             self._last = plan
         return out
 
