@@ -11,7 +11,7 @@ variant but the cell clip, full lengths:
   step, h_{t-1} (all H) times its packed rows of W_hh^T, its units' cell, its units of
   h_t into the shared h; one barrier a step. It keeps its gates' activations and its
   units' cells, as ``_recurrence.lstm_forward`` keeps all of them.
-* backward: per step, its units' dz_t from dy, dh and dc (``_cell.lstm`` maths), then
+* backward: per step, its units' dz_t from dy, dh and dc (``_cell._cell_backward``), then
   dz_t's contribution to dh_{t-1} over all H units from its rows of W_hh (a partial
   sum, written to a slot of its own); one barrier; its units of dh_{t-1} summed over
   the threads' partials in thread order. After the steps its rows of dW_ih, dW_hh and
@@ -24,18 +24,28 @@ repeatable for a given thread count.
 import numpy as np
 from numba import njit, types
 
-from . import _activations, _cell, _gemm, _numba_ext, _spin
+from . import _activations, _cell, _columns, _gemm, _numba_ext, _spin
 from ._cell import _cell_backward, _gates_forward, _state_forward
 from ._columns import SYNC_STRIDE, _barrier
 from ._compile import entry
 from ._config import JIT, follow
 from ._gemm import pack_panels, pack_panels_transposed, packed_product
 from ._numba_ext import flush_denormals, restore_fp
-from ._spin import BACKWARD, CMD, DONE, FORWARD, JOB, SEQ, entered, load_acquire, \
-    spin_while_equal, store_release
+from ._spin import (
+    BACKWARD,
+    CMD,
+    DONE,
+    FORWARD,
+    JOB,
+    SEQ,
+    entered,
+    load_acquire,
+    spin_while_equal,
+    store_release,
+)
 
-follow(__file__, _activations.__file__, _cell.__file__, _gemm.__file__, _numba_ext.__file__,
-       _spin.__file__)
+follow(__file__, _activations.__file__, _cell.__file__, _columns.__file__, _gemm.__file__,
+       _numba_ext.__file__, _spin.__file__)
 
 __all__ = ["columns_train", "serve_columns_train", "TRAIN_META"]
 
