@@ -350,53 +350,62 @@ class ColumnTrainPlan(Last):
     """A training forward (what backward reads kept) and its backward split by hidden
     units over n threads (see _columns_train), made once per x shape: thread 0 runs here,
     the others on the servers, which meet at a barrier in compiled code once per step.
-    One layer, one direction, no projection, no variant but the cell clip, full lengths."""
+    One direction, no projection, no variant but the cell clip, full lengths; the layers
+    run one after the other (each a call of the kernels), dropout's masks applied between
+    them here."""
 
     def __init__(self, spec, T, B, n):
         ensure(spec.dtype, columns_train, serve_columns_train)
-        I, H, dt = spec.in_sizes[0], spec.H, spec.dtype
+        H, L, dt = spec.H, spec.L, spec.dtype
         self.spec, self.n = spec, n
-        self.x = aligned_zeros((T, B, I), dt)
-        self.h = aligned_zeros((T + 1, B, H), dt)       # h0, then h_t: shared by the threads
-        self.dy, self.dx = aligned_zeros((T, B, H), dt), aligned_zeros((T, B, I), dt)
-        self.c_n, self.dh0, self.dc0, self.dh_n, self.dc_n = (
-            aligned_zeros((1, B, H), dt) for _ in range(5))
-        part = aligned_zeros((2, n, B, H), dt)
-        dxp = aligned_zeros((n, T * B, I), dt)
         self.sync = np.zeros((n + 1) * SYNC_STRIDE, np.int64)
         opts = int(spec.opts & EXACT != 0) | (2 if spec.opts & BIAS else 0)
         self.ranges = unit_ranges(H, n, dt.itemsize)
         NR = panel_width(dt.itemsize)
-        self.args, self.cells = [], []
-        for k, (j0, j1) in enumerate(self.ranges):
-            hk = j1 - j0
-            meta = np.array([T, B, I, H, k, n, j0, j1, opts], np.int64)
-            c = aligned_zeros((T + 1, B, hk), dt)
-            self.cells.append(c)
-            self.args.append((
-                spec.pblocks[0], spec.gblocks[0], self.x, self.h, self.dy, self.dx, self.c_n,
-                self.dh0, self.dc0, self.dh_n, self.dc_n,
-                aligned_zeros((T, B, 4 * hk), dt), c, aligned_zeros((T, B, hk), dt),
-                aligned_zeros((4 * hk, I), dt), aligned_zeros((4 * hk, H), dt),
-                aligned_zeros(4 * hk, dt), aligned_zeros((4 * hk // NR, H, NR), dt),
-                aligned_zeros((H // NR, 4 * hk, NR), dt), aligned_zeros((B, 4 * hk), dt),
-                aligned_zeros((T, B, 4 * hk), dt), aligned_zeros((B, hk), dt),
-                aligned_zeros((B, hk), dt), aligned_zeros((B, hk), dt), part, dxp,
-                aligned_zeros((4 * hk, I), dt), aligned_zeros((4 * hk, H), dt), self.sync,
-                meta, spec.clip))
-        self.jobs = []
-        for args in self.args[1:]:
-            number = new_job()
-            self.jobs.append((number, lambda cell, spins, a=args, m=number:
-                              serve_columns_train(cell, spins, m, *a)))
+        self.layers = []
+        for layer in range(L):
+            I = spec.in_sizes[layer]
+            lay = {"x": aligned_zeros((T, B, I), dt),
+                   "h": aligned_zeros((T + 1, B, H), dt),    # h0, then h_t: shared
+                   "dy": aligned_zeros((T, B, H), dt), "dx": aligned_zeros((T, B, I), dt),
+                   "cells": [], "args": []}
+            for name in ("c_n", "dh0", "dc0", "dh_n", "dc_n"):
+                lay[name] = aligned_zeros((1, B, H), dt)
+            part = aligned_zeros((2, n, B, H), dt)
+            dxp = aligned_zeros((n, T * B, I), dt)
+            for k, (j0, j1) in enumerate(self.ranges):
+                hk = j1 - j0
+                meta = np.array([T, B, I, H, k, n, j0, j1, opts], np.int64)
+                c = aligned_zeros((T + 1, B, hk), dt)
+                lay["cells"].append(c)
+                lay["args"].append((
+                    spec.pblocks[layer], spec.gblocks[layer], lay["x"], lay["h"], lay["dy"],
+                    lay["dx"], lay["c_n"], lay["dh0"], lay["dc0"], lay["dh_n"], lay["dc_n"],
+                    aligned_zeros((T, B, 4 * hk), dt), c, aligned_zeros((T, B, hk), dt),
+                    aligned_zeros((4 * hk, I), dt), aligned_zeros((4 * hk, H), dt),
+                    aligned_zeros(4 * hk, dt), aligned_zeros((4 * hk // NR, H, NR), dt),
+                    aligned_zeros((H // NR, 4 * hk, NR), dt), aligned_zeros((B, 4 * hk), dt),
+                    aligned_zeros((T, B, 4 * hk), dt), aligned_zeros((B, hk), dt),
+                    aligned_zeros((B, hk), dt), aligned_zeros((B, hk), dt), part, dxp,
+                    aligned_zeros((4 * hk, I), dt), aligned_zeros((4 * hk, H), dt),
+                    self.sync, meta, spec.clip))
+            lay["jobs"] = []
+            for args in lay["args"][1:]:
+                number = new_job()
+                lay["jobs"].append((number, lambda cell, spins, a=args, m=number:
+                                    serve_columns_train(cell, spins, m, *a)))
+            self.layers.append(lay)
+        self.x, self.dy = self.layers[0]["x"], self.layers[-1]["dy"]
+        self.h_n, self.c_n = aligned_zeros((L, B, H), dt), aligned_zeros((L, B, H), dt)
+        self.dh0, self.dc0 = aligned_zeros((L, B, H), dt), aligned_zeros((L, B, H), dt)
         bf = spec.batch_first
-        y = self.h[1:]
+        y, dx = self.layers[-1]["h"][1:], self.layers[0]["dx"]
         self.out = (readonly(y.transpose(1, 0, 2) if bf else y),
-                    (readonly(self.h[T:]), readonly(self.c_n)))
-        self.grad_out = (readonly(self.dx.transpose(1, 0, 2) if bf else self.dx),
+                    (readonly(self.h_n), readonly(self.c_n)))
+        self.grad_out = (readonly(dx.transpose(1, 0, 2) if bf else dx),
                          (readonly(self.dh0), readonly(self.dc0)))
         self.dy_shape = self.out[0].shape
-        Last.__init__(self, T, B, np.full(B, T, np.int64), [None], {}, None)
+        Last.__init__(self, T, B, np.full(B, T, np.int64), [None] * L, {}, None)
 
     @staticmethod
     def fits(spec, n):
@@ -406,56 +415,82 @@ class ColumnTrainPlan(Last):
             4 * (j1 - j0) % NR == 0 and j1 > j0
             for j0, j1 in unit_ranges(spec.H, n, spec.dtype.itemsize))
 
-    def forward(self, xt, h0=None, c0=None):
-        """The forward of time-major x (T, B, I) from (h0, c0) (None: zeros): y and (h_n,
-        c_n), read-only views of this plan's buffers; None when the servers are another
-        thread's (nothing run)."""
-        np.copyto(self.x, xt, casting="same_kind")
-        if h0 is None:
-            self.h[0].fill(0)
-        else:
-            np.copyto(self.h[0], h0[0], casting="same_kind")
-        for c, (j0, j1) in zip(self.cells, self.ranges):
-            if c0 is None:
-                c[0].fill(0)
-            else:
-                np.copyto(c[0], c0[0][:, j0:j1], casting="same_kind")
-        if not self._run(FORWARD):
+    def forward(self, xt, h0=None, c0=None, masks=None):
+        """The forward of time-major x (T, B, I) from (h0, c0) (L, B, H) (None: zeros),
+        with dropout's masks (T, B, H) on the layers' outputs below the last (None: none):
+        y and (h_n, c_n), read-only views of this plan's buffers; None when the servers
+        are another thread's (nothing run)."""
+        servers = take_servers(self.n - 1)
+        if servers is None:
+            release_servers()
             return None
+        try:
+            masks = [None] * len(self.layers) if masks is None else masks
+            np.copyto(self.x, xt, casting="same_kind")
+            for layer, lay in enumerate(self.layers):
+                if layer:
+                    below, mask = self.layers[layer - 1]["h"][1:], masks[layer - 1]
+                    if mask is None:
+                        np.copyto(lay["x"], below)
+                    else:
+                        np.multiply(below, mask, out=lay["x"])
+                if h0 is None:
+                    lay["h"][0].fill(0)
+                else:
+                    np.copyto(lay["h"][0], h0[layer], casting="same_kind")
+                for c, (j0, j1) in zip(lay["cells"], self.ranges):
+                    if c0 is None:
+                        c[0].fill(0)
+                    else:
+                        np.copyto(c[0], c0[layer][:, j0:j1], casting="same_kind")
+                self._call(servers, lay, FORWARD)
+                self.h_n[layer], self.c_n[layer] = lay["h"][self.T], lay["c_n"][0]
+        finally:
+            release_servers()
+        self.masks = masks
         return self.out
 
     def backward(self, dy, dh_n=None, dc_n=None):
         """dx and (dh0, dc0) of the last forward, read-only views of this plan's buffers;
         the weight gradients added into the model's; None when the servers are another
-        thread's."""
-        np.copyto(self.dy, dy, casting="same_kind")
-        for src, dst in ((dh_n, self.dh_n), (dc_n, self.dc_n)):
-            if src is None:
-                dst.fill(0)
-            else:
-                np.copyto(dst, src, casting="same_kind")
-        if not self._run(BACKWARD):
-            return None
-        return self.grad_out
-
-    def _run(self, cmd):
+        thread's (nothing run)."""
         servers = take_servers(self.n - 1)
         if servers is None:
             release_servers()
-            return False
+            return None
         try:
-            token = object()
-            try:
-                enter_single_threaded_blas(token)
-                for server, job in zip(servers, self.jobs):
-                    server.post(*job, cmd)
-                columns_train(cmd, *self.args[0])
-            finally:
-                _inside.discard(token)
-                for server in servers:
-                    server.wait(server.posted())
-                leave_single_threaded_blas()
+            np.copyto(self.dy, dy, casting="same_kind")
+            for layer in range(len(self.layers) - 1, -1, -1):
+                lay = self.layers[layer]
+                for src, dst in ((dh_n, lay["dh_n"]), (dc_n, lay["dc_n"])):
+                    if src is None:
+                        dst.fill(0)
+                    else:
+                        np.copyto(dst[0], src[layer], casting="same_kind")
+                if layer < len(self.layers) - 1:
+                    above, mask = self.layers[layer + 1]["dx"], self.masks[layer]
+                    if mask is None:
+                        np.copyto(lay["dy"], above)
+                    else:
+                        np.multiply(above, mask, out=lay["dy"])
+                self._call(servers, lay, BACKWARD)
+                self.dh0[layer], self.dc0[layer] = lay["dh0"][0], lay["dc0"][0]
         finally:
             release_servers()
+        return self.grad_out
+
+    def _call(self, servers, lay, cmd):
+        """One layer's command on every thread: the servers' shares posted, thread 0's
+        run here; returns when all are done."""
+        token = object()
+        try:
+            enter_single_threaded_blas(token)
+            for server, job in zip(servers, lay["jobs"]):
+                server.post(*job, cmd)
+            columns_train(cmd, *lay["args"][0])
+        finally:
+            _inside.discard(token)
+            for server in servers:
+                server.wait(server.posted())
+            leave_single_threaded_blas()
         self.sync[self.n * SYNC_STRIDE] += self.T + (cmd == BACKWARD)
-        return True

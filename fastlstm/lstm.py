@@ -406,7 +406,8 @@ class LSTM(Persist):
                 plan.kept = keep
                 self._last = plan
                 return out
-            if type(plan) is ColumnTrainPlan and plan.n == self._train_columns(plan.T, plan.B):
+            if (type(plan) is ColumnTrainPlan and plan.n == self._train_columns(plan.T, plan.B)
+                    and not (self.training and self.dropout > 0 and self.num_layers > 1)):
                 out = plan.forward(self._time_major(x))
                 if out is not None:
                     plan.thread = threading.get_ident()
@@ -455,7 +456,7 @@ class LSTM(Persist):
         vmasks = self._variant_masks(T, B)
         if (keep and not padded and not last_only and seg is None and not vmasks
                 and self._train_columns(T, B) > 1 and self._fast_paths):
-            out = self._columns_train_forward(x, xt, h0, c0)
+            out = self._columns_train_forward(x, xt, h0, c0, masks)
             if out is not None:
                 return out
         split = self._split(T, B)
@@ -552,12 +553,12 @@ class LSTM(Persist):
     def _train_columns(self, T, B):
         """Threads for a forward that keeps its activations, and its backward, split by
         hidden units (_plans.ColumnTrainPlan); 1: not that way."""
-        if not (self._columns_ok and self.num_layers == 1):
+        if not self._columns_ok:
             return 1
         n = train_column_parts(self.threads, B, self.hidden_size, self.dtype.itemsize)
         return n if ColumnTrainPlan.fits(self._spec, n) else 1
 
-    def _columns_train_forward(self, x, xt, h0, c0):
+    def _columns_train_forward(self, x, xt, h0, c0, masks):
         """x's forward through the ColumnTrainPlan of its shape (made on the first call):
         its result, or None when the servers are another thread's."""
         T, B = xt.shape[:2]
@@ -568,7 +569,7 @@ class LSTM(Persist):
             for k in held[:max(len(held) - MAX_SPLIT_PLANS + 1, 0)]:
                 del self._plans[k]
             plan = self._plans[x.shape] = ColumnTrainPlan(self._spec, T, B, n)
-        out = plan.forward(xt, h0, c0)
+        out = plan.forward(xt, h0, c0, masks)
         if out is not None:
             plan.thread, plan.kept = threading.get_ident(), True
             self._last = plan

@@ -63,9 +63,12 @@ def test_the_rule_is_bytes_of_w_hh_per_sequence():
 @pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=lambda d: d.__name__)
 @pytest.mark.parametrize("B,H,config", [(1, 128, dict()), (4, 256, dict(batch_first=True)),
                                         (2, 192, dict(bias=False, cell_clip=0.5)),
-                                        (8, 256, dict(forget_bias=1.0))])
+                                        (8, 256, dict(forget_bias=1.0)),
+                                        (2, 128, dict(num_layers=2)),
+                                        (2, 256, dict(num_layers=3, dropout=0.4,
+                                                      batch_first=True))])
 def test_training_splits_by_units_where_the_rule_says(B, H, config, dtype):
-    T, I = 7, 12
+    T, I, L = 7, 12, config.get("num_layers", 1)
     m = fastlstm.LSTM(I, H, dtype=dtype, seed=5, threads=2, **config).train()
     one = fastlstm.LSTM(I, H, dtype=dtype, seed=5, threads=1, **config).train()
     assert m._train_columns(T, B) == 2 and one._train_columns(T, B) == 1
@@ -74,14 +77,16 @@ def test_training_splits_by_units_where_the_rule_says(B, H, config, dtype):
     tol = 1e-10 if dtype == np.float64 else 2e-5
     for _ in range(3):      # the first call makes the plan, the next take it; grads add up
         x = rng.standard_normal(shape).astype(dtype)
-        state = tuple(rng.standard_normal((2, 1, B, H)).astype(dtype))
+        state = tuple(rng.standard_normal((2, L, B, H)).astype(dtype))
         dy = rng.standard_normal(shape[:2] + (H,)).astype(dtype)
-        dstate = tuple(rng.standard_normal((2, 1, B, H)).astype(dtype))
+        dstate = tuple(rng.standard_normal((2, L, B, H)).astype(dtype))
         for st, ds in ((None, None), (state, dstate)):
             y, (h, c) = m.forward(x, state=st)
             y1, (h1, c1) = one.forward(x, state=st)
-            if st is None:
-                assert type(m._last) is ColumnTrainPlan
+            assert type(m._last) is ColumnTrainPlan
+            if config.get("dropout"):       # the same masks, drawn whole from one seed
+                for a, b in zip(m.last_masks["dropout"], one.last_masks["dropout"]):
+                    assert a is None and b is None or np.array_equal(a, b)
             for got, want in ((y, y1), (h, h1), (c, c1)):
                 np.testing.assert_allclose(got, want, rtol=0, atol=tol)
             dx, (dh0, dc0) = m.backward(dy, dstate=ds)
@@ -97,8 +102,12 @@ def test_past_the_rule_training_splits_the_batch():
     x = np.zeros((5, 16, 8), np.float32)      # 64 KiB of W_hh per sequence
     m.forward(x)
     assert type(m._last) is not ColumnTrainPlan
-    m = fastlstm.LSTM(8, 256, num_layers=2, threads=2).train()   # one layer only
-    m.forward(np.zeros((5, 1, 8), np.float32))
+    for config in (dict(bidirectional=True), dict(proj_size=64), dict(peephole=True),
+                   dict(recurrent_dropout=0.2)):
+        m = fastlstm.LSTM(8, 256, threads=2, **config).train()
+        m.forward(np.zeros((5, 1, 8), np.float32))
+        assert type(m._last) is not ColumnTrainPlan
+    m.forward(np.zeros((5, 1, 8), np.float32), lengths=np.array([3]))
     assert type(m._last) is not ColumnTrainPlan
 
 
