@@ -204,7 +204,9 @@ def column_parts(threads, B, H):
 #: KiB it lost or tied (H = 128, B = 4: 0.99; H = 256, B = 16: 0.97; float64 H = 128, B
 #: = 8: 0.96; H = 512, B = 64: 1.01); at 128 KiB it tied or won (H = 256, B = 8: 1.11;
 #: H = 512, B = 32: 1.01; float64 H = 256, B = 16: 1.07), and more above (H = 512, B =
-#: 8: 1.33; H = 1024, B = 4: 1.45; H = 2048, B = 16: 1.63, B = 128: 1.15)
+#: 8: 1.33; H = 1024, B = 4: 1.45; H = 2048, B = 16: 1.63, B = 128: 1.15). Two layers
+#: alike: H = 256, B = 4: 1.30; H = 512, B = 8: 1.30; H = 1024, B = 16: 1.21 (B = 1, H =
+#: 512: 0.98, a tie)
 TRAIN_COLUMN_BYTES = 128 << 10
 
 
