@@ -94,7 +94,8 @@ class LSTM(Persist):
         recomputes each segment's forward inside the backward, last segment first:
         memory O(T/K + K) steps instead of O(T), for about one more forward;
         "sqrt" picks K = ceil(sqrt(T)) per call. The gradients are bitwise those
-        of None. K >= T is one segment: None's path.
+        of None on the batch split (None's training split by hidden units, see
+        _columns_train, agrees to rounding). K >= T is one segment: None's path.
     threads : int or None
         Threads a call may use: the batch is split into that many parts, each run
         on its own thread with single-threaded BLAS, when the work pays for it.

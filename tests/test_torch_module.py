@@ -500,3 +500,27 @@ def test_a_real_model_trains_the_same_after_convert(dtype, tol):
     want, got, _, _ = example["run"](dtype, steps=30)
     assert want[-1] < 0.8 * want[0]                          # it learns
     assert np.max(np.abs(got - want) / np.abs(want)) <= tol
+
+
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_a_column_split_training_step_matches_nn_lstm(num_layers):
+    """A layer large for its batch trains split by hidden units (fastlstm._columns_train),
+    on torch's OpenMP workers where they are lent: the gradients are nn.LSTM's."""
+    from fastlstm._plans import ColumnTrainPlan
+    from fastlstm._threads import usable_cores
+    ref, m = pair(dict(num_layers=num_layers, dropout=0.0), torch.float64, I=6, H=256, seed=2)
+    x = torch.randn(5, 2, 6, dtype=torch.float64)
+    outs = []
+    for mod in (ref, m):
+        for _ in range(2):                  # the second call takes the plan; grads add up
+            xi = x.clone().requires_grad_(True)
+            y, (h, c) = mod(xi)
+            (y.pow(2).sum() + h.sum()).backward()
+        outs.append((y.detach(), xi.grad, grads(mod)))
+    engines = [e for e in m._engines if e is not None]
+    if usable_cores() > 1:
+        assert any(type(e.lstm._last) is ColumnTrainPlan for e in engines)
+    for a, b in zip(outs[1][:2], outs[0][:2]):
+        close(a, b, 1e-10)
+    for k in outs[0][2]:
+        close(outs[1][2][k], outs[0][2][k], 1e-10)
