@@ -424,9 +424,10 @@ class Server:
                 if sleep:
                     self._wake.acquire()
                     continue
-                if self._parked(job):
-                    continue
-                job(self.cell, self.spins)
+                if not self._parked(job):
+                    job(self.cell, self.spins)
+                # held by no local while it sleeps: a park taken here (a lender's region
+                # ends with one) kept the job, and through it a plan's buffers, alive
                 job = None
         except BaseException as e:      # noqa: BLE001 - handed to the caller by wait()
             self.error = e              # the thread ends: wait() raises, take_servers replaces it

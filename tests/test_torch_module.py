@@ -508,15 +508,20 @@ def test_a_column_split_training_step_matches_nn_lstm(num_layers):
     on torch's OpenMP workers where they are lent: the gradients are nn.LSTM's."""
     from fastlstm._plans import ColumnTrainPlan
     from fastlstm._threads import usable_cores
-    ref, m = pair(dict(num_layers=num_layers, dropout=0.0), torch.float64, I=6, H=256, seed=2)
-    x = torch.randn(5, 2, 6, dtype=torch.float64)
-    outs = []
-    for mod in (ref, m):
-        for _ in range(2):                  # the second call takes the plan; grads add up
-            xi = x.clone().requires_grad_(True)
-            y, (h, c) = mod(xi)
-            (y.pow(2).sum() + h.sum()).backward()
-        outs.append((y.detach(), xi.grad, grads(mod)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)        # the module's default: torch's (another test sets 1)
+    try:
+        ref, m = pair(dict(num_layers=num_layers), torch.float64, I=6, H=256, seed=2)
+        x = torch.randn(5, 2, 6, dtype=torch.float64)
+        outs = []
+        for mod in (ref, m):
+            for _ in range(2):              # the second call takes the plan; grads add up
+                xi = x.clone().requires_grad_(True)
+                y, (h, c) = mod(xi)
+                (y.pow(2).sum() + h.sum()).backward()
+            outs.append((y.detach(), xi.grad, grads(mod)))
+    finally:
+        torch.set_num_threads(threads)
     engines = [e for e in m._engines if e is not None]
     if usable_cores() > 1:
         assert any(type(e.lstm._last) is ColumnTrainPlan for e in engines)
