@@ -110,6 +110,22 @@ class Threads:
         self.case.fwd_bwd()
 
 
+class BigLayerTraining:
+    """fwd+bwd at DeepBench's training size H = 1024, B = 16, T = 25 (input = H), float32:
+    a layer large for its batch (W_hh holds 1 MiB a sequence), which fastlstm trains
+    split by hidden units over the cores (_columns_train), against torch.nn.LSTM."""
+    params = [["fastlstm", "torch"]]
+    param_names = ["impl"]
+    timeout = 300
+
+    def setup(self, impl):
+        self.case = CASES[impl](16, 25, 1024, 1024, "float32")
+        self.case.fwd_bwd()
+
+    def time_fwd_bwd(self, impl):
+        self.case.fwd_bwd()
+
+
 class Recompute:
     """recompute=K (fastlstm.LSTM(recompute=...), skipped on commits that lack it): the
     time and the peak memory of fwd+bwd against keeping every step, float32, at long and
