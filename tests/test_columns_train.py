@@ -125,3 +125,19 @@ def test_a_column_split_backward_checks_dy_and_changes_nothing_on_bad_input():
                    dstate=(np.zeros((1, 2, 255), np.float32),) * 2)
     assert np.array_equal(m.flat_grads, before)
     m.backward(np.zeros((5, 2, 256), np.float32))
+
+
+@needs_two
+def test_a_plan_made_in_evaluation_does_not_skip_training_masks():
+    """A column plan made by an evaluation forward that kept its activations draws no
+    masks; the same shape in training mode must still get recurrent dropout and dropout."""
+    x = np.random.default_rng(0).standard_normal((6, 2, 8))
+    for config in (dict(recurrent_dropout=0.3), dict(num_layers=2, dropout=0.5)):
+        m, one = (fastlstm.LSTM(8, 256, dtype=np.float64, seed=1, threads=t, **config)
+                  for t in (2, 1))
+        for model in (m, one):
+            model.eval()
+            model.forward(x, keep=True)
+            model.train()
+        y, _ = m.forward(x)
+        np.testing.assert_allclose(y, one.forward(x)[0], rtol=0, atol=1e-10)
