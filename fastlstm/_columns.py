@@ -396,7 +396,7 @@ def columns_forward_bf16(w, p, x, y, inter, h0, c0, h_n, c_n, gin, part, rec, c,
 @entry(_sigs(False, True))
 def serve_columns(cell, spins, me, w, p, x, y, inter, h0, c0, h_n, c_n, gin, part, rec, c,
                   wide, panels, sync, meta, lengths, clip):
-    """A server thread's side (see _threads.Server, _spin.serve_rows): FORWARD runs its
+    """A server thread's side (see _servers.Server, _spin.serve_rows): FORWARD runs its
     share of the forward; returns at a command for another job or after `spins` idle
     reads."""
     _serve(cell, spins, me, w, p, x, y, inter, h0, c0, h_n, c_n, gin, part, rec, c, wide,

@@ -225,7 +225,7 @@ def columns_train(cmd, p, g, x, h, dy, dx, c_n, dh0, dc0, dh_n, dc_n, acts, c, t
 def serve_columns_train(cell, spins, me, p, g, x, h, dy, dx, c_n, dh0, dc0, dh_n,
                         dc_n, acts, c, tc, w_ih, w_hh, bias, pf, pb, rec, dz, dh, dc, dm, part,
                         dxp, tmp_ih, tmp_hh, sync, meta, clip):
-    """A server thread's side (see _threads.Server): FORWARD or BACKWARD runs its share;
+    """A server thread's side (see _servers.Server): FORWARD or BACKWARD runs its share;
     returns at a command for another job or after `spins` idle reads."""
     entered(cell)
     done = load_acquire(cell, DONE)

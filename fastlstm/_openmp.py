@@ -7,8 +7,8 @@ import threading
 import numpy as np
 import torch
 
+from ._servers import host_server, park_servers, pin_servers, server_cell, unpin_servers
 from ._spin import ENTERED
-from ._threads import host_server, park_servers, pin_servers, server_cell, unpin_servers
 
 __all__ = ["lend"]
 
@@ -21,11 +21,11 @@ class _OpenMP:
 
     After each parallel op torch's OpenMP workers spin for a few milliseconds on the
     other cores (measured here: 4.5 ms of CPU after one ``fill_``), exactly where a
-    split call's servers (_threads.Server) run its other parts: in a torch training
+    split call's servers (_servers.Server) run its other parts: in a torch training
     loop at small size (float32) a step took 4.9 ms against 2.4 with torch held at one
     thread. So a call that splits runs inside a parallel region of torch's own pool:
     its thread 0 is the caller, which runs the call; its thread k serves the k-th
-    server's commands (``_threads.host_server``) while that server's own thread sleeps.
+    server's commands (``_servers.host_server``) while that server's own thread sleeps.
 
     The region's body is compiled (a cfunc, made once per process) so that no two
     threads want the GIL at once, which costs the loser a wake-up (50-70 us here):

@@ -34,17 +34,10 @@ from ._kernels import (
     rows_backward,
     rows_forward,
 )
+from ._servers import new_job, release_servers, take_servers
 from ._shared import aligned_empty, aligned_zeros, readonly
 from ._spin import BACKWARD, FORWARD, serve_rows
-from ._threads import (
-    _inside,
-    enter_single_threaded_blas,
-    leave_single_threaded_blas,
-    new_job,
-    release_servers,
-    run_parts,
-    take_servers,
-)
+from ._threads import _inside, enter_single_threaded_blas, leave_single_threaded_blas, run_parts
 
 __all__ = ["Last", "Plan", "SplitPlan", "ColumnPlan", "ColumnTrainPlan", "MAX_SPLIT_PLANS"]
 
@@ -106,7 +99,7 @@ class SplitPlan(Last):
     """A repeated call split across threads, made once: as _Plan, for a shape whose
     batch is split into parts (see _threads). Part 0 runs here as one kernel call that
     copies its rows in and out (_kernels.rows_forward); each other part runs on a server
-    thread that waits for it in compiled code (_threads.Server, _spin.serve_rows),
+    thread that waits for it in compiled code (_servers.Server, _spin.serve_rows),
     its rows of x or dy copied into its workspace here first. So neither thread waits on
     the other's Python or on a wake-up: at small size (float32) a forward's wall time
     beyond part 0's kernel went from about 130 us (the pool's hand-off) to 50-80 us.
@@ -214,7 +207,7 @@ _OPTS = META.index("opts")
 class ColumnPlan:
     """An evaluation forward split by hidden units over n threads (see _columns), made
     once per (T, B): its buffers, each thread's share and the servers' jobs. Thread 0
-    runs here, the others on the servers (_threads.Server), which meet at a barrier in
+    runs here, the others on the servers (_servers.Server), which meet at a barrier in
     compiled code once per step.
 
     weights: None to read the model's flat parameters where they lie, or their bfloat16

@@ -1,5 +1,5 @@
 """Atomic loads and stores on an int64 array and a spin-wait, for handing work to a thread
-that waits in compiled code (see _threads.Server) instead of on a lock; and that
+that waits in compiled code (see _servers.Server) instead of on a lock; and that
 thread's serving loop, ``serve_rows``.
 
 On these machines waking a thread that sleeps on a lock took 50-70 us, and every hand-off
@@ -130,7 +130,7 @@ def _serve_sigs():
 @entry(_serve_sigs(), needs=(layer_forward, layer_backward))
 def serve_rows(cell, spins, me, p, g, ws, y, h_n, c_n, dx, dh0, dc0, b0, lengths, clip,
                T, B, I, H, P, opts):
-    """A worker thread's side of a split plan (see _threads.Server): runs the commands
+    """A worker thread's side of a split plan (see _servers.Server): runs the commands
     posted in cell for job `me` on rows [b0, b0 + B); returns, leaving it, at a command
     for another job, or when none came in `spins` reads. FORWARD: ``layer_forward`` on
     x already in the workspace, its rows of y, h_n, c_n written as ``rows_forward``

@@ -301,7 +301,8 @@ if __name__ == "__main__":
 FORK_AFTER_SERVER = FORK_AFTER_POOL.replace(
     "m = fastlstm.LSTM(128, 128, bidirectional=True, seed=0)",
     "m = fastlstm.LSTM(128, 128, seed=0, threads=2)\nm.forward(x)").replace(
-    "_threads._state.pool is not None,", "_threads._state.servers,")
+    "from fastlstm import _threads\n    assert _threads._state.pool is not None,",
+    "from fastlstm import _servers\n    assert _servers._state.servers,")
 
 
 @pytest.mark.parametrize("script_text", [FORK_AFTER_POOL, FORK_AFTER_SERVER],

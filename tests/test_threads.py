@@ -1,4 +1,4 @@
-"""The spinning servers of split plans (_threads.Server), tested directly: a failing
+"""The spinning servers of split plans (_servers.Server), tested directly: a failing
 job reaches its caller, a dead thread is never waited on, an idle server holds nothing,
 and a burst of commands enters a job's loop once."""
 import gc
@@ -11,7 +11,7 @@ import pytest
 from test_layers import CONFIGS, cfg_id, make_problem
 
 import fastlstm
-from fastlstm import _threads
+from fastlstm import _servers, _threads
 from fastlstm._spin import DONE, FORWARD, JOB, SEQ, spin_until_at_least
 
 from helpers import TOL, rel_err, run_ours, run_torch
@@ -35,8 +35,8 @@ def python_job(number, work, entries):
 
 
 def test_a_failing_job_raises_in_the_caller():
-    server = _threads.Server(1000)
-    number = _threads.new_job()
+    server = _servers.Server(1000)
+    number = _servers.new_job()
 
     def work():
         raise ValueError("injected")
@@ -50,11 +50,11 @@ def test_a_failing_job_raises_in_the_caller():
 
 
 def test_a_dead_server_is_never_waited_on_and_is_replaced():
-    servers = _threads.take_servers(1)
+    servers = _servers.take_servers(1)
     assert servers is not None
     try:
         server = servers[0]
-        number = _threads.new_job()
+        number = _servers.new_job()
 
         def work():
             raise SystemExit               # the thread ends, whatever the exception
@@ -62,17 +62,17 @@ def test_a_dead_server_is_never_waited_on_and_is_replaced():
         with pytest.raises(RuntimeError):
             server.wait(seq)
     finally:
-        _threads.release_servers()
-    again = _threads.take_servers(1)
+        _servers.release_servers()
+    again = _servers.take_servers(1)
     try:
         assert again[0] is not server and again[0].alive()
     finally:
-        _threads.release_servers()
+        _servers.release_servers()
 
 
 def test_no_pass_without_a_command_and_the_idle_server_drops_its_job():
-    server = _threads.Server(int(1e6))            # spins long enough to span the burst
-    number, entries, calls = _threads.new_job(), [], []
+    server = _servers.Server(int(1e6))            # spins long enough to span the burst
+    number, entries, calls = _servers.new_job(), [], []
     job = python_job(number, lambda: calls.append(1), entries)
     for _ in range(20):
         server.wait(server.post(number, job, FORWARD))
@@ -101,7 +101,7 @@ def test_a_deleted_models_buffers_are_freed():
 
 
 def test_servers_are_given_back_by_the_thread_that_took_them():
-    servers = _threads.take_servers(1)
+    servers = _servers.take_servers(1)
     assert servers is not None
     def other_thread(call):
         out = []
@@ -110,11 +110,11 @@ def test_servers_are_given_back_by_the_thread_that_took_them():
         t.join()
         return out[0]
 
-    other_thread(_threads.release_servers)         # not the taker: changes nothing
-    assert other_thread(lambda: _threads.take_servers(1)) is None
-    assert _threads.take_servers(1) == servers     # the taker may take them again (a call
-    _threads.release_servers()                     # cut short kept them)
-    assert other_thread(lambda: (_threads.take_servers(1), _threads.release_servers())[0])
+    other_thread(_servers.release_servers)         # not the taker: changes nothing
+    assert other_thread(lambda: _servers.take_servers(1)) is None
+    assert _servers.take_servers(1) == servers     # the taker may take them again (a call
+    _servers.release_servers()                     # cut short kept them)
+    assert other_thread(lambda: (_servers.take_servers(1), _servers.release_servers())[0])
 
 
 def test_a_restore_the_main_thread_owes_is_not_lost_in_another_thread():

@@ -323,29 +323,29 @@ def test_a_split_call_runs_its_parts_on_torchs_openmp_workers():
         pytest.skip("torch without libgomp")
     import threading
 
-    from fastlstm import _threads
+    from fastlstm import _servers
     from fastlstm._spin import FORWARD
     ran = []
 
     def work():
-        server = _threads.take_servers(1)[0]
+        server = _servers.take_servers(1)[0]
         try:
-            number = _threads.new_job()
+            number = _servers.new_job()
 
             def job(cell, spins):
                 ran.append(threading.get_native_id())
-                cell[_threads.DONE] = cell[_threads.SEQ]
+                cell[_servers.DONE] = cell[_servers.SEQ]
             server.wait(server.post(number, job, FORWARD))
             return server._thread.native_id
         finally:
-            _threads.release_servers()
+            _servers.release_servers()
     own = openmp.lend(2, work)
     assert ran and ran[0] not in (own, threading.get_native_id())
-    server = _threads._state.servers[0]          # holds no job once the region ends
+    server = _servers._state.servers[0]          # holds no job once the region ends
     assert server._job is None and server._kept() is None
     with pytest.raises(ZeroDivisionError):
         openmp.lend(2, lambda: 1 / 0)
-    assert _threads._state.servers_owner is None
+    assert _servers._state.servers_owner is None
     assert openmp.lend(2, lambda: 7) == 7
 
 
@@ -357,7 +357,7 @@ def test_a_call_handed_to_a_lent_server_runs_once():
         pytest.skip("torch without libgomp")
     import threading
 
-    from fastlstm import _threads
+    from fastlstm import _servers, _threads
     calls = []
 
     def pair():
@@ -366,17 +366,17 @@ def test_a_call_handed_to_a_lent_server_runs_once():
         openmp.lend(2, pair)
     assert len(calls) == 3 and threading.get_native_id() not in calls
     # entered again when its command is done (or another job's is pending): nothing runs
-    server = _threads.take_servers(1)[0]
+    server = _servers.take_servers(1)[0]
     try:
-        posted = _threads._Posted(server, lambda: calls.append(0))
+        posted = _servers._Posted(server, lambda: calls.append(0))
         posted.result()
         posted._run(server.cell.copy(), 0)           # its command done
         other = server.cell.copy()                   # another job's command pending
-        other[_threads.SEQ] += 1
-        other[_threads.JOB] = _threads.new_job()
+        other[_servers.SEQ] += 1
+        other[_servers.JOB] = _servers.new_job()
         posted._run(other, 0)
     finally:
-        _threads.release_servers()
+        _servers.release_servers()
     assert calls.count(0) == 1
 
 
