@@ -27,9 +27,9 @@ from ._kernels import (
 )
 from ._recurrence import backward_chunk
 from ._shared import Buffers, readonly
-from ._threads import parallel_worthwhile, run_pair
+from ._threads import parallel_worthwhile, run_pair, run_parts
 
-__all__ = ["Spec", "Part", "Workspace", "Segments", "rows"]
+__all__ = ["Spec", "Part", "Workspace", "Segments", "rows", "split_forward", "split_backward"]
 
 
 class Spec(NamedTuple):
@@ -433,3 +433,45 @@ class Part:
         return v["dh"], v["dc"]
 
 
+def split_forward(split, xt, h0, c0, lens, padded, masks, vmasks, seg, in_parts, y, h_n, c_n):
+    """The forward of every part of a split batch at once (``split``: [(part, first,
+    end)], see _threads), each over its rows, gathered into y ((T, B, D*P), or (B, D*P)
+    with in_parts: each sequence's last output), h_n and c_n. In segments each part
+    writes its rows of y itself (no second copy of x's size)."""
+    def run(part, cut):
+        return part.forward(xt[:, cut], rows(h0, cut), rows(c0, cut), lens[cut], padded,
+                            [None if m is None else m[:, cut] for m in masks],
+                            {k: a[:, cut] if k == "rmask" else a[:, :, cut]
+                             for k, a in vmasks.items()}, seg=seg,
+                            y_out=None if seg is None or in_parts else y[:, cut],
+                            last_only=in_parts)
+    results = run_parts([partial(run, part, slice(b0, b1)) for part, b0, b1 in split])
+    for (_, b0, b1), (o, h, c) in zip(split, results):
+        if in_parts:
+            y[b0:b1] = o
+        elif seg is None:
+            y[:, b0:b1] = o
+        h_n[:, b0:b1], c_n[:, b0:b1] = h, c
+
+
+def split_backward(split, flat_grads, grad, dh_n, dc_n, lens, masks, seg, last_only,
+                   dx, dh0, dc0):
+    """The backward of every part of the last forward's split batch (grad time-major,
+    or (B, D*P) with last_only); parts past the first add into gradients of their own,
+    summed into flat_grads after, in order (the same sum every time). dx (time-major),
+    dh0 and dc0 are filled by rows."""
+    def run(r, part, cut):
+        if r:
+            part.flat_grads.fill(0)
+        return part.backward(grad[cut] if last_only else grad[:, cut], rows(dh_n, cut),
+                             rows(dc_n, cut), lens[cut],
+                             [None if m is None else m[:, cut] for m in masks], seg=seg,
+                             last_only=last_only, dx_out=dx[:, cut] if seg else None)
+    results = run_parts([partial(run, r, part, slice(b0, b1))
+                         for r, (part, b0, b1) in enumerate(split)])
+    for part, _, _ in split[1:]:
+        flat_grads += part.flat_grads
+    for (_, b0, b1), (d, h, c) in zip(split, results):
+        if not seg:
+            dx[:, b0:b1] = d
+        dh0[:, b0:b1], dc0[:, b0:b1] = h, c

@@ -39,7 +39,8 @@ from ._shared import aligned_empty, aligned_zeros, readonly
 from ._spin import BACKWARD, FORWARD, serve_rows
 from ._threads import _inside, enter_single_threaded_blas, leave_single_threaded_blas, run_parts
 
-__all__ = ["Last", "Plan", "SplitPlan", "ColumnPlan", "ColumnTrainPlan", "MAX_SPLIT_PLANS"]
+__all__ = ["Last", "Plan", "Plans", "SplitPlan", "ColumnPlan", "ColumnTrainPlan",
+           "MAX_SPLIT_PLANS"]
 
 
 class Last:
@@ -91,8 +92,23 @@ class Plan(Last):
         self.backward_ready = True
 
 
-#: split plans (with their own y, dx buffers) an LSTM keeps, the most recent shapes'
+#: plans with buffers of their own (y, dx: all but Plan, whose are its part's) that a
+#: model keeps, the most recent shapes'
 MAX_SPLIT_PLANS = 8
+
+
+class Plans(dict):
+    """A model's plans by shape. ``put`` keeps those with buffers of their own to the
+    last MAX_SPLIT_PLANS made, so that a run over many shapes (e.g. T varying) does not
+    pile them up."""
+
+    def put(self, key, plan):
+        self.pop(key, None)
+        held = [k for k, p in self.items() if type(p) is not Plan]
+        for k in held[:max(len(held) - MAX_SPLIT_PLANS + 1, 0)]:
+            del self[k]
+        self[key] = plan
+        return plan
 
 
 class SplitPlan(Last):

@@ -1,13 +1,13 @@
 """The public LSTM: validates, owns the buffers, splits the batch, calls the parts.
 
 The rooms behind it: ``_options`` (what each option is), ``_layout`` (the flat
-buffers), ``_parts`` (the workspaces and the general path), ``_plans`` (repeated
-calls made once), ``_threads`` (the batch split), ``_kernels`` (the Numba entries),
-``_persist`` (what a model saves and loads).
+buffers), ``_masks`` (a call's random masks), ``_parts`` (the workspaces, the general
+path and the batch split's parts), ``_plans`` (repeated calls made once), ``_units``
+(calls split by hidden units), ``_threads`` (the batch split's rules and threads),
+``_kernels`` (the Numba entries), ``_persist`` (what a model saves and loads).
 """
 import math
 import threading
-from functools import partial
 
 import numpy as np
 
@@ -15,24 +15,18 @@ from . import _layout, _options
 from . import _validate as check
 from ._config import exact_activations
 from ._kernels import layer_backward, layer_forward, opts_bits
-from ._parts import Part, Spec, rows
+from ._masks import dropout_masks, variant_masks
+from ._parts import Part, Spec, split_backward, split_forward
 from ._persist import Persist
-from ._plans import MAX_SPLIT_PLANS, ColumnPlan, ColumnTrainPlan, Last, Plan, SplitPlan
+from ._plans import ColumnTrainPlan, Last, Plan, Plans, SplitPlan
 from ._shared import Buffers, OneThread, aligned_zeros, readonly
-from ._threads import (
-    COLUMN_MIN_H,
-    SPLIT_WORK,
-    batch_parts,
-    column_parts,
-    run_parts,
-    single_threaded,
-    train_column_parts,
-)
+from ._threads import SPLIT_WORK, batch_parts, single_threaded
+from ._units import UnitsSplit
 
 __all__ = ["LSTM"]
 
 
-class LSTM(Persist):
+class LSTM(UnitsSplit, Persist):
     """A multi-layer, optionally bidirectional LSTM with torch.nn.LSTM's meaning.
 
     Gate order (i, f, g, o), parameter names and shapes follow ``torch.nn.LSTM``
@@ -154,8 +148,8 @@ class LSTM(Persist):
         self._opts = opts_bits(**_options.flags(config), exact=self._exact)
         self._parts = []       # per part of the batch: workspaces and scratch (_parts.Part)
         self._splits = {}
-        self._plans = {}       # x.shape -> Plan or SplitPlan
-        self._col_plans = {}   # (T, B) -> ColumnPlan (an evaluation forward split by units)
+        self._plans = Plans()      # x.shape -> Plan, SplitPlan or ColumnTrainPlan
+        self._col_plans = Plans()  # (T, B) -> ColumnPlan (an evaluation forward split by units)
         #: the layer an evaluation forward may split by hidden units (see _columns)
         self._columns_ok = (D == 1 and not self.proj_size and not (
             self.peephole or self.layer_norm or self.zoneout or self.zoneout_cell))
@@ -301,31 +295,6 @@ class LSTM(Persist):
                                          for r in range(n)]
         return split
 
-    def _variant_masks(self, T, B):
-        """{workspace name: (L*D, ...) array} of zoneout's and recurrent dropout's
-        masks for this call, drawn whole (after dropout's) so that they do not
-        depend on how the batch is split; in evaluation, their expectations."""
-        out = {}
-        LD, H, P = self.num_layers * self.num_directions, self.hidden_size, self._P
-        dt = self.dtype.type
-        if self._wflags[1]:
-            for name, p, size in (("zh", self.zoneout, P), ("zc", self.zoneout_cell, H)):
-                a = out[name] = self._buf.get(name, (LD, T, B, size))
-                if self.training and p > 0:      # 1: the unit keeps its previous value
-                    self._rng.random(out=a, dtype=self.dtype)
-                    np.less(a, dt(p), out=a)
-                else:
-                    a.fill(0 if self.training else p)
-        if self._wflags[2]:
-            a = out["rmask"] = self._buf.get("rmask", (LD, B, P))
-            if self.training:
-                self._rng.random(out=a, dtype=self.dtype)
-                np.greater_equal(a, dt(self.recurrent_dropout), out=a)
-                a /= dt(1.0 - self.recurrent_dropout)
-            else:
-                a.fill(1)
-        return out
-
     #: bytes of workspace one segment of a forward that keeps nothing (evaluation) may
     #: take; a longer x runs in segments of this size
     EVAL_SEGMENT_BYTES = 16 << 20
@@ -444,17 +413,10 @@ class LSTM(Persist):
             if lens is None:
                 lens = self._full_lengths[(T, B)] = np.full(B, T, np.int64)
         L, D, H, P = self.num_layers, self.num_directions, self.hidden_size, self._P
-        masks = [None] * L
-        if self.training and self.dropout > 0 and L > 1:
-            # drawn here, whole, so that the masks do not depend on how the batch is split
-            keep, p = self.dtype.type(1.0 - self.dropout), self.dtype.type(self.dropout)
-            for k in range(L - 1):
-                mask = self._buf.get(f"mask{k}", (T, B, D * P))
-                self._rng.random(out=mask, dtype=self.dtype)
-                np.greater_equal(mask, p, out=mask)
-                mask /= keep
-                masks[k] = mask
-        vmasks = self._variant_masks(T, B)
+        masks = dropout_masks(self._buf, self._rng, self.dropout if self.training else 0, L,
+                              T, B, D * P)
+        vmasks = variant_masks(self._buf, self._rng, self._wflags, self.training, self.zoneout,
+                               self.zoneout_cell, self.recurrent_dropout, L * D, T, B, H, P)
         if (keep and not padded and not last_only and seg is None and not vmasks
                 and self._train_columns(T, B) > 1 and self._fast_paths):
             out = self._columns_train_forward(x, xt, h0, c0, masks)
@@ -470,23 +432,10 @@ class LSTM(Persist):
         else:
             out = self._buf.get("y_last" if in_parts else "y",
                                 (B, D * P) if in_parts else (T, B, D * P))
-
-            def run(part, cut):     # in segments, each part writes its rows of y (x's size)
-                return part.forward(xt[:, cut], rows(h0, cut), rows(c0, cut), lens[cut],
-                                    padded, [None if m is None else m[:, cut] for m in masks],
-                                    {k: a[:, cut] if k == "rmask" else a[:, :, cut]
-                                     for k, a in vmasks.items()}, seg=seg,
-                                    y_out=None if seg is None or in_parts else out[:, cut],
-                                    last_only=in_parts)
-            results = run_parts([partial(run, part, slice(b0, b1)) for part, b0, b1 in split])
             h_n = self._buf.get("h_n", (L * D, B, P))
             c_n = self._buf.get("c_n", (L * D, B, H))
-            for (_, b0, b1), (o, h, c) in zip(split, results):
-                if in_parts:
-                    out[b0:b1] = o
-                elif seg is None:
-                    out[:, b0:b1] = o
-                h_n[:, b0:b1], c_n[:, b0:b1] = h, c
+            split_forward(split, xt, h0, c0, lens, padded, masks, vmasks, seg, in_parts,
+                          out, h_n, c_n)
         self._last = Last(T, B, lens, masks, vmasks, split, one_thread=one_thread, seg=seg,
                           kept=keep, last_only=last_only)
         if last_only:
@@ -500,81 +449,14 @@ class LSTM(Persist):
         if state is None and not padded and L * D == 1 and not vmasks and self._fast_paths:
             if len(split) == 1 and (B < 2 or T * B * 4 * H * (self.input_size + P) < SPLIT_WORK):
                 # the next call at this shape takes the plan (never split, whatever the threads)
-                self._plans[x.shape] = Plan(self._spec, T, B, split, lens)
+                self._plans.put(x.shape, Plan(self._spec, T, B, split, lens))
             elif len(split) > 1:
-                # a split plan owns its output buffers: keep the last few shapes' only,
-                # so that a run over many shapes (e.g. varying T) does not pile them up
-                held = [k for k, p in self._plans.items() if type(p) is SplitPlan]
-                for k in held[:max(len(held) - MAX_SPLIT_PLANS + 1, 0)]:
-                    del self._plans[k]
-                self._plans[x.shape] = SplitPlan(self._spec, T, B, split, lens)
+                self._plans.put(x.shape, SplitPlan(self._spec, T, B, split, lens))
         if len(split) == 1 and L * D == 1:      # the workspace's own, cached read-only views
             ws = split[0][0].ws[0]
             return (ws.readonly(T, B, "y" if padded else "h_out", self.batch_first),
                     (ws.readonly(T, B, "h_n"), ws.readonly(T, B, "c_n")))
         return readonly(self._time_major(out)), (readonly(h_n), readonly(c_n))
-
-    @property
-    def _units_split(self):
-        """Whether an evaluation forward may take the column split (then not the plans):
-        a layer of its kind large enough for the rule, or bfloat16 weights."""
-        return self._columns_ok and (self.hidden_size >= COLUMN_MIN_H
-                                     or self._col_weights is not None)
-
-    def _columns_forward(self, xt, h0, c0, lens, last_only):
-        """An evaluation forward split by hidden units (_plans.ColumnPlan), or None where
-        that does not pay or the servers are another thread's."""
-        T, B = xt.shape[:2]
-        bf16 = self._col_weights is not None
-        n = column_parts(self.threads, B, self.hidden_size)  # bfloat16: 1 too
-        if n < 2 and not bf16:
-            return None
-        plan = self._col_plans.get((T, B))
-        if plan is None or plan.n != n:
-            for k in list(self._col_plans)[:max(len(self._col_plans) - MAX_SPLIT_PLANS + 1, 0)]:
-                del self._col_plans[k]
-            plan = self._col_plans[(T, B)] = ColumnPlan(
-                self._spec, self.flat_params, T, B, n, self._col_weights,
-                kept=self._weights_version is not None)
-        res = plan.forward(xt, h0, c0, lens, self._weights_version)
-        if res is None:             # the servers are another thread's
-            if not bf16:
-                return None
-            plan = ColumnPlan(self._spec, self.flat_params, T, B, 1, self._col_weights)
-            res = plan.forward(xt, h0, c0, lens)
-        y, state = res
-        self._last = Last(T, B, plan.lengths, [None] * self.num_layers, {}, None, kept=False,
-                          last_only=last_only)
-        if last_only:
-            y_last = self._buf.get("y_last", (B, self._P))
-            np.copyto(y_last, plan.y[plan.lengths - 1, np.arange(B)])
-            return readonly(y_last), state
-        return (y.transpose(1, 0, 2) if self.batch_first else y), state
-
-    def _train_columns(self, T, B):
-        """Threads for a forward that keeps its activations, and its backward, split by
-        hidden units (_plans.ColumnTrainPlan); 1: not that way."""
-        if not self._columns_ok:
-            return 1
-        n = train_column_parts(self.threads, B, self.hidden_size, self.dtype.itemsize)
-        return n if ColumnTrainPlan.fits(self._spec, n) else 1
-
-    def _columns_train_forward(self, x, xt, h0, c0, masks):
-        """x's forward through the ColumnTrainPlan of its shape (made on the first call):
-        its result, or None when the servers are another thread's."""
-        T, B = xt.shape[:2]
-        n = self._train_columns(T, B)
-        plan = self._plans.get(x.shape)
-        if type(plan) is not ColumnTrainPlan or plan.n != n:
-            held = [k for k, p in self._plans.items() if type(p) is not Plan]
-            for k in held[:max(len(held) - MAX_SPLIT_PLANS + 1, 0)]:
-                del self._plans[k]
-            plan = self._plans[x.shape] = ColumnTrainPlan(self._spec, T, B, n)
-        out = plan.forward(xt, h0, c0, masks)
-        if out is not None:
-            plan.thread, plan.kept = threading.get_ident(), True
-            self._last = plan
-        return out
 
     def _enter_plan(self, x):
         """For a caller that runs the kernels itself (SequenceModel's fused step): the
@@ -686,25 +568,10 @@ class LSTM(Persist):
                                           one_thread=last.one_thread, seg=seg,
                                           last_only=last_only)
         dx = self._buf.get("dx", (T, B, self.input_size))
-
-        def run(r, cut):
-            part = self._part(r)
-            if r:
-                part.flat_grads.fill(0)
-            return part.backward(grad[cut] if last_only else grad[:, cut], rows(dh_n, cut),
-                                 rows(dc_n, cut), lens[cut],
-                                 [None if m is None else m[:, cut] for m in masks], seg=seg,
-                                 last_only=last_only, dx_out=dx[:, cut] if seg else None)
-        results = run_parts([partial(run, r, slice(b0, b1))
-                             for r, (_, b0, b1) in enumerate(last.split)])
-        for r in range(1, len(last.split)):      # in order: the same sum every time
-            self.flat_grads += self._parts[r].flat_grads
         dh0 = self._buf.get("dh0", (L * D, B, P))
         dc0 = self._buf.get("dc0", (L * D, B, H))
-        for (_, b0, b1), (d, h, c) in zip(last.split, results):
-            if not seg:
-                dx[:, b0:b1] = d
-            dh0[:, b0:b1], dc0[:, b0:b1] = h, c
+        split_backward(last.split, self.flat_grads, grad, dh_n, dc_n, lens, masks, seg,
+                       last_only, dx, dh0, dc0)
         return dx, dh0, dc0
 
     def zero_grad(self):
