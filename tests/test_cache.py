@@ -147,3 +147,17 @@ def test_a_compile_says_what_it_does_and_a_load_says_nothing(capsys):
     q.step(False)
     q.close()
     assert capsys.readouterr().err == ""
+
+
+def test_a_first_compile_of_the_column_kernels_prints_no_numba_warnings(tmp_path):
+    """The bfloat16 column kernels, compiled into an empty cache, print no Numba warning
+    (its pedantic SSA check warned two dozen times about the inlined row products)."""
+    code = ("import numpy as np\nimport fastlstm\n"
+            "m = fastlstm.LSTM(4, 32, seed=0)\n"
+            "inf = fastlstm.Inference(m, weights='bfloat16')\n"
+            "y, _ = inf.forward(np.ones((3, 1, 4), np.float32))\n"
+            "print(y.shape)")
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "cache"), FASTLSTM_QUIET="1")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stderr
+    assert "Warning" not in out.stderr, out.stderr
