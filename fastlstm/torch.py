@@ -73,6 +73,7 @@ class _Engine:
         self.busy = False
         self.leased = False            # eager: a _Lease in the graph node gives it back
         self.token = None              # the data pointer of the last forward's handle
+        self.threads_at = {}           # (T, B, keep) -> _threads_of: a few us a call saved
 
 
 class _Lease:
@@ -88,9 +89,16 @@ class _Lease:
             m._release(self.index, self.generation)
 
 
-def _threads_of(lstm, T, B, keep):
-    """The threads a call of `lstm` at (T, B) runs on: 1 when it splits neither its
+def _threads_of(eng, T, B, keep):
+    """The threads a call of `eng`'s LSTM at (T, B) runs on: 1 when it splits neither its
     batch, its units nor its two directions (see fastlstm._threads)."""
+    n = eng.threads_at.get((T, B, keep))
+    if n is None:
+        n = eng.threads_at[(T, B, keep)] = _count_threads(eng.lstm, T, B, keep)
+    return n
+
+
+def _count_threads(lstm, T, B, keep):
     if (len(lstm._split(T, B)) > 1 or (not keep and lstm._units_split)
             or (keep and lstm._train_columns(T, B) > 1)
             or (lstm.num_directions == 2 and parallel_worthwhile(
@@ -110,25 +118,32 @@ def _forward_impl(x, h0, c0, lengths, key, training, keep):
     state = None if h0 is None else (h0.detach().numpy(), c0.detach().numpy())
     lens = None if lengths is None else lengths.detach().numpy()
     xn = x.detach().numpy()
-    y, (h_n, c_n) = lend(_threads_of(lstm, xn.shape[0], xn.shape[1], keep), lambda: lstm.forward(
+    y, (h_n, c_n) = lend(_threads_of(eng, xn.shape[0], xn.shape[1], keep), lambda: lstm.forward(
         xn, state=state, lengths=lens, keep=bool(keep)))
     return (torch.from_numpy(np.array(y)), torch.from_numpy(np.array(h_n)),
             torch.from_numpy(np.array(c_n)), eng)
 
 
 def _backward_impl(dy, dh_n, dc_n, eng, m):
-    """dx, dh0, dc0 and the flat parameters' gradient through `eng`'s forward."""
+    """dx, dh0, dc0 and the flat parameters' gradient (ndarrays, new) through `eng`'s
+    forward. dy, dh_n, dc_n may be None (zeros: an output the loss did not use)."""
     lstm = eng.lstm
     lstm.zero_grad()
-    dh, dc = dh_n.detach().numpy(), dc_n.detach().numpy()
-    dstate = (dh, dc) if dh.any() or dc.any() else None
     last = lstm._last
+    D = lstm.num_directions
+    LD, P, H = lstm.num_layers * D, lstm._P, lstm.hidden_size
+    dstate = None
+    if dh_n is not None or dc_n is not None:
+        dh = np.zeros((LD, last.B, P), lstm.dtype) if dh_n is None else dh_n.detach().numpy()
+        dc = np.zeros((LD, last.B, H), lstm.dtype) if dc_n is None else dc_n.detach().numpy()
+        if dh.any() or dc.any():
+            dstate = (dh, dc)
     last.thread = threading.get_ident()   # autograd may run it on another thread
-    dyn = dy.detach().numpy()
-    dx, (dh0, dc0) = lend(_threads_of(lstm, last.T, last.B, True),
+    dyn = (np.zeros((last.T, last.B, D * P), lstm.dtype) if dy is None
+           else dy.detach().numpy())
+    dx, (dh0, dc0) = lend(_threads_of(eng, last.T, last.B, True),
                            lambda: lstm.backward(dyn, dstate=dstate))
-    out = (torch.from_numpy(np.array(dx)), torch.from_numpy(np.array(dh0)),
-           torch.from_numpy(np.array(dc0)), torch.from_numpy(lstm.flat_grads.copy()))
+    out = np.array(dx), np.array(dh0), np.array(dc0), lstm.flat_grads.copy()
     if not eng.leased:                # compiled: nothing else gives it back
         m._release(eng.index, eng.generation)
     return out
@@ -144,6 +159,8 @@ class _Eager(torch.autograd.Function):
     def forward(ctx, x, h0, c0, lengths, key, training, keep, *weights):
         y, h_n, c_n, eng = _forward_impl(x, h0, c0, lengths, key, training, keep)
         ctx.key, ctx.has_state = key, h0 is not None
+        # an output the loss does not use comes back as None, not as zeros torch made
+        ctx.set_materialize_grads(False)
         if keep:
             eng.leased = True
             ctx.lease = _Lease(_module(key), eng.index, eng.generation)
@@ -158,10 +175,13 @@ class _Eager(torch.autograd.Function):
         lease = ctx.lease
         eng = m._engine_of(None, lease.index, lease.generation)
         dx, dh0, dc0, dflat = _backward_impl(dy, dh_n, dc_n, eng, m)
-        dweights = [g.view(s) for g, s in zip(torch.split(dflat, m._sizes), m._shape_list)]
+        # numpy's views, then one from_numpy each: torch.split and Tensor.view took 21 us
+        # of a seed-size backward, these 5
+        dweights = [torch.from_numpy(dflat[a:b].reshape(s)) for a, b, s in m._slices]
         if not ctx.has_state:
-            dh0 = dc0 = None
-        return (dx, dh0, dc0, None, None, None, None, *dweights)
+            return (torch.from_numpy(dx), None, None, None, None, None, None, *dweights)
+        return (torch.from_numpy(dx), torch.from_numpy(dh0), torch.from_numpy(dc0), None, None,
+                None, None, *dweights)
 
 
 @torch.library.custom_op("fastlstm::lstm", mutates_args=())
@@ -195,7 +215,8 @@ def _lstm_backward(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor,
     on engine (index, generation) (eager, from its lease) or, index -1 (compiled), whose
     handle this is."""
     m = _module(key)
-    return _backward_impl(dy, dh_n, dc_n, m._engine_of(handle, index, generation), m)
+    out = _backward_impl(dy, dh_n, dc_n, m._engine_of(handle, index, generation), m)
+    return tuple(torch.from_numpy(a) for a in out)
 
 
 @_lstm_backward.register_fake
@@ -300,6 +321,9 @@ class LSTM(nn.Module):
                                                *_options.param_flags(config))
         self._shape_list = [s for _, s in self._shapes]
         self._sizes = [int(np.prod(s)) for s in self._shape_list]
+        ends = np.cumsum(self._sizes).tolist()
+        self._slices = [(b - n, b, tuple(s)) for b, n, s in zip(ends, self._sizes,
+                                                                  self._shape_list)]
         flat = torch.empty(sum(self._sizes), dtype=dtype)
         self._bind(flat)
         self.reset_parameters()
@@ -321,16 +345,16 @@ class LSTM(nn.Module):
                     p.data = view
                 o += n
         self._flat = flat
-        self._ptrs = tuple(p.data_ptr() for p in self._parameters.values())
+        self._ptrs = [p.data_ptr() for p in self._parameters.values()]
         self._engines, self._infer = [], None
         self._key = getattr(self, "_key", None) or next(_keys)
         _MODULES[self._key] = self
 
     def _check_binding(self):
-        """Rebind when torch gave the parameters new storage or another dtype."""
+        """Rebind when torch gave the parameters new storage (another dtype or device
+        comes with new storage: the flat tensor keeps the old one alive)."""
         ps = self._parameters.values()
-        if tuple(p.data_ptr() for p in ps) != self._ptrs or any(
-                p.dtype != self._flat.dtype for p in ps):
+        if [p.data_ptr() for p in ps] != self._ptrs:
             dtypes = {p.dtype for p in ps}
             devices = {p.device.type for p in ps}
             if devices != {"cpu"}:
@@ -358,7 +382,7 @@ class LSTM(nn.Module):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_engines"], state["_infer"] = [], None
-        state["_ptrs"] = ()                           # bound again on the first call
+        state["_ptrs"] = []                           # bound again on the first call
         return state
 
     def __setstate__(self, state):
@@ -372,7 +396,7 @@ class LSTM(nn.Module):
         for k, v in self.__dict__.items():
             if k not in ("_engines", "_infer", "_key"):
                 setattr(new, k, copy.deepcopy(v, memo))
-        new._engines, new._infer, new._ptrs = [], None, ()
+        new._engines, new._infer, new._ptrs = [], None, []
         new._key = next(_keys)
         _MODULES[new._key] = new
         return new
@@ -440,7 +464,8 @@ class LSTM(nn.Module):
                                f"{t.dtype} (call .float() or .double() on one of them)")
 
     def forward(self, input, hx=None):
-        if not torch.compiler.is_compiling():    # compiled: torch guards the parameters
+        compiling = torch.compiler.is_compiling()
+        if not compiling:                        # compiled: torch guards the parameters
             self._check_binding()
         packed = isinstance(input, PackedSequence)
         lengths = None
@@ -487,7 +512,7 @@ class LSTM(nn.Module):
         keep = torch.is_grad_enabled() and (
             x.requires_grad or any(w.requires_grad for w in weights)
             or (h0 is not None and (h0.requires_grad or c0.requires_grad)))
-        if torch.compiler.is_compiling():
+        if compiling:
             y, h_n, c_n, _ = _lstm(x, h0, c0, lengths, weights, self._key, self.training, keep)
         else:
             y, h_n, c_n = _Eager.apply(x, h0, c0, lengths, self._key, self.training, keep,

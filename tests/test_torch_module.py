@@ -68,6 +68,26 @@ def test_matches_nn_lstm(name, with_state, dtype):
         close(outs[1][6][k], outs[0][6][k], tol)
 
 
+@pytest.mark.parametrize("used", ["y", "h", "c", "hc"])
+def test_a_loss_on_some_outputs_only(used):
+    # the outputs the loss leaves out reach the backward as None, not zeros
+    ref, m = pair(CONFIGS["L2-bi"])
+    x = torch.randn(5, 3, 3, dtype=torch.float64)
+    hx = (torch.randn(4, 3, 5, dtype=torch.float64), torch.randn(4, 3, 5, dtype=torch.float64))
+    outs = []
+    for mod in (ref, m):
+        xi = x.clone().requires_grad_(True)
+        hi = tuple(t.clone().requires_grad_(True) for t in hx)
+        y, (h, c) = mod(xi, hi)
+        parts = {"y": y.pow(2).sum(), "h": (2 * h).sum(), "c": c.sin().sum()}
+        sum(parts[k] for k in used).backward()
+        outs.append((xi.grad, hi[0].grad, hi[1].grad, grads(mod)))
+    for a, b in zip(outs[1][:3], outs[0][:3]):
+        close(a, b, 1e-10)
+    for k in outs[0][3]:
+        close(outs[1][3][k], outs[0][3][k], 1e-10)
+
+
 @pytest.mark.parametrize("name", ["L1", "L2-bi"])
 def test_packed_sequence_in_packed_sequence_out(name):
     ref, m = pair(CONFIGS[name])
