@@ -109,8 +109,9 @@ def _count_threads(lstm, T, B, keep):
 
 # -- the computation, and the custom operators around it -----------------------------------
 
-def _forward_impl(x, h0, c0, lengths, key, training, keep):
-    """x (T, B, I) time-major: y, h_n, c_n (new tensors) and the engine that ran it."""
+def _forward_impl(x, h0, c0, lengths, key, training, keep, bf=False):
+    """x (T, B, I) time-major, or (B, T, I) with `bf`: y (in x's layout), h_n, c_n (new
+    tensors) and the engine that ran it."""
     m = _module(key)
     eng = m._take(keep)
     lstm = eng.lstm
@@ -118,15 +119,20 @@ def _forward_impl(x, h0, c0, lengths, key, training, keep):
     state = None if h0 is None else (h0.detach().numpy(), c0.detach().numpy())
     lens = None if lengths is None else lengths.detach().numpy()
     xn = x.detach().numpy()
+    if bf:
+        xn = xn.transpose(1, 0, 2)
     y, (h_n, c_n) = lend(_threads_of(eng, xn.shape[0], xn.shape[1], keep), lambda: lstm.forward(
         xn, state=state, lengths=lens, keep=bool(keep)))
+    if bf:
+        y = y.transpose(1, 0, 2)
     return (torch.from_numpy(np.array(y)), torch.from_numpy(np.array(h_n)),
             torch.from_numpy(np.array(c_n)), eng)
 
 
-def _backward_impl(dy, dh_n, dc_n, eng, m):
+def _backward_impl(dy, dh_n, dc_n, eng, m, bf=False):
     """dx, dh0, dc0 and the flat parameters' gradient (ndarrays, new) through `eng`'s
-    forward. dy, dh_n, dc_n may be None (zeros: an output the loss did not use)."""
+    forward; dy and dx batch-first with `bf`. dy, dh_n, dc_n may be None (zeros: an
+    output the loss did not use)."""
     lstm = eng.lstm
     lstm.zero_grad()
     last = lstm._last
@@ -139,10 +145,16 @@ def _backward_impl(dy, dh_n, dc_n, eng, m):
         if dh.any() or dc.any():
             dstate = (dh, dc)
     last.thread = threading.get_ident()   # autograd may run it on another thread
-    dyn = (np.zeros((last.T, last.B, D * P), lstm.dtype) if dy is None
-           else dy.detach().numpy())
+    if dy is None:
+        dyn = np.zeros((last.T, last.B, D * P), lstm.dtype)
+    else:
+        dyn = dy.detach().numpy()
+        if bf:
+            dyn = dyn.transpose(1, 0, 2)
     dx, (dh0, dc0) = lend(_threads_of(eng, last.T, last.B, True),
                            lambda: lstm.backward(dyn, dstate=dstate))
+    if bf:
+        dx = dx.transpose(1, 0, 2)
     out = np.array(dx), np.array(dh0), np.array(dc0), lstm.flat_grads.copy()
     if not eng.leased:                # compiled: nothing else gives it back
         m._release(eng.index, eng.generation)
@@ -156,9 +168,9 @@ class _Eager(torch.autograd.Function):
     330 us to 115. torch.compile takes the operators."""
 
     @staticmethod
-    def forward(ctx, x, h0, c0, lengths, key, training, keep, *weights):
-        y, h_n, c_n, eng = _forward_impl(x, h0, c0, lengths, key, training, keep)
-        ctx.key, ctx.has_state = key, h0 is not None
+    def forward(ctx, x, h0, c0, lengths, key, training, keep, bf, *weights):
+        y, h_n, c_n, eng = _forward_impl(x, h0, c0, lengths, key, training, keep, bf)
+        ctx.key, ctx.has_state, ctx.bf = key, h0 is not None, bf
         # an output the loss does not use comes back as None, not as zeros torch made
         ctx.set_materialize_grads(False)
         if keep:
@@ -174,14 +186,30 @@ class _Eager(torch.autograd.Function):
         m = _module(ctx.key)
         lease = ctx.lease
         eng = m._engine_of(None, lease.index, lease.generation)
-        dx, dh0, dc0, dflat = _backward_impl(dy, dh_n, dc_n, eng, m)
+        dx, dh0, dc0, dflat = _backward_impl(dy, dh_n, dc_n, eng, m, ctx.bf)
         # numpy's views, then one from_numpy each: torch.split and Tensor.view took 21 us
         # of a seed-size backward, these 5
         dweights = [torch.from_numpy(dflat[a:b].reshape(s)) for a, b, s in m._slices]
         if not ctx.has_state:
-            return (torch.from_numpy(dx), None, None, None, None, None, None, *dweights)
+            return (torch.from_numpy(dx), None, None, None, None, None, None, None, *dweights)
         return (torch.from_numpy(dx), torch.from_numpy(dh0), torch.from_numpy(dc0), None, None,
-                None, None, *dweights)
+                None, None, None, *dweights)
+
+
+def _eager(*args):
+    """_Eager.apply without autograd.Function.apply's Python wrapper where no functorch
+    transform is active: that wrapper's argument handling cost 5 us of a 38 us forward
+    at seed size. Its one effect then, unwrapping tensors that outlived a transform, is
+    done here for the tensors a caller gives (x, h0, c0)."""
+    if torch._C._are_functorch_transforms_active():
+        return _Eager.apply(*args)
+    unwrap = torch._C._functorch.unwrap_if_dead
+    x, h0, c0 = args[:3]
+    return _apply_eager(unwrap(x), h0 if h0 is None else unwrap(h0),
+                        c0 if c0 is None else unwrap(c0), *args[3:])
+
+
+_apply_eager = super(torch.autograd.Function, _Eager).apply
 
 
 @torch.library.custom_op("fastlstm::lstm", mutates_args=())
@@ -472,6 +500,7 @@ class LSTM(nn.Module):
         if packed:
             sorted_idx, unsorted_idx = input.sorted_indices, input.unsorted_indices
             x, lengths = pad_packed_sequence(input)                # original order, (T, B, I)
+            self._check_tensor("input", x)
             batched = True
         else:
             x = input
@@ -482,13 +511,11 @@ class LSTM(nn.Module):
             batched = x.dim() == 3
             if not batched:
                 x = x.unsqueeze(1)
-            elif self.batch_first:
-                x = x.transpose(0, 1)
-        self._check_tensor("input", x)
+        bf = batched and self.batch_first and not packed
         if x.shape[-1] != self.input_size:
             raise RuntimeError(f"input.size(-1) must be equal to input_size. Expected "
                                f"{self.input_size}, got {x.shape[-1]}")
-        B = x.shape[1]
+        B = x.shape[0 if bf else 1]
         LD = self.num_layers * (2 if self.bidirectional else 1)
         P = self.proj_size or self.hidden_size
         h0 = c0 = None
@@ -513,17 +540,18 @@ class LSTM(nn.Module):
             x.requires_grad or any(w.requires_grad for w in weights)
             or (h0 is not None and (h0.requires_grad or c0.requires_grad)))
         if compiling:
-            y, h_n, c_n, _ = _lstm(x, h0, c0, lengths, weights, self._key, self.training, keep)
-        else:
-            y, h_n, c_n = _Eager.apply(x, h0, c0, lengths, self._key, self.training, keep,
-                                       *weights)
+            y, h_n, c_n, _ = _lstm(x.transpose(0, 1) if bf else x, h0, c0, lengths, weights,
+                                   self._key, self.training, keep)
+            if bf:
+                y = y.transpose(0, 1)
+        else:       # batch-first in and out: no transposes in the graph
+            y, h_n, c_n = _eager(x, h0, c0, lengths, self._key, self.training, keep, bf,
+                                 *weights)
         if packed:
             out = _pack_like(y, lengths, sorted_idx, unsorted_idx)
             return out, (h_n, c_n)
         if not batched:
             return y.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
-        if self.batch_first:
-            y = y.transpose(0, 1)
         return y, (h_n, c_n)
 
     def extra_repr(self):
