@@ -251,3 +251,56 @@ class TorchModuleCase:
             loss(head(h[-1] if packed else out[:, -1]), y).backward()
             opt.step()
         self.step = step
+
+
+class TorchOverheadCase:
+    """One fwd+bwd at (B, T, I, H), time-major, the input requiring its gradient, of:
+    "module", ``fastlstm.torch.LSTM`` (``y.backward(dy)``); "fastlstm", the
+    ``fastlstm.LSTM`` it runs on, alone; "floor", a do-nothing ``autograd.Function`` with
+    the module's signature and outputs (new tensors of y's, the states' and the
+    gradients' shapes), what any Python autograd op costs. module - fastlstm - floor is
+    the wrapper's own cost: its checks, copies and bookkeeping."""
+
+    def __init__(self, impl, B, T, I, H, dtype, seed=0):
+        import torch
+        dt = np.dtype(dtype).type
+        tdt = {np.float32: torch.float32, np.float64: torch.float64}[dt]
+        torch.manual_seed(seed)
+        x = torch.randn(T, B, I, dtype=tdt, requires_grad=True)
+        dy = torch.randn(T, B, H, dtype=tdt)
+        if impl == "fastlstm":
+            layer = LSTM(I, H, dtype=dt)
+            xn, dyn = x.detach().numpy(), dy.numpy()
+
+            def step():
+                layer.forward(xn)
+                layer.backward(dyn)
+        else:
+            from . import torch as fastlstm_torch
+            module = fastlstm_torch.LSTM(I, H, dtype=tdt)
+            if impl == "module":
+                def step():
+                    module(x)[0].backward(dy)
+            else:
+                floor = _floor_function(torch, (T, B, H), (1, B, H), (T, B, I),
+                                        [tuple(p.shape) for p in module.parameters()])
+
+                def step():
+                    floor.apply(x, None, None, None, 0, True, True, False,
+                                *module.parameters())[0].backward(dy)
+        self.step = step
+
+
+def _floor_function(torch, y_shape, state_shape, x_shape, weight_shapes):
+    """A do-nothing autograd.Function with fastlstm.torch's signature: new tensors out."""
+    class Floor(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, h0, c0, lengths, key, training, keep, bf, *weights):
+            ctx.set_materialize_grads(False)
+            return x.new_empty(y_shape), x.new_empty(state_shape), x.new_empty(state_shape)
+
+        @staticmethod
+        def backward(ctx, dy, dh, dc):
+            return (dy.new_empty(x_shape), None, None, None, None, None, None, None,
+                    *[dy.new_empty(s) for s in weight_shapes])
+    return Floor

@@ -12,7 +12,8 @@ import sys
 
 import numpy as np
 
-from ._bench_cases import VARIANTS, Case, TorchLoop, TorchModuleCase, TrainCase, matmul_gflops
+from ._bench_cases import (VARIANTS, Case, TorchLoop, TorchModuleCase, TorchOverheadCase,
+                           TrainCase, matmul_gflops)
 from ._timing import median_time
 
 
@@ -31,6 +32,8 @@ def _worker(spec):
         elif spec["kind"] == "torch_module":
             fn = TorchModuleCase(spec["impl"], B, T, I, H, dtype,
                                  packed=key.startswith("packed")).step
+        elif spec["kind"] == "torch_overhead":
+            fn = TorchOverheadCase(spec["impl"], B, T, I, H, dtype).step
         elif spec["kind"] == "variants":
             opts = VARIANTS[key.split()[0]]
             fn = (TorchLoop(B, T, I, H, dtype, **opts) if spec["impl"] == "torch_loop"

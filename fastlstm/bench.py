@@ -306,13 +306,24 @@ def format_stream_table(result):
 def torch_module_table(sizes, dtypes, min_time=0.2, progress=None, rounds=3):
     """A torch training loop's step (``_bench_cases.TorchModuleCase``) with ``nn.LSTM``
     and with ``fastlstm.torch.LSTM``, each in its own process, alternated over `rounds`;
-    a size named "packed..." runs as a PackedSequence of variable lengths."""
+    a size named "packed..." runs as a PackedSequence of variable lengths. Also, at seed
+    size, the wrapper's cost per fwd+bwd (``_bench_cases.TorchOverheadCase``)."""
     cases = _cases(sizes, dtypes)
     times = _alternated("torch_module", ["fastlstm", "torch"], cases, rounds, min_time,
                         progress)
+    seed = _cases({"seed": SIZES["seed"]}, dtypes)
+    impls = ["module", "fastlstm", "floor"]
+    over = _alternated("torch_overhead", impls, seed, rounds, min_time, progress)
+    overhead = []
+    for key, (B, T, I, H, dtype) in seed.items():
+        us = {i: np.array(over[i][key]) * 1e3 for i in impls}
+        overhead.append(dict(dtype=dtype, B=B, T=T, I=I, H=H,
+                             **{f"{i}_us": float(np.median(us[i])) for i in impls},
+                             own_us=float(np.median(us["module"] - us["fastlstm"]
+                                                    - us["floor"]))))
     return dict(rows=[_against_torch(times, key, size=key.split()[0], B=B, T=T, I=I, H=H,
                                      dtype=dtype, rounds=rounds)
-                      for key, (B, T, I, H, dtype) in cases.items()])
+                      for key, (B, T, I, H, dtype) in cases.items()], overhead=overhead)
 
 
 def format_torch_module_table(result):
@@ -323,6 +334,14 @@ def format_torch_module_table(result):
     for r in result["rows"]:
         lines.append(f"{r['size']:8} {r['dtype']:8} {r['fastlstm_ms']:18.3f} "
                      f"{r['torch_ms']:11.3f} {_spread(r, 'vs_torch'):>22}")
+    lines.append("one fwd+bwd at seed size, us (medians; each in its own process): "
+                 "fastlstm.torch.LSTM, the fastlstm.LSTM it runs on alone, a do-nothing "
+                 "autograd.Function of its signature, and the wrapper's own cost (the first "
+                 "less the other two, per round)")
+    for r in result.get("overhead", []):
+        lines.append(f"{r['dtype']:8} module {r['module_us']:7.1f}  fastlstm "
+                     f"{r['fastlstm_us']:6.1f}  autograd.Function {r['floor_us']:6.1f}  "
+                     f"wrapper's own {r['own_us']:6.1f}")
     return "\n".join(lines)
 
 

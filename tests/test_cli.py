@@ -113,6 +113,9 @@ def test_bench_torch_module_times_both_modules():
     for r in rows:
         assert r["fastlstm_ms"] > 0 and r["torch_ms"] > 0 and r["rounds"] == 2
         assert r["vs_torch_min"] <= r["vs_torch"] <= r["vs_torch_max"]
+    over, = json.loads(out.stdout.strip().splitlines()[-1])["overhead"]
+    assert (over["dtype"], over["B"], over["H"]) == ("float32", 1, 3)
+    assert over["module_us"] > 0 and over["fastlstm_us"] > 0 and over["floor_us"] > 0
 
 
 def test_bench_deepbench_times_training_and_inference_against_torch():
