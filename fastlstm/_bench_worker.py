@@ -12,8 +12,15 @@ import sys
 
 import numpy as np
 
-from ._bench_cases import (VARIANTS, Case, TorchLoop, TorchModuleCase, TorchOverheadCase,
-                           TrainCase, matmul_gflops)
+from ._bench_cases import (
+    VARIANTS,
+    Case,
+    TorchLoop,
+    TorchModuleCase,
+    TorchOverheadCase,
+    TrainCase,
+    matmul_gflops,
+)
 from ._timing import median_time
 
 
