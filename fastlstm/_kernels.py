@@ -75,11 +75,11 @@ def workspace_views(ws, T, B, I, H, P, opts):
 #: one_thread: the call has one thread, so its products may run packed, see _gemm;
 #: later, earlier: a backward call is one segment of a longer sequence, see lstm_backward;
 #: packed: an earlier segment of the same pass left this call's weights packed in the
-#: workspace, see lstm_forward)
+#: workspace, see lstm_forward; no_dx: a backward that leaves dx unwritten, no one wants it)
 OPTS = _layout.FLAGS + ("padded", "exact", "zero_state", "one_thread", "later", "earlier",
-                        "packed")
+                        "packed", "no_dx")
 (BIAS, PROJ, PEEPHOLE, LAYER_NORM, ZONEOUT, RDROP, RECOMPUTE, PADDED, EXACT, ZERO_STATE,
- ONE_THREAD, LATER, EARLIER, PACKED) = (1 << k for k in range(len(OPTS)))
+ ONE_THREAD, LATER, EARLIER, PACKED, NO_DX) = (1 << k for k in range(len(OPTS)))
 
 
 def opts_bits(**flags):
@@ -156,7 +156,8 @@ def layer_backward(p, g, ws, lengths, clip, T, B, I, H, P, opts):
         v.dc[:] = 0
     m = v.m if has_proj or zone else v.h[1:]
     lstm_backward(w, dw, v, m, lengths, clip, peep, ln, zone, rdrop, opts & ONE_THREAD != 0,
-                  opts & LATER != 0, opts & EARLIER != 0, opts & PACKED != 0)
+                  opts & LATER != 0, opts & EARLIER != 0, opts & PACKED != 0,
+                  opts & NO_DX == 0)
     last = opts & EARLIER == 0        # else the sum over db's steps goes on in the next call
     if has_bias and last:
         _accumulate(dw.bias_ih, v.db)
@@ -206,10 +207,12 @@ def _forward_rows_out(v, y, h_n, c_n, b0):
 
 
 @njit(inline="always", **JIT)
-def _backward_rows_out(v, dx, dh0, dc0, b0):
-    """A part's input gradients into rows [b0, b0 + B) of the whole batch's dx, dh0, dc0."""
+def _backward_rows_out(v, dx, dh0, dc0, b0, opts):
+    """A part's input gradients into rows [b0, b0 + B) of the whole batch's dx (unless
+    the call had NO_DX), dh0, dc0."""
     B = v.x.shape[1]
-    _copy_rows(v.dx, 0, dx, b0, B)
+    if opts & NO_DX == 0:
+        _copy_rows(v.dx, 0, dx, b0, B)
     for b in range(B):
         for j in range(v.dh.shape[1]):
             dh0[0, b0 + b, j] = v.dh[b, j]
@@ -236,7 +239,7 @@ def rows_backward(p, g, ws, dy, dx, dh0, dc0, b0, lengths, clip, T, B, I, H, P, 
     v = workspace_of(ws, T, B, I, H, P, opts)
     _copy_rows(dy, b0, v.dy, 0, B)
     layer_backward(p, g, ws, lengths, clip, T, B, I, H, P, opts)
-    _backward_rows_out(v, dx, dh0, dc0, b0)
+    _backward_rows_out(v, dx, dh0, dc0, b0, opts)
 
 
 def _segments_sigs(backward):

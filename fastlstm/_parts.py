@@ -15,6 +15,7 @@ from . import _layout
 from . import _validate as check
 from ._compile import ensure
 from ._kernels import (
+    NO_DX,
     ONE_THREAD,
     PADDED,
     ZERO_STATE,
@@ -341,11 +342,12 @@ class Part:
         return self._segments_backward(j, None, dh, dc, bits, g if d == 1 else None)
 
     def backward(self, grad, dh_n, dc_n, lens, masks, pairs=False, one_thread=True, seg=False,
-                 last_only=False, dx_out=None):
+                 last_only=False, dx_out=None, want_dx=True):
         """seg: the forward ran in segments (``forward``'s seg, keeping their states); dx
         then goes into dx_out (T, B, I), when given. last_only (with seg): grad is
         (B, D*P), the gradient on each sequence's output at its own last step
-        (``forward``'s last_only)."""
+        (``forward``'s last_only). not want_dx: the first layer's calls skip dx's product
+        (not in segments), and the dx returned is not to be read."""
         m = self.spec
         self.dx_out = dx_out
         ensure(m.dtype, layer_backward)
@@ -394,16 +396,20 @@ class Part:
                 if dh_n is not None:
                     np.copyto(v["dh"], dh_n[j], casting="same_kind")
                     np.copyto(v["dc"], dc_n[j], casting="same_kind")
+                skip = NO_DX if k == 0 and not want_dx else 0
                 calls.append(partial(layer_backward, m.pblocks[j], self.gblock(j),
                                      self.ws[j].flat, lens, m.clip, T, B, m.in_sizes[j], H,
-                                     P, m.opts | (ZERO_STATE if dh_n is None else 0) | one))
+                                     P, m.opts | (ZERO_STATE if dh_n is None else 0) | one
+                                     | skip))
             self._run(calls, paired)
             if not single:
                 for j in range(k * D, k * D + D):
                     dh0[j], dc0[j] = self._dstate(j, T, B, seg)
             dxs = [self._dx_seg(j, T, B) if seg
                    else self.views(j, T, B)["dx"] for j in range(k * D, k * D + D)]
-            if D == 1:
+            if k == 0 and not want_dx:
+                dx = dxs[0]                           # not read
+            elif D == 1:
                 dx = dxs[0]
             else:
                 dx = (self.dx_out if k == 0 and seg and self.dx_out is not None
@@ -455,23 +461,24 @@ def split_forward(split, xt, h0, c0, lens, padded, masks, vmasks, seg, in_parts,
 
 
 def split_backward(split, flat_grads, grad, dh_n, dc_n, lens, masks, seg, last_only,
-                   dx, dh0, dc0):
+                   dx, dh0, dc0, want_dx=True):
     """The backward of every part of the last forward's split batch (grad time-major,
     or (B, D*P) with last_only); parts past the first add into gradients of their own,
-    summed into flat_grads after, in order (the same sum every time). dx (time-major),
-    dh0 and dc0 are filled by rows."""
+    summed into flat_grads after, in order (the same sum every time). dx (time-major;
+    not when not want_dx), dh0 and dc0 are filled by rows."""
     def run(r, part, cut):
         if r:
             part.flat_grads.fill(0)
         return part.backward(grad[cut] if last_only else grad[:, cut], rows(dh_n, cut),
                              rows(dc_n, cut), lens[cut],
                              [None if m is None else m[:, cut] for m in masks], seg=seg,
-                             last_only=last_only, dx_out=dx[:, cut] if seg else None)
+                             last_only=last_only, dx_out=dx[:, cut] if seg else None,
+                             want_dx=want_dx)
     results = run_parts([partial(run, r, part, slice(b0, b1))
                          for r, (part, b0, b1) in enumerate(split)])
     for part, _, _ in split[1:]:
         flat_grads += part.flat_grads
     for (_, b0, b1), (d, h, c) in zip(split, results):
-        if not seg:
+        if not seg and want_dx:
             dx[:, b0:b1] = d
         dh0[:, b0:b1], dc0[:, b0:b1] = h, c

@@ -27,6 +27,7 @@ from ._gemm import panel_width
 from ._kernels import (
     BIAS,
     EXACT,
+    NO_DX,
     ONE_THREAD,
     ZERO_STATE,
     layer_backward,
@@ -36,7 +37,7 @@ from ._kernels import (
 )
 from ._servers import new_job, release_servers, take_servers
 from ._shared import aligned_empty, aligned_zeros, readonly
-from ._spin import BACKWARD, FORWARD, serve_rows
+from ._spin import BACKWARD, BACKWARD_NO_DX, FORWARD, serve_rows
 from ._threads import _inside, enter_single_threaded_blas, leave_single_threaded_blas, run_parts
 
 __all__ = ["Last", "Plan", "Plans", "SplitPlan", "ColumnPlan", "ColumnTrainPlan",
@@ -79,6 +80,7 @@ class Plan(Last):
         self.ws, self.lens, self.sizes = ws.flat, lens, sizes
         self.fargs = (spec.pblocks[0], ws.flat) + sizes
         self.bargs = (spec.pblocks[0], part.gblock(0), ws.flat) + sizes
+        self.bargs_no_dx = self.bargs[:-1] + (self.bargs[-1] | NO_DX,)
         self.x, self.dy = (v["x"], v["dy"]) if not bf else (
             v["x"].transpose(1, 0, 2), v["dy"].transpose(1, 0, 2))
         self.out = (ws.readonly(T, B, "h_out", bf), (ws.readonly(T, B, "h_n"),
@@ -200,17 +202,19 @@ class SplitPlan(Last):
             m.pblocks[0], part.ws[0].flat, xt, self.y, self.h_n, self.c_n, b0, *sizes))
         return self.out
 
-    def backward(self, dy):
+    def backward(self, dy, want_dx=True):
+        """The parts' backward; with not want_dx, dx is left unwritten."""
         m = self.spec
         ensure(m.dtype, rows_backward)
         dyt = self._writable(m.time_major(dy), "dy")
+        skip = 0 if want_dx else NO_DX
 
         def call(part, b0, sizes):
             if part is not self.parts[0][0]:          # the pool's way: the others' sums
                 part.flat_grads.fill(0)
             rows_backward(m.pblocks[0], part.gblock(0), part.ws[0].flat, dyt, self.dx,
-                          self.dh0, self.dc0, b0, *sizes)
-        self._run(dyt, "dy", BACKWARD, call)
+                          self.dh0, self.dc0, b0, *sizes[:-1], sizes[-1] | skip)
+        self._run(dyt, "dy", BACKWARD if want_dx else BACKWARD_NO_DX, call)
         for part, _, _, _, _ in self.parts[1:]:      # in order: the same sum every time
             np.add(m.flat_grads, part.flat_grads, out=m.flat_grads)
         return self.grad_out

@@ -195,7 +195,7 @@ def _steps(a, t0, t1):
 
 @njit(inline="always", **JIT)
 def _backward_steps(w, dw, v, m, lengths, t0, t1, first, gp, dx_panels, narrow, ln, rdrop,
-                    proj):
+                    proj, want_dx):
     """Everything of steps [t0, t1) that does not feed the recurrence, once their dZ
     are made (in slots 0 .. t1 - t0, see lstm_backward): through LN_ih (and the LN
     gains' gradients), dx, and the weight and bias gradients. With gp the weight
@@ -223,7 +223,9 @@ def _backward_steps(w, dw, v, m, lengths, t0, t1, first, gp, dx_panels, narrow, 
         dgin = drec = _steps(dgates, 0, t1 - t0)
     xs, dxs = _steps(x, t0, t1), _steps(v.dx, t0, t1)
     hin = _steps(v.hd if rdrop else v.h, t0, t1)
-    if dx_panels.shape[0] > 0:
+    if not want_dx:
+        pass
+    elif dx_panels.shape[0] > 0:
         packed_product(dgin, dx_panels, dxs)
     elif narrow:
         narrow_product(dgin, w.weight_ih, dxs)
@@ -253,14 +255,14 @@ def _backward_steps(w, dw, v, m, lengths, t0, t1, first, gp, dx_panels, narrow, 
 
 @njit(**JIT)
 def lstm_backward(w, dw, v, m, lengths, clip, peep, ln, zone, rdrop, pack, later, earlier,
-                  prepacked):
+                  prepacked, want_dx=True):
     """Backward through time over the sequence ``lstm_forward`` last ran.
 
     w, v and m as ``lstm_forward`` left them; dw the gradients (a
     ``_layout.Params``), added into. v.dy (T, B, P) the output's gradient; v.dh
     (B, P) and v.dc (B, H) hold dh_n, dc_n on entry and dh0, dc0 on return.
-    Writes v.dx (T, B, I); v.db (4H,) receives the bias's gradient (not added into
-    dw: the caller adds it to each bias there is). The pre-activation gradients
+    Writes v.dx (T, B, I) (unless not want_dx); v.db (4H,) receives the bias's gradient
+    (not added into dw: the caller adds it to each bias there is). The pre-activation gradients
     (dgates; with layer norm drec, dxw) and the gradient on each h~_t (dhs) of step t
     live in slot t % chunk of their (T, ...) buffers, used only until the chunk's
     products have read them (see CHUNK_BYTES): a window that stays in L2 instead of
@@ -297,7 +299,7 @@ def lstm_backward(w, dw, v, m, lengths, clip, peep, ln, zone, rdrop, pack, later
     # dx from W_ih's panels where I is a whole number of them; from W_ih itself, one
     # narrow panel, where I is one to three vectors.
     dx_panels = _uview(ih_bk.reshape(4 * H * I), 0,
-                       (I // NR if pack and I % NR == 0 else 0, 4 * H, NR))
+                       (I // NR if pack and want_dx and I % NR == 0 else 0, 4 * H, NR))
     if dx_panels.shape[0] > 0 and not prepacked:
         pack_panels(w.weight_ih, dx_panels)
     narrow = pack and narrow_pays(I, x.itemsize)
@@ -354,7 +356,7 @@ def lstm_backward(w, dw, v, m, lengths, clip, peep, ln, zone, rdrop, pack, later
                         dh[b, j] += v.skip[b, j]
         if t % chunk == 0:
             _backward_steps(w, dw, v, m, lengths, t, t_hi, t_hi == T and not later, gp,
-                            dx_panels, narrow, ln, rdrop, proj)
+                            dx_panels, narrow, ln, rdrop, proj, want_dx)
             t_hi = t
 
     # dW^T, transposed, into dW's scratch buffers over the chunks (of every segment); then added

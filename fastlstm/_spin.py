@@ -12,6 +12,7 @@ from . import _kernels
 from ._compile import entry
 from ._config import JIT, follow
 from ._kernels import (
+    NO_DX,
     _backward_rows_out,
     _forward_rows_out,
     layer_backward,
@@ -25,7 +26,8 @@ follow(__file__, *_kernels.SOURCES)
 
 __all__ = ["load_acquire", "store_release", "spin_while_equal", "spin_until_at_least",
            "spin_for_command", "entered", "post",
-           "SEQ", "CMD", "JOB", "DONE", "ENTERED", "FORWARD", "BACKWARD", "serve_rows"]
+           "SEQ", "CMD", "JOB", "DONE", "ENTERED", "FORWARD", "BACKWARD", "BACKWARD_NO_DX",
+           "serve_rows"]
 
 
 @intrinsic
@@ -102,7 +104,8 @@ def entered(cell):
 
 
 #: command codes (what a serving loop does with them is its own)
-FORWARD, BACKWARD = 1, 2
+#: BACKWARD_NO_DX: BACKWARD with the NO_DX option (no one wants dx)
+FORWARD, BACKWARD, BACKWARD_NO_DX = 1, 2, 3
 
 
 @njit(**JIT)
@@ -147,9 +150,10 @@ def serve_rows(cell, spins, me, p, g, ws, y, h_n, c_n, dx, dh0, dc0, b0, lengths
         if cmd == FORWARD:
             layer_forward(p, ws, lengths, clip, T, B, I, H, P, opts)
             _forward_rows_out(v, y, h_n, c_n, b0)
-        elif cmd == BACKWARD:
+        elif cmd == BACKWARD or cmd == BACKWARD_NO_DX:
+            bits = opts | NO_DX if cmd == BACKWARD_NO_DX else opts
             g[:] = 0
-            layer_backward(p, g, ws, lengths, clip, T, B, I, H, P, opts)
-            _backward_rows_out(v, dx, dh0, dc0, b0)
+            layer_backward(p, g, ws, lengths, clip, T, B, I, H, P, bits)
+            _backward_rows_out(v, dx, dh0, dc0, b0, bits)
         done = seq
         store_release(cell, DONE, seq)

@@ -97,7 +97,8 @@ def train_step(p, g, ws, lengths, y, valid, scratch, s1, s2, hyper, ints, count)
     v.dy[:] = 0
     for r in range(B):
         v.dy[lengths[r] - 1, r] = dfeats[r]
-    layer_backward(p[:n], g[:n], ws, lengths, clip, T, B, I, H, P, opts)
+    # the input's gradient is no one's: its product skipped
+    layer_backward(p[:n], g[:n], ws, lengths, clip, T, B, I, H, P, opts | _kernels.NO_DX)
 
     if not math.isfinite(loss):
         return loss

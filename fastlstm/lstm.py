@@ -470,7 +470,7 @@ class LSTM(UnitsSplit, Persist):
         self._last = plan
         return plan
 
-    def backward(self, dy, dstate=None):
+    def backward(self, dy, dstate=None, input_grad=True):
         """Backpropagate through the last ``forward``; add into ``grads``.
 
         Parameters
@@ -480,17 +480,24 @@ class LSTM(UnitsSplit, Persist):
         dstate : (dh_n, dc_n), optional
             Gradients with respect to the final states, shaped as h_n and c_n;
             zeros when omitted.
+        input_grad : bool
+            False when no one wants x's gradient (x is data): dx is returned as None,
+            and the first layer skips its product (dx W_ih), except in segments
+            (``recompute``) and in the split by hidden units.
 
         Returns
         -------
-        dx : ndarray, the shape of x
+        dx : ndarray, the shape of x, or None
         (dh0, dc0) : ndarrays, the shapes of h0 and c0
             Read-only views into the workspace, valid until the next call.
         """
         with self._guard("backward"):
-            return self._backward(dy, dstate)
+            if input_grad is not True:
+                input_grad = check.boolean("input_grad", input_grad)
+            out = self._backward(dy, dstate, input_grad)
+            return out if input_grad else (None, out[1])
 
-    def _backward(self, dy, dstate):
+    def _backward(self, dy, dstate, input_grad=True):
         if self._last is None:
             raise RuntimeError("backward() needs a forward() first: there are no "
                                "activations to differentiate")
@@ -506,17 +513,17 @@ class LSTM(UnitsSplit, Persist):
         L, D, P = self.num_layers, self.num_directions, self._P
         check.float_array("dy", dy, self.dtype)
         if last.last_only:
-            return self._backward_last(dy, dstate)
+            return self._backward_last(dy, dstate, input_grad)
         plan = last
         if type(plan) is Plan and dstate is None and dy.shape == plan.dy.shape:
             if not plan.backward_ready:
                 plan.ready_backward()
             np.copyto(plan.dy, dy, casting="same_kind")
-            layer_backward(*plan.bargs)
+            layer_backward(*(plan.bargs if input_grad else plan.bargs_no_dx))
             return plan.grad_out
         if (type(plan) is SplitPlan and dstate is None and dy.shape == plan.dy_shape
                 and dy.dtype == self.dtype):
-            return plan.backward(dy)
+            return plan.backward(dy, input_grad)
         if type(plan) is ColumnTrainPlan:
             check.shape("dy", dy, plan.dy_shape)
             dh_n, dc_n = self._state("dstate", dstate, B)
@@ -529,14 +536,14 @@ class LSTM(UnitsSplit, Persist):
         dh_n, dc_n = self._state("dstate", dstate, B)
         grad = self._time_major(dy)
         seg = last.seg is not None
-        dx, dh0, dc0 = self._parts_backward(grad, dh_n, dc_n, seg)
+        dx, dh0, dc0 = self._parts_backward(grad, dh_n, dc_n, seg, want_dx=input_grad)
         if len(last.split) == 1 and L * D == 1 and not seg:
             ws = self._part(0).ws[0]
             return (ws.readonly(T, B, "dx", self.batch_first),
                     (ws.readonly(T, B, "dh0"), ws.readonly(T, B, "dc0")))
         return readonly(self._time_major(dx)), (readonly(dh0), readonly(dc0))
 
-    def _backward_last(self, dy, dstate):
+    def _backward_last(self, dy, dstate, input_grad):
         """backward after forward(..., return_sequences=False): dy (B, D*P) is the gradient
         on each sequence's last output; in segments the parts take it as it is, else it
         is scattered into a (T, B, D*P) dy at each sequence's own last step."""
@@ -552,10 +559,11 @@ class LSTM(UnitsSplit, Persist):
             grad[lens - 1, np.arange(B)] = dy
         else:
             grad = dy
-        dx, dh0, dc0 = self._parts_backward(grad, dh_n, dc_n, seg, last_only=seg)
+        dx, dh0, dc0 = self._parts_backward(grad, dh_n, dc_n, seg, last_only=seg,
+                                            want_dx=input_grad)
         return readonly(self._time_major(dx)), (readonly(dh0), readonly(dc0))
 
-    def _parts_backward(self, grad, dh_n, dc_n, seg, last_only=False):
+    def _parts_backward(self, grad, dh_n, dc_n, seg, last_only=False, want_dx=True):
         """The backward of every part of the last forward's batch (grad time-major, or
         (B, D*P) with last_only); their weight gradients summed into ``flat_grads`` in
         order: (dx, dh0, dc0), dx time-major. In segments each part writes its rows of
@@ -566,12 +574,12 @@ class LSTM(UnitsSplit, Persist):
         if len(last.split) == 1:
             return self._part(0).backward(grad, dh_n, dc_n, lens, masks, pairs=True,
                                           one_thread=last.one_thread, seg=seg,
-                                          last_only=last_only)
+                                          last_only=last_only, want_dx=want_dx)
         dx = self._buf.get("dx", (T, B, self.input_size))
         dh0 = self._buf.get("dh0", (L * D, B, P))
         dc0 = self._buf.get("dc0", (L * D, B, H))
         split_backward(last.split, self.flat_grads, grad, dh_n, dc_n, lens, masks, seg,
-                       last_only, dx, dh0, dc0)
+                       last_only, dx, dh0, dc0, want_dx)
         return dx, dh0, dc0
 
     def zero_grad(self):

@@ -240,14 +240,14 @@ class SequenceModel:
         dfeats = self._buf.get("dfeats", feats.shape)
         np.dot(dlogits, self.W, out=dfeats)
         if self._last_only():
-            self.lstm.backward(dfeats)
+            self.lstm.backward(dfeats, input_grad=False)
             return loss, final
         if self.head == "last":
             dy = self._buf.get("dy", (T, B, feats.shape[1]))
             _losses.scatter_last(dfeats, lens, dy)
         else:
             dy = dfeats.reshape(T, B, -1)
-        self.lstm.backward(dy.transpose(1, 0, 2))
+        self.lstm.backward(dy.transpose(1, 0, 2), input_grad=False)
         return loss, final
 
     def train_step(self, x, y, opt, lengths=None, clip_norm=None):

@@ -370,7 +370,9 @@ class ReferenceLSTM:
             np.asarray(lengths, np.int64)
         return (y.transpose(1, 0, 2) if self.batch_first else y), (h_n[None], c_n[None])
 
-    def backward(self, dy, dstate=None):
+    def backward(self, dy, dstate=None, input_grad=True):
+        """As ``fastlstm.LSTM.backward``; input_grad=False returns None for dx (the
+        reference computes it all the same)."""
         if self.batch_first:
             dy = dy.transpose(1, 0, 2)
         B, H = dy.shape[1], self.hidden_size
@@ -379,4 +381,8 @@ class ReferenceLSTM:
         dx, (dh0, dc0), g = backward(dy.astype(self.dtype, copy=False), dh_n, dc_n, self._cache)
         for k in self.grads:
             self.grads[k] += g[k[:-3]]
-        return (dx.transpose(1, 0, 2) if self.batch_first else dx), (dh0[None], dc0[None])
+        if not input_grad:
+            dx = None
+        elif self.batch_first:
+            dx = dx.transpose(1, 0, 2)
+        return dx, (dh0[None], dc0[None])

@@ -129,10 +129,10 @@ def _forward_impl(x, h0, c0, lengths, key, training, keep, bf=False):
             torch.from_numpy(np.array(c_n)), eng)
 
 
-def _backward_impl(dy, dh_n, dc_n, eng, m, bf=False):
+def _backward_impl(dy, dh_n, dc_n, eng, m, bf=False, need_dx=True):
     """dx, dh0, dc0 and the flat parameters' gradient (ndarrays, new) through `eng`'s
-    forward; dy and dx batch-first with `bf`. dy, dh_n, dc_n may be None (zeros: an
-    output the loss did not use)."""
+    forward; dy and dx batch-first with `bf`; dx None unless `need_dx`. dy, dh_n, dc_n
+    may be None (zeros: an output the loss did not use)."""
     lstm = eng.lstm
     lstm.zero_grad()
     last = lstm._last
@@ -152,10 +152,10 @@ def _backward_impl(dy, dh_n, dc_n, eng, m, bf=False):
         if bf:
             dyn = dyn.transpose(1, 0, 2)
     dx, (dh0, dc0) = lend(_threads_of(eng, last.T, last.B, True),
-                           lambda: lstm.backward(dyn, dstate=dstate))
-    if bf:
-        dx = dx.transpose(1, 0, 2)
-    out = np.array(dx), np.array(dh0), np.array(dc0), lstm.flat_grads.copy()
+                           lambda: lstm.backward(dyn, dstate=dstate, input_grad=need_dx))
+    if dx is not None:
+        dx = np.array(dx.transpose(1, 0, 2) if bf else dx)
+    out = dx, np.array(dh0), np.array(dc0), lstm.flat_grads.copy()
     if not eng.leased:                # compiled: nothing else gives it back
         m._release(eng.index, eng.generation)
     return out
@@ -186,14 +186,17 @@ class _Eager(torch.autograd.Function):
         m = _module(ctx.key)
         lease = ctx.lease
         eng = m._engine_of(None, lease.index, lease.generation)
-        dx, dh0, dc0, dflat = _backward_impl(dy, dh_n, dc_n, eng, m, ctx.bf)
+        # no dx when the input needs none (data): the first layer skips its product
+        dx, dh0, dc0, dflat = _backward_impl(dy, dh_n, dc_n, eng, m, ctx.bf,
+                                             ctx.needs_input_grad[0])
         # numpy's views, then one from_numpy each: torch.split and Tensor.view took 21 us
         # of a seed-size backward, these 5
         dweights = [torch.from_numpy(dflat[a:b].reshape(s)) for a, b, s in m._slices]
+        dx = None if dx is None else torch.from_numpy(dx)
         if not ctx.has_state:
-            return (torch.from_numpy(dx), None, None, None, None, None, None, None, *dweights)
-        return (torch.from_numpy(dx), torch.from_numpy(dh0), torch.from_numpy(dc0), None, None,
-                None, None, None, *dweights)
+            return (dx, None, None, None, None, None, None, None, *dweights)
+        return (dx, torch.from_numpy(dh0), torch.from_numpy(dc0), None, None, None, None, None,
+                *dweights)
 
 
 def _eager(*args):
