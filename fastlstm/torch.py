@@ -240,22 +240,27 @@ def _lstm_fake(x, h0, c0, lengths, weights, key, training, keep):
 
 @torch.library.custom_op("fastlstm::lstm_backward", mutates_args=())
 def _lstm_backward(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor,
-                   handle: torch.Tensor, key: int, index: int, generation: int
+                   handle: torch.Tensor, key: int, index: int, generation: int,
+                   need_dx: bool = True
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dx, dh0, dc0 and the gradient of the flat parameters, through the forward that ran
-    on engine (index, generation) (eager, from its lease) or, index -1 (compiled), whose
-    handle this is."""
+    """dx (empty unless need_dx), dh0, dc0 and the gradient of the flat parameters,
+    through the forward that ran on engine (index, generation) (eager, from its lease)
+    or, index -1 (compiled), whose handle this is. need_dx defaults to True: a graph
+    torch.compile cached before it existed calls the operator without it."""
     m = _module(key)
-    out = _backward_impl(dy, dh_n, dc_n, m._engine_of(handle, index, generation), m)
-    return tuple(torch.from_numpy(a) for a in out)
+    dx, *out = _backward_impl(dy, dh_n, dc_n, m._engine_of(handle, index, generation), m,
+                              need_dx=need_dx)
+    return (dy.new_empty((0,)) if dx is None else torch.from_numpy(dx),
+            *(torch.from_numpy(a) for a in out))
 
 
 @_lstm_backward.register_fake
-def _lstm_backward_fake(dy, dh_n, dc_n, handle, key, index, generation):
+def _lstm_backward_fake(dy, dh_n, dc_n, handle, key, index, generation, need_dx=True):
     m = _module(key)
     T, B = dy.shape[0], dy.shape[1]
-    return (dy.new_empty((T, B, m.input_size)), dh_n.new_empty(dh_n.shape),
-            dc_n.new_empty(dc_n.shape), dy.new_empty((m._flat.numel(),)))
+    return (dy.new_empty((T, B, m.input_size) if need_dx else (0,)),
+            dh_n.new_empty(dh_n.shape), dc_n.new_empty(dc_n.shape),
+            dy.new_empty((m._flat.numel(),)))
 
 
 def _setup_context(ctx, inputs, output):
@@ -282,12 +287,14 @@ def _backward(ctx, dy, dh_n, dc_n, dhandle):
     handle, = ctx.saved_tensors
     lease = getattr(ctx, "lease", None)
     index, generation = (lease.index, lease.generation) if lease else (-1, 0)
-    dx, dh0, dc0, dflat = _lstm_backward(dy, dh_n, dc_n, handle, ctx.key, index, generation)
+    need_dx = bool(ctx.needs_input_grad[0])
+    dx, dh0, dc0, dflat = _lstm_backward(dy, dh_n, dc_n, handle, ctx.key, index, generation,
+                                         need_dx)
     sizes = [int(np.prod(s)) for s in ctx.shapes]
     dweights = [g.view(s) for g, s in zip(torch.split(dflat, sizes), ctx.shapes)]
     if not ctx.has_state:
         dh0 = dc0 = None
-    return dx, dh0, dc0, None, dweights, None, None, None
+    return dx if need_dx else None, dh0, dc0, None, dweights, None, None, None
 
 
 torch.library.register_autograd("fastlstm::lstm", _backward, setup_context=_setup_context)

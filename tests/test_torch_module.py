@@ -233,6 +233,11 @@ def test_torch_compile_fullgraph_matches_eager():
     close(got.detach(), want.detach(), 1e-12)
     for k, v in grads(net).items():
         close(v, g_eager[k], 1e-12)
+    # an input that needs a gradient gets it (above, data: none was made)
+    xs = [x.clone().requires_grad_(True) for _ in range(2)]
+    net(xs[0]).sum().backward()
+    compiled(xs[1]).sum().backward()
+    close(xs[1].grad, xs[0].grad, 1e-12)
 
 
 def test_opcheck_and_gradcheck():
