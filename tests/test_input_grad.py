@@ -10,8 +10,6 @@ import fastlstm
 from fastlstm._plans import ColumnTrainPlan, Plan, SplitPlan
 from fastlstm._threads import usable_cores
 
-two = pytest.mark.skipif(usable_cores() < 2, reason="needs two cores")
-
 # name: (layer options, T, B, I, H, forward keywords, the kind of plan the repeat takes)
 CASES = {
     "plan": (dict(threads=1), 6, 3, 4, 5, {}, Plan),
@@ -39,7 +37,7 @@ def _run(m, x, dy, input_grad, **kw):
 def test_no_input_grad_changes_nothing_else(name, dtype):
     opts, T, B, I, H, kw, kind = CASES[name]
     if opts.get("threads", 1) > 1 and usable_cores() < 2:
-        pytest.skip("needs two cores")
+        pytest.skip("needs two cores")        # the split paths run only on two threads
     m = fastlstm.LSTM(I, H, dtype=dtype, seed=1, **opts).train()
     rng = np.random.default_rng(2)
     shape = (B, T, I) if opts.get("batch_first") else (T, B, I)
