@@ -244,6 +244,10 @@ class Server:
         finally:
             with self._mutex:
                 self._hosted = self._serving = False
+                if self._pending() and self.cell[JOB] == 0:
+                    # the lender's park, still pending: done here, as the own thread's
+                    # loop would do it later (the region then ends holding no job)
+                    self.cell[DONE] = self.cell[SEQ]
                 if not self._pending():
                     self._job = None            # an idle server holds no job
                 self._kick()
