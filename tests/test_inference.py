@@ -37,6 +37,29 @@ def test_a_stream_of_T_steps_is_the_forward_over_them_bitwise(config, dtype):
     assert np.array_equal(want, y)
 
 
+def test_a_step_reads_x_t_of_any_layout_as_its_values():
+    """The compiled step is called without Numba's dispatcher (no type checks): an x_t
+    that is not exactly a writable, aligned, C-contiguous array of the model's dtype
+    must be copied into the stream's own buffer, never read as if it were one."""
+    m = fastlstm.LSTM(12, 64, num_layers=2, seed=0, threads=1)
+    inf = fastlstm.Inference(m)
+    x = np.random.default_rng(0).standard_normal((8, 3, 12)).astype(np.float32)
+    ro = x.copy()
+    ro.flags.writeable = False
+    wide = np.zeros((8, 3, 24), np.float32)
+    wide[..., ::2] = x
+    unaligned = np.frombuffer(b"\0" + x.tobytes(), np.float32, x.size, 1).reshape(x.shape)
+    layouts = [lambda t: x[t].astype(np.float64), lambda t: ro[t],
+               lambda t: wide[t, :, ::2], lambda t: np.asfortranarray(x[t]),
+               lambda t: unaligned[t], lambda t: x[t].view(x.dtype.newbyteorder("S")
+                                                          ).byteswap()]
+    a, b = inf.stream(3), inf.stream(3)
+    for t in range(8):
+        want = np.array(a.step(x[t]))
+        got = np.array(b.step(layouts[t % len(layouts)](t)))
+        assert np.array_equal(got, want), t
+
+
 def test_a_sequence_model_streams_its_head_and_forwards_predict():
     rng = np.random.default_rng(0)
     for loss, out in (("mse", 2), ("bce", 1), ("ce", 4)):
