@@ -160,9 +160,15 @@ def _input_rows(w, o, H, I, j0, hk, x2, gin, wide, part):
     product per gate, or per block of `wide`'s rows for bfloat16 weights (widened there,
     the product written to `part` and copied into its columns of gin). Up to four rows
     (a stream's step) as the recurrent product: with BLAS one bfloat16 step at H = 1024
-    took 1.9 ms, widening the weights into `wide` every step."""
+    took 1.9 ms, widening the weights into `wide` every step. bfloat16 weights take the
+    row dot products up to 2 H rows (steps times sequences): widening a thread's share
+    of W_ih costs the same for any number of rows, the dot products read the weights
+    once per four rows. Inference.forward, bfloat16, one process each, alternated
+    (BLAS / dots): H = 1024, T = 25, B = 1 1.31-1.58x, B = 4 1.09-1.30; H = 2048, B = 1
+    1.22-1.59; H = 1024, T B = 600 1.09-1.20; H = 512, T B = 4000 1.00-1.02 and H = 256,
+    T B = 3200 0.91-0.93, where BLAS keeps them."""
     TB = x2.shape[0]
-    if TB <= 4:     # a stream's step: rows of the weights read once, as the recurrent ones
+    if TB <= 4 or (wide.shape[0] > 0 and TB <= 2 * H):
         _recurrent_rows(w, o, H, I, j0, hk, x2, gin)
         return
     if wide.shape[0] == 0:

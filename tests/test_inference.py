@@ -216,6 +216,22 @@ def test_bfloat16_weights_stay_within_1e2_and_keep_a_real_sets_accuracy():
     assert not np.array_equal(got, want)                 # the bfloat16 weights were used
 
 
+@pytest.mark.parametrize("T, B", [(1, 3), (25, 2), (300, 4)])
+def test_bfloat16_weights_are_float32_maths_on_the_rounded_weights(T, B):
+    """Both ways of the input product (row dot products up to 2 H rows, T B = 3 and
+    50; widened blocks and BLAS above, 1200) compute with the rounded weights."""
+    from fastlstm._columns import from_bfloat16, to_bfloat16
+    m = fastlstm.LSTM(16, 64, num_layers=2, seed=3)
+    rounded = fastlstm.LSTM(16, 64, num_layers=2, seed=3)
+    rounded.load_state_dict({k: from_bfloat16(to_bfloat16(v)).reshape(v.shape)
+                             if k.startswith("weight") else v
+                             for k, v in m.state_dict().items()})   # the biases stay
+    x = np.random.default_rng(T).standard_normal((T, B, 16)).astype(np.float32)
+    got = np.array(fastlstm.Inference(m, weights="bfloat16").forward(x)[0])
+    want = np.array(fastlstm.Inference(rounded).forward(x)[0])
+    np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
+
+
 def test_bfloat16_refresh_and_streams_and_refusals():
     m = fastlstm.LSTM(16, 64, num_layers=2, seed=0)
     inf = fastlstm.Inference(m, weights="bfloat16")
