@@ -211,14 +211,15 @@ def _cells(t, B, j0, hk, gin, rec, c, out, lengths, clip, exact):
 @njit(inline="always", **JIT)
 def _pack_rows(w, o, H, K, j0, hk, pk):
     """pk (4 hk / NR, K, NR) <- this thread's rows of a weight matrix at w[o] (4H, K),
-    transposed into panels: column g hk + r of the panels is row g H + j0 + r."""
+    transposed into panels (bfloat16 weights widened): column g hk + r of the panels is
+    row g H + j0 + r."""
     NR = pk.shape[2]
     for col in range(pk.shape[0] * NR):
         gate = col // hk
         at = o + (gate * H + j0 + col - gate * hk) * K
         pnl, cc = col // NR, col % NR
         for kk in range(K):
-            pk[pnl, kk, cc] = w[at + kk]
+            pk[pnl, kk, cc] = widen(w[at + kk])
 
 
 @njit(inline="always", **JIT)
@@ -229,7 +230,7 @@ def _columns_forward(w, p, x, y, inter, h0, c0, h_n, c_n, gin, part, rec, c, wid
     w, laid out alike). y (T, B, H) receives the last layer's h_t, inter (2, T, B, H) the
     layers' below it; h_n, c_n (L, B, H) the state at each sequence's last step.
 
-    With the PANELS bit (float weights) each layer's recurrent products run packed
+    With the PANELS bit each layer's recurrent products run packed
     (``_gemm.packed_product``) from this thread's rows of W_hh, packed into the layer's
     place in `panels` at its start, unless the PACKED bit says they are there already:
     the row dot products end each row in a sum across the SIMD lanes and read h once per

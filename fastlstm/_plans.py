@@ -273,8 +273,11 @@ class ColumnPlan:
         # the recurrent products packed (see _columns_forward): where a thread's W_hh stays
         # in L2, for B >= 2 over enough steps to repay packing it (220 us at H = 256); at
         # B = 1 (a step 9.1 -> 6.8 us at H = 256) and over fewer steps only where the
-        # packing is kept for later calls (at T = 32 packed every call: 0.34 -> 0.53 ms)
-        self.panels = (not bf16 and (kept or B >= 2 and T >= self.PANEL_STEPS) and all(
+        # packing is kept for later calls (at T = 32 packed every call: 0.34 -> 0.53 ms).
+        # bfloat16 weights from B = 2, widened as they are packed: in L2 the product is
+        # bound by arithmetic, not by bytes (Inference.forward, H = 256, T = 150, row dots
+        # / panels, alternated: B = 2 1.15-1.30x, B = 4 0.99-1.89x; B = 1 0.84-1.14x)
+        self.panels = ((not bf16 or B >= 2) and (kept or B >= 2 and T >= self.PANEL_STEPS) and all(
             4 * (j1 - j0) % NR == 0 and 4 * (j1 - j0) * H * dt.itemsize <= self.PANEL_BYTES
             for j0, j1 in ranges))
         if self.panels:
