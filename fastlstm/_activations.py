@@ -101,10 +101,41 @@ def _expm1_series_impl(u):
     return impl
 
 
+#: float32 tanh(x) = x P(x^2) / Q(x^2) on |x| <= 9 (past it tanh rounds to +-1): P of
+#: degree 6, Q of degree 3, both 1 at 0, fitted here to tanh's relative error on [0, 9]
+#: (least squares, reweighted towards the worst points; 7e-9 in float64, 2.3 eps in
+#: float32 with fused multiply-adds). Against the series below, 12 operations and a
+#: division instead of 27 and a division (0.5 -> 0.3 ns a value).
+_TANH_P = (1.0, 1.3085770448387002e-01, 3.1058857644251695e-03, 1.1173490202796571e-05,
+           -2.0297138149688421e-08, 5.3094679544722222e-11, -8.5620981630110283e-14)
+_TANH_Q = (1.0, 4.6419099620879695e-01, 2.4502962863684242e-02, 2.5488958862831412e-04)
+
+
+def _tanh_rational():
+    f = np.float32
+    P0, P1, P2, P3, P4, P5, P6 = (f(c) for c in _TANH_P)
+    Q0, Q1, Q2, Q3 = (f(c) for c in _TANH_Q)
+    CLAMP, ONE = f(9.0), f(1.0)
+
+    def impl(x):
+        a = CLAMP if x > CLAMP else x           # NaN compares False and stays NaN
+        a = -CLAMP if a < -CLAMP else a
+        s = a * a
+        p = ((((((P6 * s + P5) * s + P4) * s + P3) * s + P2) * s + P1) * s + P0)
+        q = ((Q3 * s + Q2) * s + Q1) * s + Q0
+        t = a * p / q
+        # +-1 past the clamp, and where the fit overshoots 1 by an ulp (near 9)
+        t = ONE if t > ONE or x >= CLAMP else t
+        return -ONE if t < -ONE or x <= -CLAMP else t
+    return impl
+
+
 @overload(_tanh_approx, inline="always", jit_options=JIT)
 def _tanh_approx_impl(x):
     if not isinstance(x, types.Float):
         return None
+    if x.bitwidth == 32:
+        return _tanh_rational()
     ftype, clamp, tiny = _fast_consts(x.bitwidth)
     CLAMP, TINY, TWO = ftype(clamp), ftype(tiny), ftype(2.0)
     SCALE = ftype(2.0 / 256.0)          # u = 2|x| / 2^8, so |u| <= 0.16
