@@ -145,8 +145,8 @@ class _Eager(torch.autograd.Function):
     """The eager path: the same computation as the custom operators, through an
     autograd.Function instead of custom_op's argument handling (pytree flattening,
     defaults, redispatch): at seed size the wrapper's cost per fwd+bwd went from about
-    330 us to 115 (about 50 since 4b0fae7: ``fastlstm bench --torch-module`` prints it).
-    torch.compile takes the operators."""
+    330 us to 115, and lower since 4b0fae7 (``fastlstm bench --torch-module`` prints the
+    current figure). torch.compile takes the operators."""
 
     @staticmethod
     def forward(ctx, x, h0, c0, lengths, key, training, keep, bf, *weights):
